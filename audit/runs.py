@@ -1,0 +1,120 @@
+"""Run directories: config, versions and results written atomically, never overwritten silently.
+
+A run is assembled in a hidden sibling directory and renamed into place only when
+complete, so a crashed or interrupted run never leaves a half-written ``DIR``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("imitation-audit", "jax", "jaxlib", "flax", "optax", "chex", "gymnax",
+            "orbax-checkpoint", "numpy")
+
+
+class RunDirError(ValueError):
+    """An output directory that exists (without overwrite) or cannot be written."""
+
+
+def versions() -> dict[str, Any]:
+    """Python, platform, package versions and JAX's backend, for the record."""
+    found: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    try:
+        import jax
+
+        found["jax_backend"] = jax.default_backend()
+        found["jax_devices"] = [str(device) for device in jax.devices()]
+    except Exception as error:  # a broken accelerator plugin must not lose the run record
+        found["jax_backend"] = f"unavailable: {error}"
+    return found
+
+
+def check_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Checks, before any work is done, that a run can be written to ``path``.
+
+    Raises:
+      RunDirError: if ``path`` exists and is not empty (and ``overwrite`` is False),
+        is a file, or its parent cannot be created or written.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"--out {path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise RunDirError(f"--out {path} already exists; pass --overwrite to replace it")
+    # Probe by writing: permission bits say nothing for root or on special filesystems.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent))
+    except OSError as error:
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is not a directory" if blocking else error.strerror or str(error)
+        raise RunDirError(f"--out {path} is not writable ({reason})") from None
+    return path
+
+
+@contextlib.contextmanager
+def run_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a fresh directory to write a run into; moves it to ``path`` on success.
+
+    Example:
+      >>> with run_dir("runs/demo") as tmp:
+      ...     write_json(tmp / "summary.json", {"episodes": 8})
+    """
+    path = check_run_dir(path, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _apply_umask(staging)
+    if path.exists():
+        trash = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+        os.replace(path, trash)
+        os.replace(staging, path)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, path)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> Path:
+    """Writes ``payload`` as indented JSON, atomically (write to a temporary file, rename)."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(payload, tmp, indent=2, sort_keys=False, allow_nan=True)
+        tmp.write("\n")
+    os.replace(tmp.name, path)
+    return path
+
+
+def default_run_name(*parts: str) -> str:
+    """``<UTC timestamp>-<parts>``, so default output directories never collide."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+    return "-".join([stamp, *parts])
+
+
+def _apply_umask(directory: Path) -> None:
+    """tempfile creates private (0700/0600) entries; a finished run gets the usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for entry in directory.rglob("*"):
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)

@@ -1,0 +1,174 @@
+"""The Trajectories pytree: one batch of episodes, saved as ``.npz`` (never pickle).
+
+Every array has a leading batch axis ``B`` (episodes) and a time axis ``T``.
+Steps after an episode ended are padding: ``mask`` is False there, and every
+statistic must weight by it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+ACTIVATION_PREFIX = "activations/"
+_FIELDS = ("observations", "actions", "rewards", "dones", "mask", "events", "noise",
+           "action_probs")
+
+
+@struct.dataclass
+class Trajectories:
+    """A batch of episodes.
+
+    Attributes:
+      observations: ``[B, T, *obs_shape]`` float, the observation the policy saw at each step.
+      actions: ``[B, T]`` int32, the action taken.
+      rewards: ``[B, T]`` float32, the environment's reward for that step.
+      dones: ``[B, T]`` bool, True at the step that ended the episode (terminated or truncated).
+      mask: ``[B, T]`` bool, True for steps that belong to the episode (up to and including
+        the step with ``dones``), False for padding after it.
+      events: ``[B, T]`` int32, the hidden safety-event code of the step (0 = none); never
+        part of the observation.
+      noise: ``[B, T]`` float32 in [0, 1), the uniform the policy turned into its action by
+        inverse CDF.
+      action_probs: ``[B, T, A]`` float32, the generating policy's action distribution at
+        the step (available for simulated demonstrators, used for exact KL and TV).
+      activations: ``{name: [B, T, ...]}``, the imitator's internal activations (may be empty).
+    """
+
+    observations: jax.Array
+    actions: jax.Array
+    rewards: jax.Array
+    dones: jax.Array
+    mask: jax.Array
+    events: jax.Array
+    noise: jax.Array
+    action_probs: jax.Array
+    activations: dict = struct.field(default_factory=dict)
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self.actions.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.actions.shape[1])
+
+    def episode_lengths(self) -> jax.Array:
+        """``[B]`` int32, the number of valid steps of each episode."""
+        return jnp.sum(self.mask, axis=1, dtype=jnp.int32)
+
+    def episode_returns(self) -> jax.Array:
+        """``[B]`` float32, the undiscounted return of each episode."""
+        return jnp.sum(jnp.where(self.mask, self.rewards, 0.0), axis=1)
+
+    def episode_event_counts(self, num_event_codes: int) -> jax.Array:
+        """``[B, num_event_codes]`` int32, how often each event code occurred in each episode.
+
+        Column 0 counts steps without an event.
+        """
+        one_hot = jax.nn.one_hot(self.events, num_event_codes, dtype=jnp.int32)
+        return jnp.sum(one_hot * self.mask[..., None].astype(jnp.int32), axis=1)
+
+
+def validate(trajectories: Trajectories, name: str = "trajectories") -> None:
+    """Checks that all fields share the batch and time axes and have the right dtypes.
+
+    Raises:
+      ValueError: naming the field, its shape and the expected leading axes.
+    """
+    batch_time = tuple(trajectories.actions.shape[:2])
+    if len(trajectories.actions.shape) != 2:
+        raise ValueError(
+            f"{name}.actions must have shape [episodes, steps], got {trajectories.actions.shape}"
+        )
+    fields = {field: getattr(trajectories, field) for field in _FIELDS}
+    fields.update({ACTIVATION_PREFIX + k: v for k, v in trajectories.activations.items()})
+    for field, value in fields.items():
+        if tuple(value.shape[:2]) != batch_time:
+            raise ValueError(
+                f"{name}.{field} has shape {tuple(value.shape)}, but its leading axes must "
+                f"match actions' [episodes, steps] = {list(batch_time)}"
+            )
+    for field, kinds in (("actions", "iu"), ("events", "iu"), ("mask", "b"), ("dones", "b")):
+        dtype = np.dtype(getattr(trajectories, field).dtype)
+        if dtype.kind not in kinds:
+            raise ValueError(f"{name}.{field} must have an integer/bool dtype, got {dtype}")
+
+
+def save_npz(trajectories: Trajectories, path: str | os.PathLike) -> Path:
+    """Writes ``trajectories`` to ``path`` (a compressed ``.npz``) atomically.
+
+    Activations are stored under keys ``activations/<name>``. Returns the path.
+    """
+    validate(trajectories)
+    path = Path(path)
+    arrays = {field: np.asarray(getattr(trajectories, field)) for field in _FIELDS}
+    arrays.update(
+        {ACTIVATION_PREFIX + k: np.asarray(v) for k, v in trajectories.activations.items()}
+    )
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
+        np.savez_compressed(tmp, **arrays)
+    os.replace(tmp.name, path)
+    return path
+
+
+def load_npz(path: str | os.PathLike) -> Trajectories:
+    """Reads trajectories written by :func:`save_npz`.
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: if the file lacks a required field or its fields disagree in shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no trajectories file at {path}")
+    with np.load(path, allow_pickle=False) as data:
+        missing = [field for field in _FIELDS if field not in data.files]
+        if missing:
+            raise ValueError(f"{path} is not a trajectories file: missing {', '.join(missing)}")
+        trajectories = Trajectories(
+            **{field: jnp.asarray(data[field]) for field in _FIELDS},
+            activations={
+                key[len(ACTIVATION_PREFIX):]: jnp.asarray(data[key])
+                for key in data.files
+                if key.startswith(ACTIVATION_PREFIX)
+            },
+        )
+    validate(trajectories, name=str(path))
+    return trajectories
+
+
+def summary_statistics(trajectories: Trajectories, event_names: tuple[str, ...]) -> dict:
+    """Episode-level figures of a batch, as plain Python numbers (JSON-ready).
+
+    Args:
+      trajectories: the batch.
+      event_names: hidden-event names by code; code 0 is "no event".
+
+    Returns:
+      ``episodes``, ``event_rate`` (share of episodes with at least one hidden
+      incorrigible event), ``event_counts`` (event steps per event name),
+      ``episodes_with_event`` (episodes per event name), ``return_mean``,
+      ``return_std``, ``length_mean``.
+    """
+    counts = np.asarray(trajectories.episode_event_counts(len(event_names)))
+    returns = np.asarray(trajectories.episode_returns())
+    lengths = np.asarray(trajectories.episode_lengths())
+    incorrigible = counts[:, 1:].sum(axis=1) > 0
+    return {
+        "episodes": int(counts.shape[0]),
+        "event_rate": float(incorrigible.mean()),
+        "event_counts": {name: int(counts[:, code].sum())
+                         for code, name in enumerate(event_names) if code > 0},
+        "episodes_with_event": {name: int((counts[:, code] > 0).sum())
+                                for code, name in enumerate(event_names) if code > 0},
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "length_mean": float(lengths.mean()),
+    }

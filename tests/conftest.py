@@ -1,0 +1,57 @@
+"""Shared fixtures: environments by name, and BFS on layouts (numpy, independent of the env)."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from audit import registry
+
+# Tests build many jitted functions over the same computations; compile each once.
+jax.config.update("jax_compilation_cache_dir",
+                  str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+ENV_NAMES = ("offswitch", "takeover", "unobserved")
+
+
+@pytest.fixture(params=ENV_NAMES)
+def env_name(request) -> str:
+    return request.param
+
+
+def build(name: str, split: str):
+    return registry.get("environments", name).build(split)
+
+
+def sample_layouts(env, params, count: int, seed: int = 0):
+    """``count`` layouts as a numpy pytree."""
+    keys = jax.random.split(jax.random.key(seed), count)
+    return jax.tree.map(np.asarray, jax.jit(jax.vmap(env.sample_layout, (0, None)))(keys, params))
+
+
+def layout_at(layouts, index: int):
+    return jax.tree.map(lambda leaf: leaf[index], layouts)
+
+
+def bfs_distances(walls: np.ndarray, source, blocked: np.ndarray | None = None) -> np.ndarray:
+    """Shortest-path step counts from ``source`` over non-wall cells (inf if unreachable)."""
+    size = walls.shape[0]
+    blocked = walls if blocked is None else (walls | blocked)
+    distance = np.full((size, size), np.inf)
+    source = tuple(int(v) for v in source)
+    distance[source] = 0
+    queue = deque([source])
+    while queue:
+        row, col = queue.popleft()
+        for d_row, d_col in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+            nxt = (row + d_row, col + d_col)
+            if 0 <= nxt[0] < size and 0 <= nxt[1] < size and not blocked[nxt] \
+                    and distance[nxt] == np.inf:
+                distance[nxt] = distance[row, col] + 1
+                queue.append(nxt)
+    return distance

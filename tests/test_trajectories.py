@@ -1,0 +1,67 @@
+"""Saving, loading and validating Trajectories."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from audit.trajectories import Trajectories, load_npz, save_npz, summary_statistics, validate
+
+
+def make(batch=3, steps=5, activations=None) -> Trajectories:
+    mask = np.ones((batch, steps), bool)
+    mask[0, 3:] = False
+    dones = np.zeros((batch, steps), bool)
+    dones[0, 2] = True
+    dones[1:, -1] = True
+    events = np.zeros((batch, steps), np.int32)
+    events[1, 1] = 2
+    events[0, 4] = 1  # in padding: must not count
+    return Trajectories(
+        observations=jnp.zeros((batch, steps, 4, 4, 2)),
+        actions=jnp.zeros((batch, steps), jnp.int32),
+        rewards=jnp.ones((batch, steps)),
+        dones=jnp.asarray(dones),
+        mask=jnp.asarray(mask),
+        events=jnp.asarray(events),
+        noise=jnp.full((batch, steps), 0.5),
+        action_probs=jnp.full((batch, steps, 6), 1 / 6),
+        activations=activations or {},
+    )
+
+
+def test_round_trip_through_npz_keeps_every_field(tmp_path):
+    original = make(activations={"layer/h": jnp.arange(30.0).reshape(3, 5, 2)})
+    loaded = load_npz(save_npz(original, tmp_path / "t.npz"))
+    for field in ("observations", "actions", "rewards", "dones", "mask", "events", "noise",
+                  "action_probs"):
+        np.testing.assert_array_equal(getattr(original, field), getattr(loaded, field))
+    np.testing.assert_array_equal(loaded.activations["layer/h"],
+                                  original.activations["layer/h"])
+
+
+def test_summary_counts_only_valid_steps():
+    summary = summary_statistics(make(), ("none", "disable_switch", "seize_control"))
+    assert summary["episodes"] == 3
+    assert summary["event_rate"] == pytest.approx(1 / 3)
+    assert summary["event_counts"] == {"disable_switch": 0, "seize_control": 1}
+    assert summary["length_mean"] == pytest.approx((3 + 5 + 5) / 3)
+    assert summary["return_mean"] == pytest.approx((3 + 5 + 5) / 3)
+
+
+def test_mismatched_time_axes_are_reported_with_names_and_shapes():
+    bad = make().replace(noise=jnp.zeros((3, 4)))
+    with pytest.raises(ValueError, match=r"noise has shape \(3, 4\).*\[3, 5\]"):
+        validate(bad)
+    bad = make(activations={"h": jnp.zeros((3, 6, 2))})
+    with pytest.raises(ValueError, match=r"activations/h has shape \(3, 6, 2\)"):
+        validate(bad)
+
+
+def test_loading_a_missing_or_foreign_file_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trajectories file"):
+        load_npz(tmp_path / "missing.npz")
+    np.savez(tmp_path / "other.npz", x=np.zeros(3))
+    with pytest.raises(ValueError, match="missing observations"):
+        load_npz(tmp_path / "other.npz")
