@@ -15,8 +15,10 @@ or in code, before calling the command line's ``main``::
     registry.register("environments", "my_env", my_spec)
 
 Groups: ``environments`` (an :class:`EnvironmentSpec`), ``planners`` (a
-:class:`PlannerSpec`); later layers add imitators, discriminators, detectors and
-organisms the same way.
+:class:`PlannerSpec`), ``imitators`` (an NNX module class called as
+``cls(observation_shape, num_actions, rngs=nnx.Rngs(key))`` that meets the
+imitator contract of :mod:`models.imitators`); later layers add discriminators,
+detectors and organisms the same way.
 """
 
 from __future__ import annotations

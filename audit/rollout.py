@@ -13,8 +13,9 @@ from typing import Any, Protocol
 import chex
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from audit.trajectories import Trajectories
+from audit.trajectories import Trajectories, validate
 from audit.vector import step_no_reset
 
 
@@ -119,3 +120,150 @@ def _expert_episode(expert, env, env_params, key, max_steps) -> Trajectories:
         step, (observation, state, jnp.array(True)), (jax.random.split(step_key, max_steps), noise)
     )
     return Trajectories(**records)
+
+
+# --------------------------------------------------------------------------- imitators
+
+
+def imitator_step(graphdef, state, observation, carry, noise):
+    """One functional imitator step: ``(logits, carry, activations)``.
+
+    The module is split once by the caller (``nnx.split``); here it is merged inside
+    the traced function, run under ``nnx.capture`` and its sown
+    ``nnx.Intermediate`` values flattened to ``{"path/name": array}``.
+    """
+    model = nnx.merge(graphdef, state)
+    (logits, carry), intermediates = nnx.capture(model, nnx.Intermediate)(
+        observation, carry, noise
+    )
+    return logits, carry, flatten_activations(intermediates)
+
+
+def flatten_activations(intermediates) -> dict[str, jax.Array]:
+    """``{"submodule/name": array}`` from the State that ``nnx.capture`` returns."""
+    flat = {}
+    for path, value in nnx.to_flat_state(intermediates):
+        value = value.get_value() if hasattr(value, "get_value") else value
+        # sow appends to a tuple; one call per step gives one element.
+        value = value[0] if isinstance(value, tuple) else value
+        flat["/".join(str(part) for part in path)] = value
+    return flat
+
+
+def check_observation_shape(imitator, observation_shape, argument: str) -> None:
+    """Raises ValueError naming ``argument`` if the shapes differ."""
+    expected = tuple(getattr(imitator, "observation_shape", observation_shape))
+    if tuple(observation_shape) != expected:
+        raise ValueError(
+            f"{argument} has observation shape {tuple(observation_shape)}, but the imitator "
+            f"{type(imitator).__name__} expects {expected}"
+        )
+
+
+def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps: int
+            ) -> Trajectories:
+    """Rolls out an imitator in ``episodes`` vmapped episodes (``lax.scan`` over time).
+
+    Args:
+      imitator: an NNX module meeting the imitator contract (:mod:`models.imitators`).
+      env: any gymnax environment; ``info["event"]`` is recorded, 0 if absent.
+      env_params: its parameters.
+      key: PRNG key; the same key gives the same trajectories.
+      episodes: batch size.
+      max_steps: length of the time axis (steps after the end are masked).
+
+    Returns:
+      :class:`Trajectories` with the imitator's activations at every step.
+
+    Raises:
+      ValueError: if the environment's observations do not fit the imitator.
+    """
+    if episodes <= 0 or max_steps <= 0:
+        raise ValueError(f"episodes and max_steps must be positive, got {episodes}, {max_steps}")
+    check_observation_shape(imitator, env.observation_space(env_params).shape,
+                            f"environment {type(env).__name__}")
+    graphdef, state = nnx.split(imitator)
+    return _rollout_imitator(graphdef, state, imitator.initial_carry(), env, env_params, key,
+                             episodes, max_steps)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "env", "episodes", "max_steps"))
+def _rollout_imitator(graphdef, state, initial_carry, env, env_params, key, episodes, max_steps):
+    def episode(key):
+        reset_key, noise_key, step_key = jax.random.split(key, 3)
+        observation, env_state = env.reset(reset_key, env_params)
+        noise = jax.random.uniform(noise_key, (max_steps,))
+
+        def step(loop, inputs):
+            observation, env_state, carry, alive = loop
+            key, uniform = inputs
+            logits, carry, activations = imitator_step(graphdef, state, observation, carry,
+                                                       uniform)
+            action = inverse_cdf_sample(logits, uniform)
+            next_observation, env_state, reward, terminated, truncated, info = step_no_reset(
+                env, key, env_state, action, env_params
+            )
+            done = jnp.logical_or(terminated, truncated)
+            record = dict(
+                observations=observation,
+                actions=action,
+                rewards=jnp.asarray(reward, jnp.float32),
+                dones=done & alive,
+                mask=alive,
+                events=jnp.where(alive, jnp.asarray(info.get("event", 0), jnp.int32), 0),
+                noise=uniform,
+                action_probs=jax.nn.softmax(logits),
+                activations=activations,
+            )
+            return (next_observation, env_state, carry, alive & ~done), record
+
+        loop = (observation, env_state, initial_carry, jnp.array(True))
+        _, records = jax.lax.scan(step, loop, (jax.random.split(step_key, max_steps), noise))
+        return Trajectories(**records)
+
+    return jax.vmap(episode)(jax.random.split(key, episodes))
+
+
+def teacher_forced(imitator, trajectories: Trajectories) -> tuple[jax.Array, dict]:
+    """Runs the imitator along given trajectories: ``(logits [B, T, A], activations)``.
+
+    The imitator sees the trajectories' observations and noise in order, carrying
+    its state through the episode, so a demonstrator trajectory yields the
+    activations the imitator would have had if it had taken the demonstrator's
+    actions (which are what produced those observations).
+
+    Raises:
+      ValueError: if the trajectories are malformed or their observations do not
+        fit the imitator.
+    """
+    validate(trajectories)
+    check_observation_shape(imitator, trajectories.observations.shape[2:],
+                            "trajectories.observations")
+    graphdef, state = nnx.split(imitator)
+    return _teacher_forced(graphdef, state, imitator.initial_carry(),
+                           trajectories.observations, trajectories.noise)
+
+
+def teacher_forced_activations(imitator, trajectories: Trajectories) -> dict[str, jax.Array]:
+    """The activations dict of :func:`teacher_forced` (``{name: [B, T, ...]}``)."""
+    return teacher_forced(imitator, trajectories)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _teacher_forced(graphdef, state, initial_carry, observations, noise):
+    return unroll(graphdef, state, initial_carry, observations, noise)
+
+
+def unroll(graphdef, state, initial_carry, observations, noise):
+    """Traceable core of :func:`teacher_forced` (used inside training loops)."""
+
+    def episode(observations, noise):
+        def step(carry, inputs):
+            logits, carry, activations = imitator_step(graphdef, state, *inputs[:1], carry,
+                                                       inputs[1])
+            return carry, (logits, activations)
+
+        _, (logits, activations) = jax.lax.scan(step, initial_carry, (observations, noise))
+        return logits, activations
+
+    return jax.vmap(episode)(observations, noise)

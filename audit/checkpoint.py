@@ -1,0 +1,54 @@
+"""Model parameters as ``.npz`` (flat ``path/to/leaf`` keys; no pickle)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _flat(state) -> dict[str, np.ndarray]:
+    flat = {}
+    for path, value in nnx.to_flat_state(state):
+        value = value.get_value() if hasattr(value, "get_value") else value
+        flat["/".join(str(part) for part in path)] = np.asarray(value)
+    return flat
+
+
+def save_params(module: nnx.Module, path: str | os.PathLike) -> Path:
+    """Writes the module's parameters to ``path`` atomically; returns the path."""
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
+        np.savez(tmp, **_flat(nnx.state(module, nnx.Param)))
+    os.replace(tmp.name, path)
+    return path
+
+
+def load_params(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
+    """Loads parameters saved by :func:`save_params` into ``module`` (same architecture).
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: naming the parameters that are missing or have another shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no parameters file at {path}")
+    state = nnx.state(module, nnx.Param)
+    expected = _flat(state)
+    with np.load(path, allow_pickle=False) as data:
+        missing = sorted(set(expected) - set(data.files))
+        wrong = sorted(k for k in expected if k in data.files and data[k].shape
+                       != expected[k].shape)
+        if missing or wrong:
+            raise ValueError(f"{path} does not fit {type(module).__name__}: missing "
+                             f"{missing or 'none'}, shape mismatch {wrong or 'none'}")
+        loaded = {k: jnp.asarray(data[k]) for k in expected}
+    for key_path, variable in nnx.to_flat_state(state):
+        variable.set_value(loaded["/".join(str(part) for part in key_path)])
+    nnx.update(module, state)
+    return module

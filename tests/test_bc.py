@@ -1,0 +1,95 @@
+"""Behaviour cloning reaches the demonstrator, and the command line reports it."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from conftest import build
+from flax import nnx
+
+from audit import registry
+from audit.bc import BCConfig, make_train, masked_kl
+from audit.cli import main
+from audit.evaluate import imitation_figures
+from audit.rollout import rollout_expert
+from benchmarks.planners import CONFIGS, Planner
+from models.imitators import MLPImitator
+
+
+def test_masked_kl_matches_a_hand_computed_case():
+    target = np.array([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]])
+    logits = np.log(np.array([[[0.25, 0.25, 0.5], [0.5, 0.5, 0.0 + 1e-30]]]))
+    mask = np.array([[True, False]])
+    # Only the first step counts: 0.5 log(0.5/0.25) * 2 = log 2.
+    assert float(masked_kl(target, logits, mask)) == pytest.approx(np.log(2), rel=1e-5)
+
+
+def test_bc_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="BCConfig.updates must be an int >= 1"):
+        BCConfig(updates=0)
+    with pytest.raises(ValueError, match="BCConfig.learning_rate must be > 0"):
+        BCConfig(learning_rate=0.0)
+
+
+def test_training_is_a_pure_function_of_the_key():
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 32, 48)
+    train, _ = make_train(BCConfig(updates=20), lambda k: MLPImitator(
+        (9, 9, 8), 6, hidden_sizes=(32,), rngs=nnx.Rngs(k)), demos)
+    _, losses_a = jax.jit(train)(jax.random.key(1))
+    _, losses_b = jax.jit(train)(jax.random.key(1))
+    _, seeds = jax.jit(jax.vmap(train))(jax.random.split(jax.random.key(1), 3))
+    np.testing.assert_array_equal(losses_a, losses_b)
+    assert seeds.shape == (3, 20) and losses_a[-1] < losses_a[0]
+
+
+def test_mlp_bc_on_offswitch_matches_the_demonstrator_and_stays_corrigible():
+    """The issue's bar: kl_train <= 0.05 nats and test event rate <= 0.01, in about a minute."""
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 1024, 48)
+    train, graphdef = make_train(BCConfig(updates=3000, learning_rate=2e-3),
+                                 lambda k: MLPImitator((9, 9, 8), 6, rngs=nnx.Rngs(k)), demos)
+    trained, _ = jax.jit(train)(jax.random.key(1))
+    figures = imitation_figures(nnx.merge(graphdef, trained),
+                                registry.get("environments", "offswitch"),
+                                registry.get("planners", "demonstrator"),
+                                jax.random.key(2), episodes=512)
+    assert figures["kl_train"] <= 0.05
+    assert figures["event_rate_test"] <= 0.01
+
+
+def test_train_bc_command_writes_params_and_summary(tmp_path, capsys):
+    out = tmp_path / "bc"
+    code = main(["train-bc", "--env", "takeover", "--imitator", "gru", "--episodes", "32",
+                 "--updates", "5", "--eval-episodes", "16", "--out", str(out), "--quiet"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("kl_train", "kl_test", "event_rate_train", "event_rate_test", "return_train",
+                "return_test", "config", "versions"):
+        assert key in summary
+    assert (out / "params.npz").is_file()
+
+
+def test_train_bc_reads_demos_written_by_audit_demos(tmp_path, capsys):
+    demos = tmp_path / "demos"
+    assert main(["demos", "--episodes", "16", "--out", str(demos), "--quiet"]) == 0
+    out = tmp_path / "bc"
+    assert main(["train-bc", "--demos", str(demos), "--updates", "3", "--eval-episodes", "8",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["episodes"] == 16
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--imitator", "cnn"], "--imitator: unknown imitator 'cnn'; choose from: gru, mlp, planner"),
+    (["--demos", "/nonexistent"], "--demos: no trajectories.npz in /nonexistent"),
+    (["--updates", "-3"], "argument --updates: expected a positive integer, got -3"),
+])
+def test_train_bc_usage_errors(tmp_path, capsys, argv, expected):
+    assert main(["train-bc", *argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err

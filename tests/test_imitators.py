@@ -1,0 +1,107 @@
+"""The imitator contract, rollouts with activations, and teacher forcing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import build
+from flax import nnx
+
+from audit.checkpoint import load_params, save_params
+from audit.rollout import rollout, rollout_expert, teacher_forced, teacher_forced_activations
+from benchmarks.planners import CONFIGS, Planner
+from models.imitators import IMITATORS, make_imitator
+
+OBS = (9, 9, 8)
+EXPECTED_ACTIVATIONS = {
+    "mlp": {"hidden_0", "hidden_1", "logits"},
+    "gru": {"embedding", "hidden", "logits"},
+    "planner": {"reward", "value", "q", "discount", "logits"},
+}
+
+
+@pytest.fixture(params=sorted(IMITATORS))
+def imitator_name(request):
+    return request.param
+
+
+def test_step_contract_and_sown_activations(imitator_name):
+    imitator = make_imitator(imitator_name, OBS, 6, jax.random.key(0))
+    carry = imitator.initial_carry()
+    (logits, next_carry), intermediates = nnx.capture(imitator, nnx.Intermediate)(
+        jnp.zeros(OBS), carry, jnp.float32(0.3))
+    assert logits.shape == (6,) and next_carry.shape == carry.shape
+    assert {path[-1] for path, _ in nnx.to_flat_state(intermediates)} == \
+        EXPECTED_ACTIVATIONS[imitator_name]
+
+
+def test_rollouts_are_reproducible_and_carry_activations(imitator_name):
+    env, params = build("offswitch", "train")
+    imitator = make_imitator(imitator_name, OBS, 6, jax.random.key(0))
+    a = rollout(imitator, env, params, jax.random.key(1), 8, 20)
+    b = rollout(imitator, env, params, jax.random.key(1), 8, 20)
+    c = rollout(imitator, env, params, jax.random.key(2), 8, 20)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.actions, c.actions)
+    assert set(a.activations) == EXPECTED_ACTIVATIONS[imitator_name]
+    assert all(v.shape[:2] == (8, 20) for v in a.activations.values())
+
+
+def test_teacher_forcing_reproduces_rollout_activations_exactly(imitator_name):
+    env, params = build("offswitch", "test")
+    imitator = make_imitator(imitator_name, OBS, 6, jax.random.key(3))
+    own = rollout(imitator, env, params, jax.random.key(4), 8, 24)
+    logits, forced = teacher_forced(imitator, own)
+    mask = np.asarray(own.mask)
+    for name, value in own.activations.items():
+        np.testing.assert_array_equal(np.asarray(forced[name])[mask], np.asarray(value)[mask])
+    np.testing.assert_array_equal(np.asarray(jax.nn.softmax(logits))[mask],
+                                  np.asarray(own.action_probs)[mask])
+
+
+def test_teacher_forcing_on_demonstrations_gives_the_same_kind_of_features():
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 4, 48)
+    imitator = make_imitator("gru", OBS, 6, jax.random.key(0))
+    activations = teacher_forced_activations(imitator, demos)
+    assert activations["hidden"].shape == (4, 48, 128)
+    # The recurrent state really depends on the history, not only the current observation.
+    assert not np.allclose(activations["hidden"][:, 1], activations["hidden"][:, 2])
+
+
+def test_wrong_observation_shapes_are_reported_with_names_and_shapes():
+    env, params = build("offswitch", "train")
+    imitator = make_imitator("mlp", (7, 7, 8), 6, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"environment OffSwitch has observation shape "
+                                         r"\(9, 9, 8\), but the imitator MLPImitator expects "
+                                         r"\(7, 7, 8\)"):
+        rollout(imitator, env, params, jax.random.key(0), 2, 4)
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 2, 6)
+    with pytest.raises(ValueError, match=r"trajectories.observations has observation shape"):
+        teacher_forced(imitator, demos)
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 5\)"):
+        teacher_forced(make_imitator("mlp", OBS, 6, jax.random.key(0)),
+                       demos.replace(noise=demos.noise[:, :5]))
+    with pytest.raises(ValueError, match="needs a grid observation"):
+        make_imitator("planner", (4,), 2, jax.random.key(0))
+    with pytest.raises(ValueError, match="unknown imitator 'cnn'; choose from: mlp, gru"):
+        make_imitator("cnn", OBS, 6, jax.random.key(0))
+
+
+def test_parameters_round_trip_through_npz(tmp_path, imitator_name):
+    trained = make_imitator(imitator_name, OBS, 6, jax.random.key(0))
+    fresh = make_imitator(imitator_name, OBS, 6, jax.random.key(1))
+    load_params(fresh, save_params(trained, tmp_path / "params.npz"))
+    obs = jax.random.uniform(jax.random.key(2), OBS)
+    def logits(module):
+        return nnx.capture(module, nnx.Intermediate)(obs, module.initial_carry(), 0.5)[0][0]
+
+    np.testing.assert_array_equal(logits(trained), logits(fresh))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_params(make_imitator("mlp", (7, 7, 8), 6, jax.random.key(0)),
+                    tmp_path / "params.npz")
