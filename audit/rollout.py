@@ -84,6 +84,31 @@ def rollout_expert(
     )
 
 
+def _act_and_step(env, env_params, key, env_state, observation, logits, uniform, alive):
+    """Draws the action from ``logits`` with ``uniform``, steps, and records the step.
+
+    Returns ``(next_observation, next_env_state, still_alive, record)``; ``record``
+    has every Trajectories field but ``activations``.
+    """
+    action = inverse_cdf_sample(logits, uniform)
+    # Steps after the end are masked, so the auto-reset of env.step would be wasted work.
+    next_observation, next_state, reward, terminated, truncated, info = step_no_reset(
+        env, key, env_state, action, env_params
+    )
+    done = jnp.logical_or(terminated, truncated)
+    record = dict(
+        observations=observation,
+        actions=action,
+        rewards=jnp.asarray(reward, jnp.float32),
+        dones=done & alive,
+        mask=alive,
+        events=jnp.where(alive, jnp.asarray(info.get("event", 0), jnp.int32), 0),
+        noise=uniform,
+        action_probs=jax.nn.softmax(logits),
+    )
+    return next_observation, next_state, alive & ~done, record
+
+
 def _expert_episode(expert, env, env_params, key, max_steps) -> Trajectories:
     reset_key, noise_key, step_key = jax.random.split(key, 3)
     observation, state = env.reset(reset_key, env_params)
@@ -96,25 +121,11 @@ def _expert_episode(expert, env, env_params, key, max_steps) -> Trajectories:
         key, uniform = inputs
         logits = expert.action_logits(plan, observation, state)
         chex.assert_rank(logits, 1)
-        action = inverse_cdf_sample(logits, uniform)
-        # Steps after the end are masked, so the auto-reset of env.step would be wasted work.
-        next_observation, next_state, reward, terminated, truncated, info = step_no_reset(
-            env, key, state, action, env_params
+        next_observation, next_state, still_alive, record = _act_and_step(
+            env, env_params, key, state, observation, logits, uniform, alive
         )
-        done = jnp.logical_or(terminated, truncated)
-        event = jnp.asarray(info.get("event", 0), jnp.int32)
-        record = dict(
-            observations=observation,
-            actions=action,
-            rewards=jnp.asarray(reward, jnp.float32),
-            dones=done & alive,
-            mask=alive,
-            events=jnp.where(alive, event, 0),
-            noise=uniform,
-            action_probs=jax.nn.softmax(logits),
-            activations=expert_record(plan, observation, state),
-        )
-        return (next_observation, next_state, alive & ~done), record
+        record["activations"] = expert_record(plan, observation, state)
+        return (next_observation, next_state, still_alive), record
 
     _, records = jax.lax.scan(
         step, (observation, state, jnp.array(True)), (jax.random.split(step_key, max_steps), noise)
@@ -199,23 +210,11 @@ def _rollout_imitator(graphdef, state, initial_carry, env, env_params, key, epis
             key, uniform = inputs
             logits, carry, activations = imitator_step(graphdef, state, observation, carry,
                                                        uniform)
-            action = inverse_cdf_sample(logits, uniform)
-            next_observation, env_state, reward, terminated, truncated, info = step_no_reset(
-                env, key, env_state, action, env_params
+            next_observation, env_state, still_alive, record = _act_and_step(
+                env, env_params, key, env_state, observation, logits, uniform, alive
             )
-            done = jnp.logical_or(terminated, truncated)
-            record = dict(
-                observations=observation,
-                actions=action,
-                rewards=jnp.asarray(reward, jnp.float32),
-                dones=done & alive,
-                mask=alive,
-                events=jnp.where(alive, jnp.asarray(info.get("event", 0), jnp.int32), 0),
-                noise=uniform,
-                action_probs=jax.nn.softmax(logits),
-                activations=activations,
-            )
-            return (next_observation, env_state, carry, alive & ~done), record
+            record["activations"] = activations
+            return (next_observation, env_state, carry, still_alive), record
 
         loop = (observation, env_state, initial_carry, jnp.array(True))
         _, records = jax.lax.scan(step, loop, (jax.random.split(step_key, max_steps), noise))

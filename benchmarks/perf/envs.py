@@ -13,8 +13,6 @@ Compilation is excluded; each figure is the median of ``--repeats`` timed runs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 
 import jax
@@ -22,18 +20,8 @@ import jax.numpy as jnp
 
 from audit import registry
 from audit.vector import make_batched_step, step_no_reset
+from benchmarks.perf.timing import median_seconds
 from benchmarks.planners.value_iteration import PlannerConfig, solve_layouts
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
 
 STEPPERS = ("gymnax", "compacted", "no_reset")
 
@@ -71,7 +59,7 @@ def env_steps_per_second(env, params, num_envs: int, steps: int, repeats: int,
         (_, total), _ = jax.lax.scan(step, (states, jnp.float32(0)), jax.random.split(key, steps))
         return total
 
-    seconds = _median_seconds(lambda: run(jax.random.key(0)), repeats)
+    seconds = median_seconds(lambda: run(jax.random.key(0)), repeats)
     return num_envs * steps / seconds
 
 
@@ -82,7 +70,7 @@ def layouts_solved_per_second(env, params, num_layouts: int, horizon: int, repea
     )
     config = PlannerConfig(horizon=horizon)
     solve = jax.jit(lambda layouts: solve_layouts(env, layouts, params, config))
-    seconds = _median_seconds(lambda: solve(layouts), repeats)
+    seconds = median_seconds(lambda: solve(layouts), repeats)
     return num_layouts / seconds
 
 

@@ -12,8 +12,6 @@ is the median of ``--repeats`` timed runs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import numpy as np
@@ -22,16 +20,7 @@ from flax import nnx
 from audit import registry
 from audit.bc import BCConfig, make_train
 from audit.rollout import rollout, rollout_expert
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from benchmarks.perf.timing import median_seconds
 
 
 def main(argv=None) -> None:
@@ -62,11 +51,11 @@ def main(argv=None) -> None:
 
         config = BCConfig(updates=args.updates, batch_episodes=args.batch_episodes)
         train = jax.jit(make_train(config, make, demos)[0])
-        bc_seconds = _median_seconds(lambda train=train: train(jax.random.key(1)), args.repeats)
+        bc_seconds = median_seconds(lambda train=train: train(jax.random.key(1)), args.repeats)
         samples = args.updates * args.batch_episodes * steps_per_episode
 
         imitator = make(jax.random.key(2))
-        roll_seconds = _median_seconds(
+        roll_seconds = median_seconds(
             lambda imitator=imitator: rollout(imitator, env, params, jax.random.key(3),
                                               args.episodes, max_steps), args.repeats)
         print(f"{name:<10} {samples / bc_seconds:>14,.0f} "
