@@ -48,7 +48,8 @@ def policy_divergence(
     """Mean per-step TV and KL between two planners on ``behaviour``'s visited states.
 
     Args:
-      env, env_params: the environment and its split's parameters.
+      env: the environment.
+      env_params: its split's parameters.
       behaviour: the planner that is rolled out.
       reference: the planner it is compared with at every visited state.
       key: PRNG key for the rollout.
