@@ -1,0 +1,237 @@
+"""PPO for any gymnax environment with an imitator as the actor (purejaxrl's shape).
+
+``make_train(config, env, env_params, make_actor, make_critic, reward_fn)`` returns
+a pure ``train(key)``: the whole run, environment stepping included, is one
+``lax.scan`` over updates and vmaps over seeds. The actor is any feed-forward
+imitator (``policy(obs, carry, noise) -> (logits, carry)``; the carry is not
+threaded through time here); it acts by inverse CDF on an explicit uniform, as
+everywhere in the framework. ``reward_fn`` replaces the environment's reward,
+which is how GAIL plugs a discriminator in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from audit.rollout import imitator_step, inverse_cdf_sample
+from audit.vector import make_batched_step
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters (defaults follow purejaxrl's CartPole settings).
+
+    Attributes:
+      num_envs: parallel environments.
+      num_steps: steps per environment per update.
+      updates: number of PPO updates (rollout + optimisation).
+      update_epochs: passes over each batch.
+      num_minibatches: minibatches per pass.
+      gamma: discount.
+      gae_lambda: GAE lambda.
+      clip_eps: policy-ratio clip.
+      entropy_coef: entropy bonus weight.
+      value_coef: value-loss weight.
+      max_grad_norm: global gradient-norm clip.
+      learning_rate: Adam learning rate (linearly annealed to 0 if ``anneal_lr``).
+      anneal_lr: anneal the learning rate.
+    """
+
+    num_envs: int = 4
+    num_steps: int = 128
+    updates: int = 975
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    entropy_coef: float = 0.01
+    value_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    learning_rate: float = 2.5e-4
+    anneal_lr: bool = True
+
+    def __post_init__(self):
+        for name in ("num_envs", "num_steps", "updates", "update_epochs", "num_minibatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"PPOConfig.{name} must be an int >= 1, got {value!r}")
+        if (self.num_envs * self.num_steps) % self.num_minibatches:
+            raise ValueError("PPOConfig.num_envs * num_steps must be divisible by "
+                             f"num_minibatches, got {self.num_envs} * {self.num_steps} and "
+                             f"{self.num_minibatches}")
+
+
+class Critic(nnx.Module):
+    """A state-value MLP on the flattened observation."""
+
+    def __init__(self, observation_size: int, hidden_sizes=(64, 64), *, rngs: nnx.Rngs):
+        sizes = [observation_size, *hidden_sizes]
+        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                                for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+        self.head = nnx.Linear(sizes[-1], 1, rngs=rngs)
+
+    def __call__(self, observation):
+        x = observation.reshape(-1).astype(jnp.float32)
+        for layer in self.hidden:
+            x = jnp.tanh(layer(x))
+        return self.head(x)[0]
+
+
+def generalized_advantages(rewards, values, dones, last_value, gamma, gae_lambda):
+    """GAE over ``[T, N]`` arrays; ``dones[t]`` ends the episode after step ``t``.
+
+    Returns ``(advantages, returns)``, both ``[T, N]``.
+    """
+
+    def backward(carry, inputs):
+        advantage, next_value = carry
+        reward, value, done = inputs
+        delta = reward + gamma * next_value * (1 - done) - value
+        advantage = delta + gamma * gae_lambda * (1 - done) * advantage
+        return (advantage, value), advantage
+
+    _, advantages = jax.lax.scan(backward, (jnp.zeros_like(last_value), last_value),
+                                 (rewards, values, dones.astype(jnp.float32)), reverse=True)
+    return advantages, advantages + values
+
+
+def make_train(config: PPOConfig, env, env_params,
+               make_actor: Callable[[jax.Array], nnx.Module],
+               make_critic: Callable[[jax.Array], nnx.Module],
+               reward_fn: Callable | None = None):
+    """Builds the pure PPO run.
+
+    Args:
+      config: hyperparameters.
+      env: a gymnax environment.
+      env_params: its parameters.
+      make_actor: ``key -> imitator`` (feed-forward).
+      make_critic: ``key -> critic`` (``critic(obs) -> value``).
+      reward_fn: optional ``(obs, action, env_reward) -> reward`` replacing the
+        environment's reward (per environment, vmapped).
+
+    Returns:
+      ``(train, (actor_graphdef, critic_graphdef))``; ``train(key) -> (actor_params,
+      critic_params, metrics)`` with per-update ``episode_return`` (mean true return
+      of the episodes that ended in the update; NaN if none), ``loss`` and ``entropy``.
+    """
+    actor_def, _ = nnx.split(nnx.eval_shape(lambda: make_actor(jax.random.key(0))))
+    critic_def, _ = nnx.split(nnx.eval_shape(lambda: make_critic(jax.random.key(0))))
+    carry0 = nnx.merge(actor_def, nnx.split(nnx.eval_shape(
+        lambda: make_actor(jax.random.key(0))))[1]).initial_carry()
+    carry0 = jnp.zeros(carry0.shape, carry0.dtype)
+    step_envs = make_batched_step(env, reset_budget=config.num_envs)
+    batch_size = config.num_envs * config.num_steps
+    minibatch = batch_size // config.num_minibatches
+
+    def schedule(count):
+        fraction = 1.0 - count // (config.num_minibatches * config.update_epochs) / config.updates
+        return config.learning_rate * (fraction if config.anneal_lr else 1.0)
+
+    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                            optax.adam(schedule, eps=1e-5))
+
+    def logits_of(actor_params, observations):
+        return jax.vmap(lambda o: imitator_step(actor_def, actor_params, o, carry0,
+                                                jnp.float32(0))[0])(observations)
+
+    def values_of(critic_params, observations):
+        return jax.vmap(nnx.merge(critic_def, critic_params))(observations)
+
+    def loss_fn(params, batch):
+        actor_params, critic_params = params
+        log_probs = jax.nn.log_softmax(logits_of(actor_params, batch["obs"]))
+        log_prob = jnp.take_along_axis(log_probs, batch["action"][:, None], 1)[:, 0]
+        ratio = jnp.exp(log_prob - batch["log_prob"])
+        advantage = (batch["advantage"] - batch["advantage"].mean()) / (
+            batch["advantage"].std() + 1e-8)
+        policy_loss = -jnp.minimum(
+            ratio * advantage,
+            jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * advantage).mean()
+        value = values_of(critic_params, batch["obs"])
+        clipped = batch["value"] + jnp.clip(value - batch["value"], -config.clip_eps,
+                                            config.clip_eps)
+        value_loss = 0.5 * jnp.maximum(jnp.square(value - batch["return"]),
+                                       jnp.square(clipped - batch["return"])).mean()
+        entropy = -jnp.sum(jnp.exp(log_probs) * jnp.where(jnp.isfinite(log_probs), log_probs,
+                                                          0.0), -1).mean()
+        total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy
+        return total, entropy
+
+    def train(key):
+        actor_key, critic_key, reset_key, loop_key = jax.random.split(key, 4)
+        params = (nnx.split(make_actor(actor_key))[1], nnx.split(make_critic(critic_key))[1])
+        opt_state = optimizer.init(params)
+        obs, env_states = jax.vmap(env.reset, (0, None))(
+            jax.random.split(reset_key, config.num_envs), env_params)
+        running_return = jnp.zeros(config.num_envs)
+
+        def env_step(carry, key):
+            params, obs, env_states, running_return = carry
+            noise_key, step_key = jax.random.split(key)
+            logits = logits_of(params[0], obs)
+            noise = jax.random.uniform(noise_key, (config.num_envs,))
+            action = inverse_cdf_sample(logits, noise)
+            log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], 1)[:, 0]
+            value = values_of(params[1], obs)
+            next_obs, env_states, env_reward, terminated, truncated, _ = step_envs(
+                jax.random.split(step_key, config.num_envs), env_states, action, env_params)
+            done = terminated | truncated
+            reward = env_reward if reward_fn is None else jax.vmap(reward_fn)(obs, action,
+                                                                               env_reward)
+            running_return = running_return + env_reward
+            finished_return = jnp.where(done, running_return, 0.0)
+            running_return = jnp.where(done, 0.0, running_return)
+            record = dict(obs=obs, action=action, log_prob=log_prob, value=value,
+                          reward=reward, done=done, finished_return=finished_return)
+            return (params, next_obs, env_states, running_return), record
+
+        def update(carry, key):
+            params, opt_state, obs, env_states, running_return = carry
+            rollout_key, shuffle_key = jax.random.split(key)
+            (_, obs, env_states, running_return), batch = jax.lax.scan(
+                env_step, (params, obs, env_states, running_return),
+                jax.random.split(rollout_key, config.num_steps))
+            advantages, returns = generalized_advantages(
+                batch["reward"], batch["value"], batch["done"], values_of(params[1], obs),
+                config.gamma, config.gae_lambda)
+            flat = {k: v.reshape((batch_size,) + v.shape[2:]) for k, v in
+                    dict(batch, advantage=advantages, **{"return": returns}).items()}
+
+            def epoch(carry, key):
+                params, opt_state = carry
+                order = jax.random.permutation(key, batch_size).reshape(
+                    config.num_minibatches, minibatch)
+
+                def minibatch_step(carry, index):
+                    params, opt_state = carry
+                    (loss, entropy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                        params, jax.tree.map(lambda x: x[index], flat))
+                    updates, opt_state = optimizer.update(grads, opt_state, params)
+                    return (optax.apply_updates(params, updates), opt_state), (loss, entropy)
+
+                return jax.lax.scan(minibatch_step, (params, opt_state), order)
+
+            (params, opt_state), (losses, entropies) = jax.lax.scan(
+                epoch, (params, opt_state), jax.random.split(shuffle_key, config.update_epochs))
+            ended = batch["done"].sum()
+            metrics = dict(
+                episode_return=jnp.where(ended > 0,
+                                         batch["finished_return"].sum() / jnp.maximum(ended, 1),
+                                         jnp.nan),
+                loss=losses.mean(), entropy=entropies.mean())
+            return (params, opt_state, obs, env_states, running_return), metrics
+
+        (params, *_), metrics = jax.lax.scan(
+            update, (params, opt_state, obs, env_states, running_return),
+            jax.random.split(loop_key, config.updates))
+        return params[0], params[1], metrics
+
+    return train, (actor_def, critic_def)
