@@ -121,6 +121,9 @@ def make_train(config: PPOConfig, env, env_params,
       ``(train, (actor_graphdef, critic_graphdef))``; ``train(key) -> (actor_params,
       critic_params, metrics)`` with per-update ``episode_return`` (mean true return
       of the episodes that ended in the update; NaN if none), ``loss`` and ``entropy``.
+      Its pieces are attributes for loops that interleave other updates (GAIL):
+      ``train.init(key) -> state``, ``train.collect(state, key) -> (state, batch)``
+      and ``train.optimize(state, batch, rewards, key) -> (state, metrics)``.
     """
     actor_def, _ = nnx.split(nnx.eval_shape(lambda: make_actor(jax.random.key(0))))
     critic_def, _ = nnx.split(nnx.eval_shape(lambda: make_critic(jax.random.key(0))))
@@ -165,73 +168,85 @@ def make_train(config: PPOConfig, env, env_params,
         total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy
         return total, entropy
 
-    def train(key):
-        actor_key, critic_key, reset_key, loop_key = jax.random.split(key, 4)
+    def init(key) -> dict:
+        """The initial run state: parameters, optimiser state, environments."""
+        actor_key, critic_key, reset_key = jax.random.split(key, 3)
         params = (nnx.split(make_actor(actor_key))[1], nnx.split(make_critic(critic_key))[1])
-        opt_state = optimizer.init(params)
         obs, env_states = jax.vmap(env.reset, (0, None))(
             jax.random.split(reset_key, config.num_envs), env_params)
-        running_return = jnp.zeros(config.num_envs)
+        return dict(params=params, opt_state=optimizer.init(params), obs=obs,
+                    env_states=env_states, running_return=jnp.zeros(config.num_envs))
 
-        def env_step(carry, key):
-            params, obs, env_states, running_return = carry
-            noise_key, step_key = jax.random.split(key)
-            logits = logits_of(params[0], obs)
-            noise = jax.random.uniform(noise_key, (config.num_envs,))
-            action = inverse_cdf_sample(logits, noise)
-            log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], 1)[:, 0]
-            value = values_of(params[1], obs)
-            next_obs, env_states, env_reward, terminated, truncated, _ = step_envs(
-                jax.random.split(step_key, config.num_envs), env_states, action, env_params)
-            done = terminated | truncated
-            reward = env_reward if reward_fn is None else jax.vmap(reward_fn)(obs, action,
-                                                                               env_reward)
-            running_return = running_return + env_reward
-            finished_return = jnp.where(done, running_return, 0.0)
-            running_return = jnp.where(done, 0.0, running_return)
-            record = dict(obs=obs, action=action, log_prob=log_prob, value=value,
-                          reward=reward, done=done, finished_return=finished_return)
-            return (params, next_obs, env_states, running_return), record
+    def env_step(carry, key):
+        params, obs, env_states, running_return = carry
+        noise_key, step_key = jax.random.split(key)
+        logits = logits_of(params[0], obs)
+        noise = jax.random.uniform(noise_key, (config.num_envs,))
+        action = inverse_cdf_sample(logits, noise)
+        log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], 1)[:, 0]
+        value = values_of(params[1], obs)
+        next_obs, env_states, env_reward, terminated, truncated, _ = step_envs(
+            jax.random.split(step_key, config.num_envs), env_states, action, env_params)
+        done = terminated | truncated
+        running_return = running_return + env_reward
+        finished_return = jnp.where(done, running_return, 0.0)
+        running_return = jnp.where(done, 0.0, running_return)
+        record = dict(obs=obs, action=action, log_prob=log_prob, value=value,
+                      env_reward=env_reward, done=done, finished_return=finished_return)
+        return (params, next_obs, env_states, running_return), record
 
-        def update(carry, key):
-            params, opt_state, obs, env_states, running_return = carry
-            rollout_key, shuffle_key = jax.random.split(key)
-            (_, obs, env_states, running_return), batch = jax.lax.scan(
-                env_step, (params, obs, env_states, running_return),
-                jax.random.split(rollout_key, config.num_steps))
-            advantages, returns = generalized_advantages(
-                batch["reward"], batch["value"], batch["done"], values_of(params[1], obs),
-                config.gamma, config.gae_lambda)
-            flat = {k: v.reshape((batch_size,) + v.shape[2:]) for k, v in
-                    dict(batch, advantage=advantages, **{"return": returns}).items()}
+    def collect(state: dict, key) -> tuple[dict, dict]:
+        """``num_steps`` steps in every environment: ``(state, batch)``, batch ``[T, N, ...]``."""
+        (_, obs, env_states, running_return), batch = jax.lax.scan(
+            env_step, (state["params"], state["obs"], state["env_states"],
+                       state["running_return"]), jax.random.split(key, config.num_steps))
+        return dict(state, obs=obs, env_states=env_states, running_return=running_return), batch
 
-            def epoch(carry, key):
+    def optimize(state: dict, batch: dict, rewards, key) -> tuple[dict, dict]:
+        """PPO epochs on ``batch`` with ``rewards [T, N]``: ``(state, metrics)``."""
+        params, opt_state = state["params"], state["opt_state"]
+        advantages, returns = generalized_advantages(
+            rewards, batch["value"], batch["done"], values_of(params[1], state["obs"]),
+            config.gamma, config.gae_lambda)
+        flat = {k: v.reshape((batch_size,) + v.shape[2:]) for k, v in
+                dict(batch, advantage=advantages, **{"return": returns}).items()}
+
+        def epoch(carry, key):
+            order = jax.random.permutation(key, batch_size).reshape(
+                config.num_minibatches, minibatch)
+
+            def minibatch_step(carry, index):
                 params, opt_state = carry
-                order = jax.random.permutation(key, batch_size).reshape(
-                    config.num_minibatches, minibatch)
+                (loss, entropy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                    params, jax.tree.map(lambda x: x[index], flat))
+                updates, opt_state = optimizer.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), (loss, entropy)
 
-                def minibatch_step(carry, index):
-                    params, opt_state = carry
-                    (loss, entropy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                        params, jax.tree.map(lambda x: x[index], flat))
-                    updates, opt_state = optimizer.update(grads, opt_state, params)
-                    return (optax.apply_updates(params, updates), opt_state), (loss, entropy)
+            return jax.lax.scan(minibatch_step, carry, order)
 
-                return jax.lax.scan(minibatch_step, (params, opt_state), order)
+        (params, opt_state), (losses, entropies) = jax.lax.scan(
+            epoch, (params, opt_state), jax.random.split(key, config.update_epochs))
+        ended = batch["done"].sum()
+        metrics = dict(
+            episode_return=jnp.where(ended > 0,
+                                     batch["finished_return"].sum() / jnp.maximum(ended, 1),
+                                     jnp.nan),
+            loss=losses.mean(), entropy=entropies.mean())
+        return dict(state, params=params, opt_state=opt_state), metrics
 
-            (params, opt_state), (losses, entropies) = jax.lax.scan(
-                epoch, (params, opt_state), jax.random.split(shuffle_key, config.update_epochs))
-            ended = batch["done"].sum()
-            metrics = dict(
-                episode_return=jnp.where(ended > 0,
-                                         batch["finished_return"].sum() / jnp.maximum(ended, 1),
-                                         jnp.nan),
-                loss=losses.mean(), entropy=entropies.mean())
-            return (params, opt_state, obs, env_states, running_return), metrics
+    def train(key):
+        init_key, loop_key = jax.random.split(key)
 
-        (params, *_), metrics = jax.lax.scan(
-            update, (params, opt_state, obs, env_states, running_return),
-            jax.random.split(loop_key, config.updates))
-        return params[0], params[1], metrics
+        def update(state, key):
+            collect_key, reward_key, optimize_key = jax.random.split(key, 3)
+            state, batch = collect(state, collect_key)
+            rewards = batch["env_reward"] if reward_fn is None else jax.vmap(jax.vmap(reward_fn))(
+                batch["obs"], batch["action"], batch["env_reward"])
+            return optimize(state, batch, rewards, optimize_key)
 
+        state, metrics = jax.lax.scan(update, init(init_key),
+                                      jax.random.split(loop_key, config.updates))
+        return state["params"][0], state["params"][1], metrics
+
+    train.init, train.collect, train.optimize = init, collect, optimize
     return train, (actor_def, critic_def)
