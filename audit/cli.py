@@ -55,11 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     demos.add_argument("--episodes", type=positive_int, default=1024, help="default 1024")
     demos.add_argument("--max-steps", type=positive_int, default=None,
                        help="episode length (default: the environment's)")
-    demos.add_argument("--seed", type=int, default=0, help="default 0")
-    demos.add_argument("--out", type=Path, default=None,
-                       help="output directory (default runs/demos/<timestamp>-<env>-...)")
-    demos.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    demos.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    add_run_arguments(demos, "runs/demos/<timestamp>-<env>-...")
     demos.set_defaults(handler=run_demos)
 
     bc = commands.add_parser(
@@ -81,13 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--learning-rate", type=float, default=1e-3, help="default 1e-3")
     bc.add_argument("--eval-episodes", type=positive_int, default=512,
                     help="episodes per evaluation set (default 512)")
-    bc.add_argument("--seed", type=int, default=0, help="default 0")
-    bc.add_argument("--out", type=Path, default=None,
-                    help="output directory (default runs/bc/<timestamp>-<env>-<imitator>-...)")
-    bc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    bc.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    add_run_arguments(bc, "runs/bc/<timestamp>-<env>-<imitator>-...")
     bc.set_defaults(handler=run_train_bc)
     return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """``--seed``, ``--out``, ``--overwrite`` and ``--quiet``, shared by every run command."""
+    parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output directory (default {default_out})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or table; print nothing but errors")
 
 
 def lookup(group: str, name: str, flag: str):
