@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from audit.modules import abstract_module, scan_updates, zero_initial_carry
 from audit.rollout import unroll
 from audit.trajectories import Trajectories, validate
 
@@ -97,39 +98,32 @@ def make_train(config: BCConfig, make_imitator: Callable[[jax.Array], nnx.Module
     validate(demonstrations, "demonstrations")
     episodes = demonstrations.num_episodes
     batch = min(config.batch_episodes, episodes)
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: make_imitator(jax.random.key(0))))
-    initial_carry = nnx.merge(graphdef, abstract_params).initial_carry()
-    initial_carry = jnp.zeros(initial_carry.shape, initial_carry.dtype)
+    graphdef, abstract_params = abstract_module(make_imitator)
+    initial_carry = zero_initial_carry(graphdef, abstract_params)
     targets = action_targets(demonstrations, config.soft_targets)
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                             optax.adam(config.learning_rate))
 
-    def loss_fn(params, index):
+    def loss_fn(params, inputs):
+        _, key = inputs
+        index = jax.random.choice(key, episodes, (batch,), replace=False)
         logits, _ = unroll(graphdef, params, initial_carry,
                            demonstrations.observations[index], demonstrations.noise[index])
         return masked_cross_entropy(logits, targets[index], demonstrations.mask[index])
 
+    def report(inputs):
+        step, _ = inputs
+        every = max(1, config.updates // 100)
+        jax.lax.cond((step + 1) % every == 0,
+                     lambda: jax.debug.callback(progress, step + 1), lambda: None)
+
     def train(key):
         init_key, batch_key = jax.random.split(key)
         params = nnx.split(make_imitator(init_key))[1]
-        opt_state = optimizer.init(params)
-
-        def update(carry, inputs):
-            params, opt_state = carry
-            step, key = inputs
-            index = jax.random.choice(key, episodes, (batch,), replace=False)
-            loss, grads = jax.value_and_grad(loss_fn)(params, index)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            if progress is not None:
-                every = max(1, config.updates // 100)
-                jax.lax.cond((step + 1) % every == 0,
-                             lambda: jax.debug.callback(progress, step + 1), lambda: None)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, _), losses = jax.lax.scan(
-            update, (params, opt_state),
+        params, _, losses = scan_updates(
+            loss_fn, optimizer, params, optimizer.init(params),
             (jnp.arange(config.updates), jax.random.split(batch_key, config.updates)),
-        )
+            on_step=report if progress is not None else None)
         return params, losses
 
     return train, graphdef

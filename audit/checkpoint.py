@@ -10,13 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from audit.modules import flat_state
+
 
 def _flat(state) -> dict[str, np.ndarray]:
-    flat = {}
-    for path, value in nnx.to_flat_state(state):
-        value = value.get_value() if hasattr(value, "get_value") else value
-        flat["/".join(str(part) for part in path)] = np.asarray(value)
-    return flat
+    return {key: np.asarray(value) for key, value in flat_state(state).items()}
 
 
 def save_params(module: nnx.Module, path: str | os.PathLike) -> Path:

@@ -17,6 +17,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from audit.modules import abstract_module, scan_updates
+
 
 @dataclasses.dataclass(frozen=True)
 class DiscriminatorConfig:
@@ -107,31 +109,25 @@ def make_train(config: DiscriminatorConfig, make_discriminator: Callable[[jax.Ar
     if demo_features.shape[-1] != imitator_features.shape[-1]:
         raise ValueError(f"demo and imitator features differ in size: "
                          f"{demo_features.shape[-1]} vs {imitator_features.shape[-1]}")
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_discriminator(jax.random.key(0))))
+    graphdef, _ = abstract_module(make_discriminator)
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                             optax.adam(config.learning_rate))
     demo_count, imitator_count = demo_features.shape[0], imitator_features.shape[0]
 
+    def loss_fn(params, key):
+        demo_key, imitator_key = jax.random.split(key)
+        d = jax.random.choice(demo_key, demo_count, (min(config.batch_episodes, demo_count),),
+                              replace=False)
+        i = jax.random.choice(imitator_key, imitator_count,
+                              (min(config.batch_episodes, imitator_count),), replace=False)
+        return gan_loss(graphdef, params, demo_features[d], demo_mask[d],
+                        imitator_features[i], imitator_mask[i], config)
+
     def train(key):
         init_key, batch_key = jax.random.split(key)
         params = nnx.split(make_discriminator(init_key))[1]
-        opt_state = optimizer.init(params)
-
-        def update(carry, key):
-            params, opt_state = carry
-            demo_key, imitator_key = jax.random.split(key)
-            d = jax.random.choice(demo_key, demo_count,
-                                  (min(config.batch_episodes, demo_count),), replace=False)
-            i = jax.random.choice(imitator_key, imitator_count,
-                                  (min(config.batch_episodes, imitator_count),), replace=False)
-            loss, grads = jax.value_and_grad(
-                lambda p: gan_loss(graphdef, p, demo_features[d], demo_mask[d],
-                                   imitator_features[i], imitator_mask[i], config))(params)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state), loss
-
-        (params, _), losses = jax.lax.scan(update, (params, opt_state),
-                                           jax.random.split(batch_key, config.updates))
+        params, _, losses = scan_updates(loss_fn, optimizer, params, optimizer.init(params),
+                                         jax.random.split(batch_key, config.updates))
         return params, losses
 
     return train, graphdef

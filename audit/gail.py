@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from audit import ppo
+from audit.modules import abstract_module, scan_updates
 from audit.views import check_view
 
 
@@ -89,7 +90,7 @@ def make_train(config: GAILConfig, env, env_params,
     """
     num_actions = env.num_actions
     demo_features = step_features(demo_observations, demo_actions, num_actions, config.view)
-    disc_def, _ = nnx.split(nnx.eval_shape(lambda: make_discriminator(jax.random.key(0))))
+    disc_def, _ = abstract_module(make_discriminator)
     disc_optimizer = optax.adam(config.discriminator_learning_rate)
     ppo_train, _ = ppo.make_train(config.ppo, env, env_params, make_actor, make_critic)
     batch = config.discriminator_batch
@@ -122,21 +123,17 @@ def make_train(config: GAILConfig, env, env_params,
             imitator = step_features(rollout["obs"].reshape((-1,) + rollout["obs"].shape[2:]),
                                      rollout["action"].reshape(-1), num_actions, config.view)
 
-            def disc_step(carry, key):
-                disc_params, disc_opt = carry
+            def disc_batch_loss(disc_params, key):
                 demo_key, imitator_key = jax.random.split(key)
                 demo = demo_features[jax.random.randint(demo_key, (batch,), 0,
                                                         demo_features.shape[0])]
                 mine = imitator[jax.random.randint(imitator_key, (batch,), 0,
                                                    imitator.shape[0])]
-                (loss, accuracy), grads = jax.value_and_grad(disc_loss, has_aux=True)(
-                    disc_params, demo, mine)
-                updates, disc_opt = disc_optimizer.update(grads, disc_opt, disc_params)
-                return (optax.apply_updates(disc_params, updates), disc_opt), (loss, accuracy)
+                return disc_loss(disc_params, demo, mine)
 
-            (disc_params, disc_opt), (losses, accuracies) = jax.lax.scan(
-                disc_step, (disc_params, disc_opt),
-                jax.random.split(disc_keys_key, config.discriminator_steps))
+            disc_params, disc_opt, (losses, accuracies) = scan_updates(
+                disc_batch_loss, disc_optimizer, disc_params, disc_opt,
+                jax.random.split(disc_keys_key, config.discriminator_steps), has_aux=True)
             rewards = jax.nn.softplus(-logits_of(disc_params, imitator)).reshape(shape)
             state, metrics = ppo_train.optimize(state, rollout, rewards, optimize_key)
             metrics = dict(metrics, discriminator_loss=losses.mean(),

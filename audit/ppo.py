@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from audit.modules import abstract_module, scan_updates, zero_initial_carry
 from audit.rollout import imitator_step, inverse_cdf_sample
 from audit.vector import make_batched_step
 
@@ -125,11 +126,9 @@ def make_train(config: PPOConfig, env, env_params,
       ``train.init(key) -> state``, ``train.collect(state, key) -> (state, batch)``
       and ``train.optimize(state, batch, rewards, key) -> (state, metrics)``.
     """
-    actor_def, _ = nnx.split(nnx.eval_shape(lambda: make_actor(jax.random.key(0))))
-    critic_def, _ = nnx.split(nnx.eval_shape(lambda: make_critic(jax.random.key(0))))
-    carry0 = nnx.merge(actor_def, nnx.split(nnx.eval_shape(
-        lambda: make_actor(jax.random.key(0))))[1]).initial_carry()
-    carry0 = jnp.zeros(carry0.shape, carry0.dtype)
+    actor_def, abstract_actor = abstract_module(make_actor)
+    critic_def, _ = abstract_module(make_critic)
+    carry0 = zero_initial_carry(actor_def, abstract_actor)
     step_envs = make_batched_step(env, reset_budget=config.num_envs)
     batch_size = config.num_envs * config.num_steps
     minibatch = batch_size // config.num_minibatches
@@ -212,17 +211,13 @@ def make_train(config: PPOConfig, env, env_params,
                 dict(batch, advantage=advantages, **{"return": returns}).items()}
 
         def epoch(carry, key):
+            params, opt_state = carry
             order = jax.random.permutation(key, batch_size).reshape(
                 config.num_minibatches, minibatch)
-
-            def minibatch_step(carry, index):
-                params, opt_state = carry
-                (loss, entropy), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                    params, jax.tree.map(lambda x: x[index], flat))
-                updates, opt_state = optimizer.update(grads, opt_state, params)
-                return (optax.apply_updates(params, updates), opt_state), (loss, entropy)
-
-            return jax.lax.scan(minibatch_step, carry, order)
+            params, opt_state, (losses, entropies) = scan_updates(
+                lambda p, index: loss_fn(p, jax.tree.map(lambda x: x[index], flat)),
+                optimizer, params, opt_state, order, has_aux=True)
+            return (params, opt_state), (losses, entropies)
 
         (params, opt_state), (losses, entropies) = jax.lax.scan(
             epoch, (params, opt_state), jax.random.split(key, config.update_epochs))

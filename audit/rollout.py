@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from audit.modules import flat_state
 from audit.trajectories import Trajectories, validate
 from audit.vector import step_no_reset
 
@@ -78,59 +79,59 @@ def rollout_expert(
     """
     if episodes <= 0 or max_steps <= 0:
         raise ValueError(f"episodes and max_steps must be positive, got {episodes}, {max_steps}")
-    episode_keys = jax.random.split(key, episodes)
-    return jax.vmap(lambda k: _expert_episode(expert, env, env_params, k, max_steps))(
-        episode_keys
-    )
-
-
-def _act_and_step(env, env_params, key, env_state, observation, logits, uniform, alive):
-    """Draws the action from ``logits`` with ``uniform``, steps, and records the step.
-
-    Returns ``(next_observation, next_env_state, still_alive, record)``; ``record``
-    has every Trajectories field but ``activations``.
-    """
-    action = inverse_cdf_sample(logits, uniform)
-    # Steps after the end are masked, so the auto-reset of env.step would be wasted work.
-    next_observation, next_state, reward, terminated, truncated, info = step_no_reset(
-        env, key, env_state, action, env_params
-    )
-    done = jnp.logical_or(terminated, truncated)
-    record = dict(
-        observations=observation,
-        actions=action,
-        rewards=jnp.asarray(reward, jnp.float32),
-        dones=done & alive,
-        mask=alive,
-        events=jnp.where(alive, jnp.asarray(info.get("event", 0), jnp.int32), 0),
-        noise=uniform,
-        action_probs=jax.nn.softmax(logits),
-    )
-    return next_observation, next_state, alive & ~done, record
-
-
-def _expert_episode(expert, env, env_params, key, max_steps) -> Trajectories:
-    reset_key, noise_key, step_key = jax.random.split(key, 3)
-    observation, state = env.reset(reset_key, env_params)
-    plan = expert.plan(state, env_params)
-    noise = jax.random.uniform(noise_key, (max_steps,))
     expert_record = getattr(expert, "record", lambda plan, observation, state: {})
 
-    def step(carry, inputs):
-        observation, state, alive = carry
-        key, uniform = inputs
-        logits = expert.action_logits(plan, observation, state)
-        chex.assert_rank(logits, 1)
-        next_observation, next_state, still_alive, record = _act_and_step(
-            env, env_params, key, state, observation, logits, uniform, alive
-        )
-        record["activations"] = expert_record(plan, observation, state)
-        return (next_observation, next_state, still_alive), record
+    def act(plan, observation, env_state, uniform):
+        logits = expert.action_logits(plan, observation, env_state)
+        return logits, plan, expert_record(plan, observation, env_state)
 
-    _, records = jax.lax.scan(
-        step, (observation, state, jnp.array(True)), (jax.random.split(step_key, max_steps), noise)
-    )
-    return Trajectories(**records)
+    return _run_episodes(env, env_params, key, episodes, max_steps,
+                         begin=lambda env_state: expert.plan(env_state, env_params), act=act)
+
+
+def _run_episodes(env, env_params, key, episodes, max_steps, begin, act) -> Trajectories:
+    """The one episode loop: vmapped over episodes, ``lax.scan`` over time.
+
+    ``begin(env_state) -> policy_carry`` runs after reset; ``act(policy_carry,
+    observation, env_state, uniform) -> (logits, policy_carry, activations)`` runs
+    every step, and the action is the inverse-CDF draw of ``logits`` at ``uniform``.
+    """
+
+    def episode(key):
+        reset_key, noise_key, step_key = jax.random.split(key, 3)
+        observation, env_state = env.reset(reset_key, env_params)
+        noise = jax.random.uniform(noise_key, (max_steps,))
+
+        def step(loop, inputs):
+            observation, env_state, policy_carry, alive = loop
+            key, uniform = inputs
+            logits, policy_carry, activations = act(policy_carry, observation, env_state,
+                                                    uniform)
+            chex.assert_rank(logits, 1)
+            action = inverse_cdf_sample(logits, uniform)
+            # Steps after the end are masked, so env.step's auto-reset would be wasted work.
+            next_observation, env_state, reward, terminated, truncated, info = step_no_reset(
+                env, key, env_state, action, env_params
+            )
+            done = jnp.logical_or(terminated, truncated)
+            record = dict(
+                observations=observation,
+                actions=action,
+                rewards=jnp.asarray(reward, jnp.float32),
+                dones=done & alive,
+                mask=alive,
+                events=jnp.where(alive, jnp.asarray(info.get("event", 0), jnp.int32), 0),
+                noise=uniform,
+                action_probs=jax.nn.softmax(logits),
+                activations=activations,
+            )
+            return (next_observation, env_state, policy_carry, alive & ~done), record
+
+        loop = (observation, env_state, begin(env_state), jnp.array(True))
+        _, records = jax.lax.scan(step, loop, (jax.random.split(step_key, max_steps), noise))
+        return Trajectories(**records)
+
+    return jax.vmap(episode)(jax.random.split(key, episodes))
 
 
 # --------------------------------------------------------------------------- imitators
@@ -152,13 +153,9 @@ def imitator_step(graphdef, state, observation, carry, noise):
 
 def flatten_activations(intermediates) -> dict[str, jax.Array]:
     """``{"submodule/name": array}`` from the State that ``nnx.capture`` returns."""
-    flat = {}
-    for path, value in nnx.to_flat_state(intermediates):
-        value = value.get_value() if hasattr(value, "get_value") else value
-        # sow appends to a tuple; one call per step gives one element.
-        value = value[0] if isinstance(value, tuple) else value
-        flat["/".join(str(part) for part in path)] = value
-    return flat
+    # sow appends to a tuple; one call per step gives one element.
+    return {name: value[0] if isinstance(value, tuple) else value
+            for name, value in flat_state(intermediates).items()}
 
 
 def check_observation_shape(imitator, observation_shape, argument: str) -> None:
@@ -200,27 +197,11 @@ def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "env", "episodes", "max_steps"))
 def _rollout_imitator(graphdef, state, initial_carry, env, env_params, key, episodes, max_steps):
-    def episode(key):
-        reset_key, noise_key, step_key = jax.random.split(key, 3)
-        observation, env_state = env.reset(reset_key, env_params)
-        noise = jax.random.uniform(noise_key, (max_steps,))
+    def act(carry, observation, env_state, uniform):
+        return imitator_step(graphdef, state, observation, carry, uniform)
 
-        def step(loop, inputs):
-            observation, env_state, carry, alive = loop
-            key, uniform = inputs
-            logits, carry, activations = imitator_step(graphdef, state, observation, carry,
-                                                       uniform)
-            next_observation, env_state, still_alive, record = _act_and_step(
-                env, env_params, key, env_state, observation, logits, uniform, alive
-            )
-            record["activations"] = activations
-            return (next_observation, env_state, carry, still_alive), record
-
-        loop = (observation, env_state, initial_carry, jnp.array(True))
-        _, records = jax.lax.scan(step, loop, (jax.random.split(step_key, max_steps), noise))
-        return Trajectories(**records)
-
-    return jax.vmap(episode)(jax.random.split(key, episodes))
+    return _run_episodes(env, env_params, key, episodes, max_steps,
+                         begin=lambda env_state: initial_carry, act=act)
 
 
 def teacher_forced(imitator, trajectories: Trajectories) -> tuple[jax.Array, dict]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from audit.rollout import rollout_expert
 from benchmarks.envs.gridworld import GridParams, GridState, GridWorld
-from benchmarks.planners.value_iteration import Planner, PlannerConfig, policy_logits
+from benchmarks.planners.value_iteration import PlannerConfig, policy_logits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +83,3 @@ def policy_divergence(
         "steps": int(mask.sum()),
     }
 
-
-def planner_divergence(planner_a: Planner, planner_b: Planner, env_params, key, episodes=1024):
-    """Symmetrised :func:`policy_divergence`: the larger figure over both planners' states."""
-    key_a, key_b = jax.random.split(key)
-    a_on_b = policy_divergence(planner_a.env, env_params, planner_a.config, planner_b.config,
-                               key_a, episodes)
-    b_on_a = policy_divergence(planner_a.env, env_params, planner_b.config, planner_a.config,
-                               key_b, episodes)
-    return {name: max(a_on_b[name], b_on_a[name]) for name in ("tv_mean", "tv_max", "kl_mean")}
