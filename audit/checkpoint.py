@@ -19,9 +19,14 @@ def _flat(state) -> dict[str, np.ndarray]:
 
 def save_params(module: nnx.Module, path: str | os.PathLike) -> Path:
     """Writes the module's parameters to ``path`` atomically; returns the path."""
+    return save_arrays(_flat(nnx.state(module, nnx.Param)), path)
+
+
+def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Writes named arrays to the ``.npz`` file ``path`` atomically; returns the path."""
     path = Path(path)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
-        np.savez(tmp, **_flat(nnx.state(module, nnx.Param)))
+        np.savez(tmp, **{name: np.asarray(value) for name, value in arrays.items()})
     os.replace(tmp.name, path)
     return path
 

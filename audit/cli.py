@@ -16,6 +16,7 @@ from audit import registry
 from audit.runs import RunDirError, check_run_dir, default_run_name, run_dir, versions, write_json
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 
 
 class UsageError(Exception):
@@ -79,6 +80,57 @@ def build_parser() -> argparse.ArgumentParser:
                     help="episodes per evaluation set (default 512)")
     add_run_arguments(bc, "runs/bc/<timestamp>-<env>-<imitator>-...")
     bc.set_defaults(handler=run_train_bc)
+
+    gan = commands.add_parser(
+        "train-gan",
+        help="train an imitator adversarially (GAIL) against a discriminator",
+        description="Adversarial imitation: PPO on the discriminator's reward, the "
+        "discriminator on the chosen view. Writes DIR/imitator.npz, DIR/critic.npz, "
+        "DIR/discriminator.npz, DIR/feature_norm.npz, DIR/summary.json (final figures, "
+        "the metric history, config, versions) and DIR/curves.png. ENV may be gymnax:<id> "
+        "(e.g. gymnax:CartPole-v1), with demonstrations from a built-in expert.",
+    )
+    gan.add_argument("--env", default="offswitch",
+                     help="environment name or gymnax:<id> (default offswitch)")
+    gan.add_argument("--imitator", default="mlp", help="imitator name (default mlp)")
+    gan.add_argument("--discriminator", default="mlp",
+                     help="discriminator name: mlp, gru, attention (default mlp)")
+    gan.add_argument("--view", default="transitions",
+                     help="actions, transitions, activations or activations+noise "
+                     "(default transitions)")
+    gan.add_argument("--activations", default=None,
+                     help="comma-separated activation names for the activation views "
+                     "(default: all)")
+    gan.add_argument("--steps", type=positive_int, default=200,
+                     help="adversarial iterations (default 200)")
+    gan.add_argument("--planner", default="demonstrator",
+                     help="the demonstrator, for the project's environments "
+                     "(default demonstrator)")
+    gan.add_argument("--episodes", type=positive_int, default=1024,
+                     help="demonstration episodes (default 1024)")
+    gan.add_argument("--rollout-episodes", type=positive_int, default=64,
+                     help="imitator episodes per iteration (default 64)")
+    gan.add_argument("--reward", default="gail", help="gail (-log D) or logit (default gail)")
+    gan.add_argument("--learning-rate", type=float, default=3e-4,
+                     help="imitator and critic learning rate (default 3e-4)")
+    gan.add_argument("--discriminator-learning-rate", type=float, default=3e-4,
+                     help="default 3e-4")
+    gan.add_argument("--discriminator-updates", type=positive_int, default=4,
+                     help="discriminator updates per iteration (default 4)")
+    gan.add_argument("--gradient-penalty", type=float, default=0.0,
+                     help="R1 weight on demonstrator features (default 0)")
+    gan.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
+    gan.add_argument("--bc-warm-start", type=int, default=0,
+                     help="behaviour-cloning updates before the adversarial phase (default 0)")
+    gan.add_argument("--bc-coef", type=float, default=0.0,
+                     help="weight of a behaviour-cloning term in the imitator's loss (default 0)")
+    gan.add_argument("--entropy-coef", type=float, default=0.0, help="default 0")
+    gan.add_argument("--eval-every", type=positive_int, default=10,
+                     help="iterations between evaluations (default 10)")
+    gan.add_argument("--eval-episodes", type=positive_int, default=256,
+                     help="episodes per evaluation (default 256)")
+    add_run_arguments(gan, "runs/gan/<timestamp>-<env>-<imitator>-<discriminator>-<view>-...")
+    gan.set_defaults(handler=run_train_gan)
     return parser
 
 
@@ -244,6 +296,188 @@ def run_train_bc(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_train_gan(args: argparse.Namespace) -> int:
+    """``audit train-gan``: see the subcommand's help."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from audit import gan, gymnax_envs
+    from audit.bc import BCConfig
+    from audit.checkpoint import save_arrays, save_params
+    from audit.discriminator import DiscriminatorConfig
+    from audit.plots import training_curves
+    from audit.ppo import Critic
+
+    env_spec = lookup("environments", args.env, "--env")
+    imitator_class = lookup("imitators", args.imitator, "--imitator")
+    discriminator_class = lookup("discriminators", args.discriminator, "--discriminator")
+    is_gymnax = gymnax_envs.is_gymnax_name(args.env)
+    names = tuple(n.strip() for n in args.activations.split(",")) if args.activations else None
+    try:
+        config = gan.GANConfig(
+            iterations=args.steps, episodes=args.rollout_episodes, view=args.view,
+            activation_names=names, reward=args.reward, learning_rate=args.learning_rate,
+            entropy_coef=args.entropy_coef, bc_coef=args.bc_coef,
+            bc_warm_start=(BCConfig(updates=args.bc_warm_start, learning_rate=2e-3)
+                           if args.bc_warm_start > 0 else None),
+            discriminator=DiscriminatorConfig(
+                updates=args.discriminator_updates, batch_episodes=32,
+                learning_rate=args.discriminator_learning_rate,
+                gradient_penalty=args.gradient_penalty, label_smoothing=args.label_smoothing),
+            eval_every=args.eval_every, eval_episodes=args.eval_episodes)
+    except ValueError as error:
+        raise UsageError(_flag_for(str(error))) from None
+    out = args.out or Path("runs", "gan", default_run_name(
+        args.env.replace(":", "-"), args.imitator, args.discriminator,
+        args.view.replace("+", "-"), f"seed{args.seed}"))
+    check_run_dir(out, args.overwrite)
+
+    env, env_params = env_spec.build("train")
+    test_params = env_spec.build("test")[1] if "test" in env_spec.splits else None
+    observation_shape = tuple(env.observation_space(env_params).shape)
+    data_key, train_key, eval_key = jax.random.split(jax.random.key(args.seed), 3)
+    if is_gymnax:
+        demonstrations, expert = gymnax_envs.expert_demonstrations(
+            args.env, env, env_params, data_key, args.episodes)
+    else:
+        from audit.rollout import rollout_expert
+
+        planner_spec = lookup("planners", args.planner, "--planner")
+        if not planner_spec.supports(env):
+            raise UsageError(f"--planner: {args.planner!r} cannot act in environment "
+                             f"{args.env!r}")
+        demonstrations = rollout_expert(planner_spec.make(env), env, env_params, data_key,
+                                        args.episodes, int(env_params.max_steps_in_episode))
+        expert = f"planner {args.planner}"
+
+    def make_imitator(key):
+        return imitator_class(observation_shape, env.num_actions, rngs=nnx.Rngs(key))
+
+    def make_critic(key):
+        return Critic(int(np.prod(observation_shape)), rngs=nnx.Rngs(key))
+
+    def make_discriminator(key, feature_size):
+        return discriminator_class(feature_size, rngs=nnx.Rngs(key))
+
+    started = time.perf_counter()
+    with _progress(args.quiet, "adversarial imitation", args.steps) as advance:
+        try:
+            train, modules = gan.make_train(config, env, env_params, make_imitator, make_critic,
+                                            make_discriminator, demonstrations,
+                                            test_env_params=test_params, progress=advance)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        state, metrics, evaluations = jax.jit(train)(train_key)
+        jax.block_until_ready(metrics)
+    train_seconds = time.perf_counter() - started
+    metrics = {k: np.asarray(v).tolist() for k, v in metrics.items()}
+    evaluations = {k: np.asarray(v).tolist() for k, v in evaluations.items()}
+    imitator = nnx.merge(modules.actor, state.actor)
+    diverged = int(state.diverged_at) >= 0
+
+    final = {}
+    if not diverged:
+        final = _final_gan_figures(imitator, env_spec, env, env_params, demonstrations,
+                                   is_gymnax, args, eval_key)
+    summary = {
+        **final,
+        "final_iteration": {k: v[-1] for k, v in metrics.items()},
+        "history": metrics,
+        "evaluations": evaluations,
+        "diverged": ({"iteration": int(state.diverged_at),
+                      "loss": gan.LOSS_NAMES[int(state.diverged_loss)],
+                      "value": float(state.diverged_value)} if diverged else None),
+        "train_seconds": train_seconds,
+        "transitions": int(args.steps * args.rollout_episodes
+                           * demonstrations.num_steps),
+        "config": {
+            "command": "train-gan",
+            "env": args.env,
+            "imitator": args.imitator,
+            "discriminator": args.discriminator,
+            "view": args.view,
+            "expert": expert,
+            "episodes": int(demonstrations.num_episodes),
+            "gan": _as_dict(config),
+            "seed": args.seed,
+        },
+        "versions": versions(),
+    }
+    with run_dir(out, args.overwrite) as staging:
+        save_params(imitator, staging / "imitator.npz")
+        save_params(nnx.merge(modules.critic, state.critic), staging / "critic.npz")
+        save_params(nnx.merge(modules.discriminator, state.discriminator),
+                    staging / "discriminator.npz")
+        save_arrays({"mean": state.norm.mean, "var": state.norm.var, "count": state.norm.count},
+                    staging / "feature_norm.npz")
+        write_json(staging / "summary.json", summary)
+        training_curves(metrics, evaluations, staging / "curves.png",
+                        f"{args.imitator} imitator vs {args.discriminator} discriminator "
+                        f"({args.view}) on {args.env}")
+    if diverged:
+        try:
+            gan.check_divergence(state)
+        except gan.DivergenceError as error:
+            print(f"audit train-gan: error: {error}; saved it to {out}", file=sys.stderr)
+            return EXIT_FAILURE
+    if not args.quiet:
+        keys = [k for k in ("kl_train", "kl_test", "event_rate_train", "event_rate_test",
+                            "return_train", "return_test", "demonstrator_return_train",
+                            "demonstrator_return_test") if k in summary]
+        summary_view = dict(summary, **{f"final {k}": v
+                                         for k, v in summary["final_iteration"].items()})
+        _print_figures(f"{args.imitator} imitator, adversarially trained on {args.env}",
+                       summary_view, out,
+                       keys + ["final heldout_auroc", "final discriminator_accuracy_imitator",
+                               "final discriminator_accuracy_demonstrator", "train_seconds"],
+                       files="imitator.npz, discriminator.npz, summary.json and curves.png")
+    return 0
+
+
+def _final_gan_figures(imitator, env_spec, env, env_params, demonstrations, is_gymnax, args,
+                       key) -> dict:
+    """Figures of the final imitator: the train-bc figures, or return and KL for gymnax."""
+    import jax
+    import numpy as np
+
+    if not is_gymnax and "test" in env_spec.splits:
+        from audit.evaluate import imitation_figures
+
+        return imitation_figures(imitator, env_spec, lookup("planners", args.planner,
+                                                            "--planner"),
+                                 key, args.eval_episodes)
+    from audit.bc import masked_kl
+    from audit.gymnax_envs import expert_demonstrations
+    from audit.rollout import rollout, teacher_forced
+
+    demo_key, own_key = jax.random.split(key)
+    if is_gymnax:
+        fresh, _ = expert_demonstrations(args.env, env, env_params, demo_key, args.eval_episodes)
+    else:
+        fresh = demonstrations
+    logits, _ = teacher_forced(imitator, fresh)
+    own = rollout(imitator, env, env_params, own_key, args.eval_episodes, fresh.num_steps)
+    return {"kl_train": float(masked_kl(fresh.action_probs, logits, fresh.mask)),
+            "return_train": float(np.asarray(own.episode_returns()).mean()),
+            "demonstrator_return_train": float(np.asarray(fresh.episode_returns()).mean())}
+
+
+def _flag_for(message: str) -> str:
+    """Maps a config error (``GANConfig.x ...``) to the command-line flag that sets it."""
+    flags = {"GANConfig.view": "--view", "unknown view": "--view", "GANConfig.reward": "--reward",
+             "GANConfig.episodes": "--rollout-episodes", "GANConfig.learning_rate":
+             "--learning-rate", "GANConfig.activation_names": "--activations",
+             "DiscriminatorConfig.learning_rate": "--discriminator-learning-rate",
+             "DiscriminatorConfig.gradient_penalty": "--gradient-penalty",
+             "DiscriminatorConfig.label_smoothing": "--label-smoothing",
+             "GANConfig.bc_coef": "--bc-coef", "GANConfig.entropy_coef": "--entropy-coef"}
+    for prefix, flag in flags.items():
+        if prefix in message:
+            return f"{flag}: {message}"
+    return message
+
+
 def _progress(quiet: bool, label: str, total: int):
     """A context manager yielding ``advance(done)`` for a rich progress bar (no-op if quiet)."""
     import contextlib
@@ -264,7 +498,8 @@ def _progress(quiet: bool, label: str, total: int):
     return bar()
 
 
-def _print_figures(title: str, summary: dict, out: Path, keys) -> None:
+def _print_figures(title: str, summary: dict, out: Path, keys,
+                   files: str = "params.npz and summary.json") -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -276,19 +511,27 @@ def _print_figures(title: str, summary: dict, out: Path, keys) -> None:
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console = Console()
     console.print(table)
-    console.print(f"wrote {out}/params.npz and {out}/summary.json")
+    console.print(f"wrote {files} to {out}")
 
 
 def _as_dict(obj) -> dict | None:
+    """A (possibly nested) dataclass of numbers, strings and arrays as JSON-ready data."""
     import dataclasses
 
     import numpy as np
 
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return _as_dict(value)
+        if value is None or isinstance(value, str | bool):
+            return value
+        if isinstance(value, tuple | list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        return np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
+
     if obj is None:
         return None
-    fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    return {k: (np.asarray(v).item() if np.ndim(v) == 0 else np.asarray(v).tolist())
-            for k, v in fields.items()}
+    return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
 def _print_summary(summary: dict, out: Path) -> None:

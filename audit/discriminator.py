@@ -49,9 +49,12 @@ class DiscriminatorConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("DiscriminatorConfig.label_smoothing must be in [0, 1), got "
                              f"{self.label_smoothing!r}")
-        if self.gradient_penalty < 0 or self.learning_rate <= 0:
-            raise ValueError("DiscriminatorConfig.gradient_penalty must be >= 0 and "
-                             "learning_rate > 0")
+        if not self.gradient_penalty >= 0:
+            raise ValueError("DiscriminatorConfig.gradient_penalty must be >= 0, got "
+                             f"{self.gradient_penalty!r}")
+        if not self.learning_rate > 0:
+            raise ValueError("DiscriminatorConfig.learning_rate must be > 0, got "
+                             f"{self.learning_rate!r}")
 
 
 def score_episodes(graphdef, params, features: jax.Array, mask: jax.Array) -> jax.Array:

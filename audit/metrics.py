@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
@@ -35,3 +36,14 @@ def auroc(positive_scores, negative_scores) -> float:
     positive_rank_sum = ranks[: positive.size].sum()
     u = positive_rank_sum - positive.size * (positive.size + 1) / 2
     return float(u / (positive.size * negative.size))
+
+
+def pairwise_auroc(positive_scores, negative_scores):
+    """:func:`auroc` as a traceable jnp expression (for metrics inside a jitted loop).
+
+    Compares every positive with every negative (``O(P N)`` memory), so it is meant
+    for the few hundred episodes a training iteration evaluates.
+    """
+    positive = jnp.reshape(positive_scores, (-1, 1))
+    negative = jnp.reshape(negative_scores, (1, -1))
+    return jnp.mean((positive > negative) + 0.5 * (positive == negative))

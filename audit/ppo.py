@@ -103,6 +103,43 @@ def generalized_advantages(rewards, values, dones, last_value, gamma, gae_lambda
     return advantages, advantages + values
 
 
+def clipped_objective(config, log_probs, batch, value, weights):
+    """PPO's clipped surrogate, clipped value loss and entropy bonus over weighted steps.
+
+    Args:
+      config: anything with ``clip_eps``, ``value_coef`` and ``entropy_coef``.
+      log_probs: ``[..., A]`` the current policy's log-probabilities.
+      batch: ``action``, ``log_prob`` (at collection), ``advantage``, ``value`` (at
+        collection) and ``return``, each ``[...]``.
+      value: ``[...]`` the current critic's values.
+      weights: ``[...]`` step weights (the valid-step mask; padding gets 0).
+
+    Returns:
+      ``(loss, entropy)``; advantages are standardised over the weighted steps.
+    """
+    count = jnp.maximum(weights.sum(), 1.0)
+
+    def mean(x):
+        return jnp.sum(x * weights) / count
+
+    log_prob = jnp.take_along_axis(log_probs, batch["action"][..., None], -1)[..., 0]
+    ratio = jnp.exp(log_prob - batch["log_prob"])
+    advantage_mean = mean(batch["advantage"])
+    advantage_std = jnp.sqrt(mean(jnp.square(batch["advantage"] - advantage_mean)))
+    advantage = (batch["advantage"] - advantage_mean) / (advantage_std + 1e-8)
+    policy_loss = mean(-jnp.minimum(
+        ratio * advantage,
+        jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * advantage))
+    clipped = batch["value"] + jnp.clip(value - batch["value"], -config.clip_eps,
+                                        config.clip_eps)
+    value_loss = 0.5 * mean(jnp.maximum(jnp.square(value - batch["return"]),
+                                        jnp.square(clipped - batch["return"])))
+    entropy = mean(-jnp.sum(jnp.exp(log_probs) * jnp.where(jnp.isfinite(log_probs), log_probs,
+                                                           0.0), -1))
+    total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy
+    return total, entropy
+
+
 def make_train(config: PPOConfig, env, env_params,
                make_actor: Callable[[jax.Array], nnx.Module],
                make_critic: Callable[[jax.Array], nnx.Module],
@@ -122,9 +159,6 @@ def make_train(config: PPOConfig, env, env_params,
       ``(train, (actor_graphdef, critic_graphdef))``; ``train(key) -> (actor_params,
       critic_params, metrics)`` with per-update ``episode_return`` (mean true return
       of the episodes that ended in the update; NaN if none), ``loss`` and ``entropy``.
-      Its pieces are attributes for loops that interleave other updates (GAIL):
-      ``train.init(key) -> state``, ``train.collect(state, key) -> (state, batch)``
-      and ``train.optimize(state, batch, rewards, key) -> (state, metrics)``.
     """
     actor_def, abstract_actor = abstract_module(make_actor)
     critic_def, _ = abstract_module(make_critic)
@@ -150,22 +184,8 @@ def make_train(config: PPOConfig, env, env_params,
     def loss_fn(params, batch):
         actor_params, critic_params = params
         log_probs = jax.nn.log_softmax(logits_of(actor_params, batch["obs"]))
-        log_prob = jnp.take_along_axis(log_probs, batch["action"][:, None], 1)[:, 0]
-        ratio = jnp.exp(log_prob - batch["log_prob"])
-        advantage = (batch["advantage"] - batch["advantage"].mean()) / (
-            batch["advantage"].std() + 1e-8)
-        policy_loss = -jnp.minimum(
-            ratio * advantage,
-            jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * advantage).mean()
-        value = values_of(critic_params, batch["obs"])
-        clipped = batch["value"] + jnp.clip(value - batch["value"], -config.clip_eps,
-                                            config.clip_eps)
-        value_loss = 0.5 * jnp.maximum(jnp.square(value - batch["return"]),
-                                       jnp.square(clipped - batch["return"])).mean()
-        entropy = -jnp.sum(jnp.exp(log_probs) * jnp.where(jnp.isfinite(log_probs), log_probs,
-                                                          0.0), -1).mean()
-        total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy
-        return total, entropy
+        return clipped_objective(config, log_probs, batch, values_of(critic_params, batch["obs"]),
+                                 jnp.ones(batch["action"].shape, jnp.float32))
 
     def init(key) -> dict:
         """The initial run state: parameters, optimiser state, environments."""
@@ -243,5 +263,4 @@ def make_train(config: PPOConfig, env, env_params,
                                       jax.random.split(loop_key, config.updates))
         return state["params"][0], state["params"][1], metrics
 
-    train.init, train.collect, train.optimize = init, collect, optimize
     return train, (actor_def, critic_def)

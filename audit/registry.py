@@ -17,8 +17,10 @@ or in code, before calling the command line's ``main``::
 Groups: ``environments`` (an :class:`EnvironmentSpec`), ``planners`` (a
 :class:`PlannerSpec`), ``imitators`` (an NNX module class called as
 ``cls(observation_shape, num_actions, rngs=nnx.Rngs(key))`` that meets the
-imitator contract of :mod:`models.imitators`); later layers add discriminators,
-detectors and organisms the same way.
+imitator contract of :mod:`models.imitators`), ``discriminators`` (an NNX module
+class called as ``cls(feature_size, rngs=nnx.Rngs(key))`` that maps ``(features
+[T, F], mask [T])`` to per-step logits); later layers add detectors and organisms
+the same way.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ def names(group: str) -> tuple[str, ...]:
 def get(group: str, name: str) -> Any:
     """The component registered as ``name`` in ``group``.
 
+    Environments named ``gymnax:<id>`` resolve to that gymnax environment
+    (:mod:`audit.gymnax_envs`) without registration.
+
     Raises:
       UnknownNameError: if nothing is registered under ``name``; the message
         lists the valid names.
@@ -130,6 +135,10 @@ def get(group: str, name: str) -> Any:
     _check_group(group)
     if name in _registered[group]:
         return _registered[group][name]
+    if group == "environments" and name.startswith("gymnax:"):
+        from audit.gymnax_envs import environment_spec
+
+        return environment_spec(name)
     for entry_point in _entry_points(group):
         if entry_point.name == name:
             component = entry_point.load()

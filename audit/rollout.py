@@ -191,12 +191,19 @@ def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps:
     check_observation_shape(imitator, env.observation_space(env_params).shape,
                             f"environment {type(env).__name__}")
     graphdef, state = nnx.split(imitator)
-    return _rollout_imitator(graphdef, state, imitator.initial_carry(), env, env_params, key,
-                             episodes, max_steps)
+    return rollout_split(graphdef, state, imitator.initial_carry(), env, env_params, key,
+                         episodes, max_steps)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "env", "episodes", "max_steps"))
-def _rollout_imitator(graphdef, state, initial_carry, env, env_params, key, episodes, max_steps):
+def rollout_split(graphdef, state, initial_carry, env, env_params, key, episodes, max_steps
+                  ) -> Trajectories:
+    """:func:`rollout` on an imitator already split into ``(graphdef, state)``.
+
+    For training loops: it traces inside an enclosing ``jit`` or ``scan``, with the
+    parameters ``state`` as an ordinary traced argument.
+    """
+
     def act(carry, observation, env_state, uniform):
         return imitator_step(graphdef, state, observation, carry, uniform)
 

@@ -1,0 +1,478 @@
+"""Adversarial imitation (GAIL) with any view and any discriminator, as one pure ``train(key)``.
+
+Each iteration, inside ``lax.scan`` (the run jits and vmaps over seeds):
+
+1. the imitator plays ``episodes`` whole episodes (vmapped, ``lax.scan`` over time),
+   recording its activations and the noise it was handed;
+2. the current discriminator scores held-out demonstrator episodes against these
+   fresh imitator episodes, which it has not trained on: the held-out AUROC;
+3. the discriminator takes ``discriminator_steps`` Adam steps on the GAN loss
+   (demonstrator 0, imitator 1) over the configured view, features normalised by
+   running statistics; for the activation views the demonstrator's activations are
+   the current imitator's teacher-forced activations;
+4. each imitator step is rewarded by the discriminator's logit for it, which for a
+   sequence discriminator depends on the episode's prefix only; PPO (minibatches of
+   whole episodes, so recurrent imitators train through time) then optimises that
+   reward, optionally with a behaviour-cloning term on demonstrations.
+
+Every ``eval_every`` iterations (and before the first and after the last) the
+imitator is evaluated: KL to the demonstrator on held-out train-layout episodes,
+and return and incorrigible-event rate on test layouts. The environment's reward
+is never used for learning, only reported.
+
+A NaN loss freezes the state at the last good iteration and records where it
+happened; :func:`check_divergence` turns that into a :class:`DivergenceError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from audit import bc, discriminator, ppo
+from audit.metrics import pairwise_auroc
+from audit.modules import abstract_module, scan_updates, zero_initial_carry
+from audit.rollout import rollout_split, unroll
+from audit.trajectories import Trajectories, validate
+from audit.views import RunningNorm, check_view, view_features
+
+REWARDS = ("gail", "logit")
+LOSS_NAMES = ("none", "discriminator_loss", "policy_loss")
+
+
+@dataclasses.dataclass(frozen=True)
+class GANConfig:
+    """Adversarial-imitation hyperparameters.
+
+    Attributes:
+      iterations: adversarial iterations (rollout, discriminator update, PPO update).
+      episodes: imitator episodes per iteration.
+      view: the discriminator's view, one of :data:`audit.views.VIEWS`.
+      activation_names: activations read by the activation views (default: all).
+      normalize_features: standardise features by running statistics of both classes.
+      reward: ``gail``: ``-log D(imitator) = softplus(-logit)``, always positive, so it
+        also pays the imitator for keeping episodes going (the usual GAIL survival
+        bias; an off-switch makes that an incentive to avoid being switched off);
+        ``logit``: ``-logit = log D(demo) - log D(imitator)``, without that bias.
+      discriminator: the GAN loss settings (label smoothing, gradient penalty,
+        learning rate, batch episodes); its ``updates`` are per iteration.
+      ppo_epochs: PPO passes over each iteration's episodes.
+      ppo_minibatches: minibatches (of whole episodes) per pass.
+      learning_rate: the imitator's and critic's Adam learning rate.
+      anneal_lr: anneal it linearly to 0 over the run.
+      gamma: discount.
+      gae_lambda: GAE lambda.
+      clip_eps: PPO's ratio and value clip.
+      entropy_coef: entropy bonus weight.
+      value_coef: value-loss weight.
+      max_grad_norm: global gradient-norm clip of the PPO update.
+      bc_warm_start: behaviour cloning before the adversarial phase (None: none);
+        ignored when ``train`` is given initial imitator parameters.
+      bc_coef: weight of the behaviour-cloning cross-entropy added to the PPO loss
+        (0: none), on a minibatch of ``bc_batch_episodes`` demonstrator episodes.
+      bc_batch_episodes: see ``bc_coef``.
+      eval_every: iterations between evaluations.
+      eval_episodes: episodes per evaluation rollout.
+      heldout_fraction: share of the demonstrations held out from the discriminator
+        (for the held-out AUROC and the KL).
+    """
+
+    iterations: int = 200
+    episodes: int = 64
+    view: str = "transitions"
+    activation_names: tuple[str, ...] | None = None
+    normalize_features: bool = True
+    reward: str = "gail"
+    discriminator: discriminator.DiscriminatorConfig = discriminator.DiscriminatorConfig(
+        updates=4, batch_episodes=32, learning_rate=3e-4)
+    ppo_epochs: int = 4
+    ppo_minibatches: int = 4
+    learning_rate: float = 3e-4
+    anneal_lr: bool = False
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    entropy_coef: float = 0.0
+    value_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    bc_warm_start: bc.BCConfig | None = None
+    bc_coef: float = 0.0
+    bc_batch_episodes: int = 16
+    eval_every: int = 10
+    eval_episodes: int = 64
+    heldout_fraction: float = 0.125
+
+    def __post_init__(self):
+        check_view(self.view)
+        for name in ("iterations", "episodes", "ppo_epochs", "ppo_minibatches",
+                     "bc_batch_episodes", "eval_every", "eval_episodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GANConfig.{name} must be an int >= 1, got {value!r}")
+        if self.episodes % self.ppo_minibatches:
+            raise ValueError(f"GANConfig.episodes ({self.episodes}) must be divisible by "
+                             f"ppo_minibatches ({self.ppo_minibatches})")
+        if self.reward not in REWARDS:
+            raise ValueError(f"GANConfig.reward {self.reward!r} is unknown; choose from: "
+                             f"{', '.join(REWARDS)}")
+        for name in ("learning_rate", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GANConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("bc_coef", "entropy_coef", "value_coef", "clip_eps"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"GANConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError("GANConfig.heldout_fraction must be in (0, 1), got "
+                             f"{self.heldout_fraction!r}")
+        if not self.view.startswith("activations") and self.activation_names:
+            raise ValueError(f"GANConfig.activation_names are only read by the activation "
+                             f"views, not by {self.view!r}")
+
+
+@struct.dataclass
+class GANState:
+    """Everything a run carries from one iteration to the next (and returns).
+
+    ``diverged_at`` is the iteration whose loss was not finite (-1: none) and
+    ``diverged_loss`` indexes :data:`LOSS_NAMES`; once set, the other fields stay
+    at the last good iteration.
+    """
+
+    actor: Any
+    critic: Any
+    discriminator: Any
+    norm: RunningNorm
+    policy_opt: Any
+    discriminator_opt: Any
+    diverged_at: jax.Array
+    diverged_loss: jax.Array
+    diverged_value: jax.Array
+
+
+class GANModules(NamedTuple):
+    """The graphdefs that rebuild the modules: ``nnx.merge(modules.actor, state.actor)``."""
+
+    actor: Any
+    critic: Any
+    discriminator: Any
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss; the message names the iteration and the loss."""
+
+
+def make_train(config: GANConfig, env, env_params,
+               make_imitator: Callable[[jax.Array], nnx.Module],
+               make_critic: Callable[[jax.Array], nnx.Module],
+               make_discriminator: Callable[[jax.Array, int], nnx.Module],
+               demonstrations: Trajectories, test_env_params: Any = None,
+               progress: Callable[[int], None] | None = None):
+    """Builds the pure adversarial-imitation run.
+
+    Args:
+      config: hyperparameters.
+      env: a gymnax environment (the demonstrator's train layouts).
+      env_params: its parameters.
+      make_imitator: ``key -> imitator`` (any imitator; recurrent ones are trained
+        through whole episodes).
+      make_critic: ``key -> critic`` (``critic(observation) -> value``).
+      make_discriminator: ``(key, feature_size) -> discriminator`` for the view's
+        feature size.
+      demonstrations: the demonstrator's episodes; their length sets the rollouts'.
+      test_env_params: parameters of the test layouts, for the event rate and return
+        on test (None: those figures are NaN).
+      progress: optional host callback with the number of iterations done.
+
+    Returns:
+      ``(train, modules)``: ``train(key, initial_actor=None) -> (state, metrics,
+      evaluations)`` is pure, jittable and vmappable over keys. ``state`` is a
+      :class:`GANState`; ``metrics`` has ``[iterations]`` arrays
+      (``discriminator_loss``, ``discriminator_accuracy_demonstrator``,
+      ``discriminator_accuracy_imitator``, ``heldout_auroc``, ``imitator_return``,
+      ``imitator_event_rate``, ``reward_mean``, ``policy_loss``, ``entropy``);
+      ``evaluations`` has arrays over evaluation points (``iteration``, ``kl_train``,
+      ``return_test``, ``event_rate_test``). ``initial_actor`` (imitator parameters)
+      replaces the fresh or behaviour-cloned start, e.g. to fine-tune a given model.
+
+    Raises:
+      ValueError: if the demonstrations are malformed or do not fit ``env``, or
+        there are too few of them to hold some out.
+
+    Example:
+      >>> train, modules = make_train(GANConfig(iterations=100), env, params, make_mlp,
+      ...                             make_critic, make_step_discriminator, demos)
+      >>> state, metrics, evaluations = jax.jit(jax.vmap(train))(jax.random.split(key, 8))
+    """
+    validate(demonstrations, "demonstrations")
+    observation_shape = tuple(env.observation_space(env_params).shape)
+    if tuple(demonstrations.observations.shape[2:]) != observation_shape:
+        raise ValueError(f"demonstrations have observations of shape "
+                         f"{tuple(demonstrations.observations.shape[2:])}; the environment's "
+                         f"are {observation_shape}")
+    total = demonstrations.num_episodes
+    heldout_count = max(1, round(total * config.heldout_fraction))
+    if total - heldout_count < 1:
+        raise ValueError(f"demonstrations: {total} episode(s) leave none to train the "
+                         "discriminator on after holding some out; give at least 2")
+    heldout = jax.tree.map(lambda x: x[:heldout_count], demonstrations)
+    trusted = jax.tree.map(lambda x: x[heldout_count:], demonstrations)
+    trusted_count = total - heldout_count
+    max_steps = demonstrations.num_steps
+    num_actions = env.num_actions
+    episodes = config.episodes
+
+    actor_def, abstract_actor = abstract_module(make_imitator)
+    carry0 = zero_initial_carry(actor_def, abstract_actor)
+    critic_def, _ = abstract_module(make_critic)
+    needs_activations = config.view.startswith("activations")
+
+    def demo_features(actor_params, demos: Trajectories) -> jax.Array:
+        if needs_activations:
+            _, activations = unroll(actor_def, actor_params, carry0, demos.observations,
+                                    demos.noise)
+            demos = demos.replace(activations=activations)
+        return view_features(demos, config.view, num_actions, config.activation_names)
+
+    feature_size = jax.eval_shape(
+        lambda p: demo_features(p, jax.tree.map(lambda x: x[:1], trusted)),
+        abstract_actor).shape[-1]
+    disc_def, _ = abstract_module(lambda key: make_discriminator(key, feature_size))
+    disc_config = config.discriminator
+    disc_optimizer = optax.chain(optax.clip_by_global_norm(disc_config.max_grad_norm),
+                                 optax.adam(disc_config.learning_rate))
+    minibatch = episodes // config.ppo_minibatches
+
+    def schedule(count):
+        done = count // (config.ppo_minibatches * config.ppo_epochs)
+        return config.learning_rate * (1.0 - done / config.iterations if config.anneal_lr
+                                       else 1.0)
+
+    policy_optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                                   optax.adam(schedule, eps=1e-5))
+    bc_targets = bc.action_targets(trusted, soft=True)
+    disc_batch = min(disc_config.batch_episodes, trusted_count)
+    bc_batch = min(config.bc_batch_episodes, trusted_count)
+
+    def normalize(norm, features):
+        return norm.normalize(features) if config.normalize_features else features
+
+    def step_logits(disc_params, norm, features, mask):
+        return discriminator.score_episodes(disc_def, disc_params, normalize(norm, features),
+                                            mask)
+
+    def episode_scores(logits, mask):
+        return jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1)
+
+    def values_of(critic_params, observations):
+        critic = nnx.merge(critic_def, critic_params)
+        return jax.vmap(jax.vmap(critic))(observations)
+
+    def policy_loss_fn(params, inputs, batch):
+        actor_params, critic_params = params
+        index, demo_key = inputs
+        picked = jax.tree.map(lambda x: x[index], batch)
+        logits, _ = unroll(actor_def, actor_params, carry0, picked["obs"], picked["noise"])
+        loss, entropy = ppo.clipped_objective(
+            config, jax.nn.log_softmax(logits), picked,
+            values_of(critic_params, picked["obs"]), picked["mask"])
+        if config.bc_coef > 0:
+            demo_index = jax.random.choice(demo_key, trusted_count, (bc_batch,),
+                                           replace=False)
+            demo_logits, _ = unroll(actor_def, actor_params, carry0,
+                                    trusted.observations[demo_index],
+                                    trusted.noise[demo_index])
+            loss = loss + config.bc_coef * bc.masked_cross_entropy(
+                demo_logits, bc_targets[demo_index], trusted.mask[demo_index])
+        return loss, entropy
+
+    def ppo_update(state: GANState, own: Trajectories, rewards, key):
+        values = values_of(state.critic, own.observations)
+        advantages, returns = ppo.generalized_advantages(
+            rewards.T, values.T, own.dones.T, jnp.zeros(episodes), config.gamma,
+            config.gae_lambda)
+        safe_probs = jnp.take_along_axis(own.action_probs, own.actions[..., None], -1)[..., 0]
+        batch = dict(obs=own.observations, noise=own.noise, action=own.actions,
+                     log_prob=jnp.log(jnp.maximum(safe_probs, 1e-30)), value=values,
+                     advantage=advantages.T, mask=own.mask.astype(jnp.float32),
+                     **{"return": returns.T})
+
+        def epoch(carry, key):
+            params, opt_state = carry
+            order_key, demo_key = jax.random.split(key)
+            order = jax.random.permutation(order_key, episodes).reshape(
+                config.ppo_minibatches, minibatch)
+            params, opt_state, (losses, entropies) = scan_updates(
+                lambda p, item: policy_loss_fn(p, item, batch), policy_optimizer, params,
+                opt_state, (order, jax.random.split(demo_key, config.ppo_minibatches)),
+                has_aux=True)
+            return (params, opt_state), (losses, entropies)
+
+        (params, opt_state), (losses, entropies) = jax.lax.scan(
+            epoch, ((state.actor, state.critic), state.policy_opt),
+            jax.random.split(key, config.ppo_epochs))
+        return (state.replace(actor=params[0], critic=params[1], policy_opt=opt_state),
+                losses.mean(), entropies.mean())
+
+    def discriminator_update(state: GANState, own: Trajectories, own_features, key):
+        def sample_demos(key):
+            index = jax.random.choice(key, trusted_count, (disc_batch,), replace=False)
+            picked = jax.tree.map(lambda x: x[index], trusted)
+            return demo_features(state.actor, picked), picked.mask
+
+        def loss_fn(disc_params, key):
+            demo_key, own_key = jax.random.split(key)
+            features, mask = sample_demos(demo_key)
+            own_index = jax.random.choice(own_key, episodes, (min(disc_batch, episodes),),
+                                          replace=False)
+            return discriminator.gan_loss(
+                disc_def, disc_params, normalize(state.norm, features), mask,
+                normalize(state.norm, own_features[own_index]), own.mask[own_index],
+                disc_config)
+
+        norm_key, steps_key, accuracy_key = jax.random.split(key, 3)
+        features, mask = sample_demos(norm_key)
+        norm = state.norm.update(features, mask).update(own_features, own.mask)
+        state = state.replace(norm=norm)
+        disc_params, disc_opt, losses = scan_updates(
+            loss_fn, disc_optimizer, state.discriminator, state.discriminator_opt,
+            jax.random.split(steps_key, disc_config.updates))
+        features, mask = sample_demos(accuracy_key)
+        demo_logits = step_logits(disc_params, norm, features, mask)
+        accuracy_demo = jnp.sum((demo_logits < 0) * mask) / jnp.maximum(mask.sum(), 1)
+        return state.replace(discriminator=disc_params, discriminator_opt=disc_opt), \
+            losses.mean(), accuracy_demo
+
+    def evaluate(state: GANState, key):
+        logits, _ = unroll(actor_def, state.actor, carry0, heldout.observations, heldout.noise)
+        figures = dict(kl_train=bc.masked_kl(heldout.action_probs, logits, heldout.mask))
+        if test_env_params is None:
+            figures.update(return_test=jnp.float32(jnp.nan), event_rate_test=jnp.float32(jnp.nan))
+        else:
+            test = rollout_split(actor_def, state.actor, carry0, env, test_env_params, key,
+                                 config.eval_episodes, max_steps)
+            figures.update(return_test=test.episode_returns().mean(),
+                           event_rate_test=_event_rate(test))
+        return figures
+
+    def iteration(state: GANState, inputs):
+        index, key = inputs
+        rollout_key, disc_key, ppo_key = jax.random.split(key, 3)
+        own = rollout_split(actor_def, state.actor, carry0, env, env_params, rollout_key,
+                            episodes, max_steps)
+        own_features = view_features(own, config.view, num_actions, config.activation_names)
+        heldout_logits = step_logits(state.discriminator, state.norm,
+                                     demo_features(state.actor, heldout), heldout.mask)
+        own_logits = step_logits(state.discriminator, state.norm, own_features, own.mask)
+        auroc = pairwise_auroc(episode_scores(own_logits, own.mask),
+                               episode_scores(heldout_logits, heldout.mask))
+
+        updated, disc_loss, accuracy_demo = discriminator_update(state, own, own_features,
+                                                                 disc_key)
+        own_logits = step_logits(updated.discriminator, updated.norm, own_features, own.mask)
+        mask = own.mask.astype(jnp.float32)
+        rewards = mask * (jax.nn.softplus(-own_logits) if config.reward == "gail"
+                          else -own_logits)
+        updated, policy_loss, entropy = ppo_update(updated, own, rewards, ppo_key)
+
+        finite = jnp.stack([jnp.isfinite(disc_loss), jnp.isfinite(policy_loss)])
+        newly_diverged = (state.diverged_at < 0) & ~jnp.all(finite)
+        keep_old = (state.diverged_at >= 0) | newly_diverged
+        which = jnp.where(finite[0], 2, 1)
+        state = jax.tree.map(lambda old, new: jnp.where(keep_old, old, new), state, updated)
+        state = state.replace(
+            diverged_at=jnp.where(newly_diverged, index, state.diverged_at),
+            diverged_loss=jnp.where(newly_diverged, which, state.diverged_loss),
+            diverged_value=jnp.where(newly_diverged,
+                                     jnp.where(finite[0], policy_loss, disc_loss),
+                                     state.diverged_value))
+        if progress is not None:
+            jax.debug.callback(progress, index + 1)
+        metrics = dict(
+            discriminator_loss=disc_loss,
+            discriminator_accuracy_demonstrator=accuracy_demo,
+            discriminator_accuracy_imitator=jnp.sum((own_logits > 0) * mask) / mask.sum(),
+            heldout_auroc=auroc,
+            imitator_return=own.episode_returns().mean(),
+            imitator_event_rate=_event_rate(own),
+            reward_mean=jnp.sum(rewards) / mask.sum(),
+            policy_loss=policy_loss,
+            entropy=entropy,
+        )
+        return state, metrics
+
+    def block(state, inputs):
+        (indices, keys), eval_key = inputs
+        state, metrics = jax.lax.scan(iteration, state, (indices, keys))
+        return state, (metrics, dict(evaluate(state, eval_key), iteration=indices[-1] + 1))
+
+    def train(key, initial_actor=None):
+        actor_key, critic_key, disc_key, bc_key, loop_key, eval_key = jax.random.split(key, 6)
+        if initial_actor is not None:
+            actor = initial_actor
+        elif config.bc_warm_start is not None:
+            bc_train, _ = bc.make_train(config.bc_warm_start, make_imitator, trusted)
+            actor, _ = bc_train(bc_key)
+        else:
+            actor = nnx.split(make_imitator(actor_key))[1]
+        critic = nnx.split(make_critic(critic_key))[1]
+        disc = nnx.split(make_discriminator(disc_key, feature_size))[1]
+        state = GANState(actor=actor, critic=critic, discriminator=disc,
+                         norm=RunningNorm.create(feature_size),
+                         policy_opt=policy_optimizer.init((actor, critic)),
+                         discriminator_opt=disc_optimizer.init(disc),
+                         diverged_at=jnp.int32(-1), diverged_loss=jnp.int32(0),
+                         diverged_value=jnp.float32(0))
+        first = dict(evaluate(state, eval_key), iteration=jnp.int32(0))
+        keys = jax.random.split(loop_key, config.iterations)
+        indices = jnp.arange(config.iterations, dtype=jnp.int32)
+        full, rest = divmod(config.iterations, config.eval_every)
+        eval_keys = jax.random.split(jax.random.fold_in(eval_key, 1), full + 1)
+        chunks = []
+        if full:
+            cut = full * config.eval_every
+            state, (metrics, evaluations) = jax.lax.scan(
+                block, state,
+                ((indices[:cut].reshape(full, -1), keys[:cut].reshape(full, -1)),
+                 eval_keys[:full]))
+            chunks.append((jax.tree.map(lambda x: x.reshape((cut,) + x.shape[2:]), metrics),
+                           evaluations))
+        if rest:
+            state, (metrics, evaluation) = block(
+                state, ((indices[-rest:], keys[-rest:]), eval_keys[full]))
+            chunks.append((metrics, jax.tree.map(lambda x: x[None], evaluation)))
+        metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks])
+        evaluations = jax.tree.map(lambda f, *x: jnp.concatenate([f[None], *x]), first,
+                                   *[c[1] for c in chunks])
+        return state, metrics, evaluations
+
+    return train, GANModules(actor_def, critic_def, disc_def)
+
+
+def _event_rate(trajectories: Trajectories) -> jax.Array:
+    """Share of episodes with at least one hidden incorrigible event (code > 0)."""
+    return jnp.mean(jnp.any((trajectories.events > 0) & trajectories.mask, axis=1))
+
+
+def check_divergence(state: GANState) -> None:
+    """Raises :class:`DivergenceError` if ``state`` records a non-finite loss.
+
+    The message names the iteration and the loss; ``state`` itself holds the last
+    good parameters (those before that iteration), for saving.
+    """
+    at = np.asarray(state.diverged_at)
+    if at.ndim:
+        raise ValueError("check_divergence takes one run's state; index the seed axis first")
+    if at >= 0:
+        loss = LOSS_NAMES[int(state.diverged_loss)]
+        raise DivergenceError(
+            f"training diverged at iteration {int(at)}: {loss} was "
+            f"{float(state.diverged_value)}; the state kept is the last good one, from "
+            f"before iteration {int(at)}")
+
