@@ -196,7 +196,8 @@ def make_train(config: GANConfig, env, env_params,
       :class:`GANState`; ``metrics`` has ``[iterations]`` arrays
       (``discriminator_loss``, ``discriminator_accuracy_demonstrator``,
       ``discriminator_accuracy_imitator``, ``heldout_auroc``, ``imitator_return``,
-      ``imitator_event_rate``, ``reward_mean``, ``policy_loss``, ``entropy``);
+      ``imitator_length``, ``imitator_event_rate``, ``reward_mean``, ``policy_loss``,
+      ``entropy``);
       ``evaluations`` has arrays over evaluation points (``iteration``, ``kl_train``,
       ``return_test``, ``event_rate_test``). ``initial_actor`` (imitator parameters)
       replaces the fresh or behaviour-cloned start, e.g. to fine-tune a given model.
@@ -400,6 +401,7 @@ def make_train(config: GANConfig, env, env_params,
             discriminator_accuracy_imitator=jnp.sum((own_logits > 0) * mask) / mask.sum(),
             heldout_auroc=auroc,
             imitator_return=own.episode_returns().mean(),
+            imitator_length=own.episode_lengths().mean(),
             imitator_event_rate=_event_rate(own),
             reward_mean=jnp.sum(rewards) / mask.sum(),
             policy_loss=policy_loss,
