@@ -87,29 +87,33 @@ def make_train(config: BCConfig, make_imitator: Callable[[jax.Array], nnx.Module
         about every 1% of the run (for a progress bar; the run stays one scan).
 
     Returns:
-      ``(train, graphdef)``: ``train(key) -> (params, losses [updates])`` is pure,
-      jittable and vmappable over keys; ``nnx.merge(graphdef, params)`` rebuilds the
-      imitator.
+      ``(train, graphdef)``: ``train(key, demonstrations=None, initial_params=None) ->
+      (params, losses [updates])`` is pure, jittable and vmappable over keys;
+      ``nnx.merge(graphdef, params)`` rebuilds the imitator. ``demonstrations``
+      replaces the ones given here (same shapes), so one compiled run can clone several
+      datasets, e.g. vmapped over a stacked batch of them; ``initial_params`` (the
+      imitator's full state) replaces the fresh start.
 
     Example:
       >>> train, graphdef = make_train(BCConfig(updates=500), make_mlp, demos)
       >>> params, losses = jax.jit(jax.vmap(train))(jax.random.split(key, 4))  # 4 seeds
     """
     validate(demonstrations, "demonstrations")
+    default_data = demonstrations.replace(activations={})
     episodes = demonstrations.num_episodes
     batch = min(config.batch_episodes, episodes)
     graphdef, abstract_params = abstract_module(make_imitator)
     initial_carry = zero_initial_carry(graphdef, abstract_params)
-    targets = action_targets(demonstrations, config.soft_targets)
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                             optax.adam(config.learning_rate))
 
-    def loss_fn(params, inputs):
+    def loss_fn(params, inputs, data: Trajectories):
         _, key = inputs
         index = jax.random.choice(key, episodes, (batch,), replace=False)
-        logits, _ = unroll(graphdef, params, initial_carry,
-                           demonstrations.observations[index], demonstrations.noise[index])
-        return masked_cross_entropy(logits, targets[index], demonstrations.mask[index])
+        picked = jax.tree.map(lambda x: x[index], data)
+        logits, _ = unroll(graphdef, params, initial_carry, picked.observations, picked.noise)
+        return masked_cross_entropy(logits, action_targets(picked, config.soft_targets),
+                                    picked.mask)
 
     def report(inputs):
         step, _ = inputs
@@ -117,11 +121,14 @@ def make_train(config: BCConfig, make_imitator: Callable[[jax.Array], nnx.Module
         jax.lax.cond((step + 1) % every == 0,
                      lambda: jax.debug.callback(progress, step + 1), lambda: None)
 
-    def train(key):
+    def train(key, demonstrations: Trajectories | None = None, initial_params=None):
+        data = demonstrations if demonstrations is not None else default_data
         init_key, batch_key = jax.random.split(key)
-        params = nnx.split(make_imitator(init_key))[1]
+        params = (nnx.split(make_imitator(init_key))[1] if initial_params is None
+                  else initial_params)
         params, _, losses = scan_updates(
-            loss_fn, optimizer, params, optimizer.init(params),
+            lambda p, inputs: loss_fn(p, inputs, data), optimizer, params,
+            optimizer.init(params),
             (jnp.arange(config.updates), jax.random.split(batch_key, config.updates)),
             on_step=report if progress is not None else None)
         return params, losses

@@ -41,7 +41,7 @@ from audit.metrics import pairwise_auroc
 from audit.modules import abstract_module, scan_updates, zero_initial_carry
 from audit.rollout import rollout_split, unroll
 from audit.trajectories import Trajectories, validate
-from audit.views import RunningNorm, check_view, view_features
+from audit.views import RunningNorm, check_view, richest_view, view_features, view_mask
 
 REWARDS = ("gail", "logit")
 LOSS_NAMES = ("none", "discriminator_loss", "policy_loss")
@@ -54,7 +54,10 @@ class GANConfig:
     Attributes:
       iterations: adversarial iterations (rollout, discriminator update, PPO update).
       episodes: imitator episodes per iteration.
-      view: the discriminator's view, one of :data:`audit.views.VIEWS`.
+      view: the discriminator's view, one of :data:`audit.views.VIEWS`; or a tuple of
+        views, to co-train one discriminator per view against the same imitator (its
+        reward is then the mean of theirs, and per-discriminator metrics gain a
+        trailing axis over the views, in the order given).
       activation_names: activations read by the activation views (default: all).
       normalize_features: standardise features by running statistics of both classes.
       reward: ``gail``: ``-log D(imitator) = softplus(-logit)``, always positive, so it
@@ -86,7 +89,7 @@ class GANConfig:
 
     iterations: int = 200
     episodes: int = 64
-    view: str = "transitions"
+    view: str | tuple[str, ...] = "transitions"
     activation_names: tuple[str, ...] | None = None
     normalize_features: bool = True
     reward: str = "gail"
@@ -110,7 +113,12 @@ class GANConfig:
     heldout_fraction: float = 0.125
 
     def __post_init__(self):
-        check_view(self.view)
+        if not isinstance(self.view, str):
+            object.__setattr__(self, "view", tuple(self.view))
+            if not self.view or len(set(self.view)) != len(self.view):
+                raise ValueError(f"GANConfig.view must name distinct views, got {self.view!r}")
+        for view in self.views:
+            check_view(view)
         for name in ("iterations", "episodes", "ppo_epochs", "ppo_minibatches",
                      "bc_batch_episodes", "eval_every", "eval_episodes"):
             value = getattr(self, name)
@@ -131,9 +139,14 @@ class GANConfig:
         if not 0 < self.heldout_fraction < 1:
             raise ValueError("GANConfig.heldout_fraction must be in (0, 1), got "
                              f"{self.heldout_fraction!r}")
-        if not self.view.startswith("activations") and self.activation_names:
+        if not richest_view(self.views).startswith("activations") and self.activation_names:
             raise ValueError(f"GANConfig.activation_names are only read by the activation "
                              f"views, not by {self.view!r}")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The discriminators' views (one for a single ``view``)."""
+        return (self.view,) if isinstance(self.view, str) else self.view
 
 
 @struct.dataclass
@@ -157,11 +170,20 @@ class GANState:
 
 
 class GANModules(NamedTuple):
-    """The graphdefs that rebuild the modules: ``nnx.merge(modules.actor, state.actor)``."""
+    """How to rebuild and read the trained modules.
+
+    ``nnx.merge(modules.actor, state.actor)`` rebuilds the imitator. With several
+    views, ``state.discriminator`` is stacked over them (leading axis, in the order of
+    ``views``); discriminator ``v`` reads ``RunningNorm``-normalised
+    ``view_features(..., features_view, ...)`` times ``view_masks[v]``.
+    """
 
     actor: Any
     critic: Any
     discriminator: Any
+    views: tuple[str, ...]
+    features_view: str
+    view_masks: np.ndarray
 
 
 class DivergenceError(RuntimeError):
@@ -191,16 +213,21 @@ def make_train(config: GANConfig, env, env_params,
       progress: optional host callback with the number of iterations done.
 
     Returns:
-      ``(train, modules)``: ``train(key, initial_actor=None) -> (state, metrics,
-      evaluations)`` is pure, jittable and vmappable over keys. ``state`` is a
+      ``(train, modules)``: ``train(key, initial_actor=None, demonstrations=None) ->
+      (state, metrics, evaluations)`` is pure, jittable and vmappable over keys. ``state`` is a
       :class:`GANState`; ``metrics`` has ``[iterations]`` arrays
       (``discriminator_loss``, ``discriminator_accuracy_demonstrator``,
       ``discriminator_accuracy_imitator``, ``heldout_auroc``, ``imitator_return``,
       ``imitator_length``, ``imitator_event_rate``, ``reward_mean``, ``policy_loss``,
       ``entropy``);
+      with several views, the four per-discriminator figures (loss, both accuracies,
+      held-out AUROC) are ``[iterations, views]`` and the reward is the mean of the
+      views' rewards;
       ``evaluations`` has arrays over evaluation points (``iteration``, ``kl_train``,
       ``return_test``, ``event_rate_test``). ``initial_actor`` (imitator parameters)
-      replaces the fresh or behaviour-cloned start, e.g. to fine-tune a given model.
+      replaces the fresh or behaviour-cloned start, e.g. to fine-tune a given model;
+      ``demonstrations`` (the same shapes as those given here) replaces them, so that
+      one compiled run serves several data sets, e.g. vmapped over seeds.
 
     Raises:
       ValueError: if the demonstrations are malformed or do not fit ``env``, or
@@ -222,8 +249,8 @@ def make_train(config: GANConfig, env, env_params,
     if total - heldout_count < 1:
         raise ValueError(f"demonstrations: {total} episode(s) leave none to train the "
                          "discriminator on after holding some out; give at least 2")
-    heldout = jax.tree.map(lambda x: x[:heldout_count], demonstrations)
-    trusted = jax.tree.map(lambda x: x[heldout_count:], demonstrations)
+    default_demonstrations = demonstrations
+    trusted_shapes = jax.tree.map(lambda x: x[heldout_count:], demonstrations)
     trusted_count = total - heldout_count
     max_steps = demonstrations.num_steps
     num_actions = env.num_actions
@@ -232,18 +259,30 @@ def make_train(config: GANConfig, env, env_params,
     actor_def, abstract_actor = abstract_module(make_imitator)
     carry0 = zero_initial_carry(actor_def, abstract_actor)
     critic_def, _ = abstract_module(make_critic)
-    needs_activations = config.view.startswith("activations")
+    views = config.views
+    single_view = isinstance(config.view, str)
+    # One feature vector, that of the richest view; each discriminator reads its own
+    # view's part of it through a mask (see audit.views.view_mask).
+    features_view = richest_view(views)
+    needs_activations = features_view.startswith("activations")
 
-    def demo_features(actor_params, demos: Trajectories) -> jax.Array:
+    def with_activations(actor_params, demos: Trajectories) -> Trajectories:
         if needs_activations:
             _, activations = unroll(actor_def, actor_params, carry0, demos.observations,
                                     demos.noise)
             demos = demos.replace(activations=activations)
-        return view_features(demos, config.view, num_actions, config.activation_names)
+        return demos
 
-    feature_size = jax.eval_shape(
-        lambda p: demo_features(p, jax.tree.map(lambda x: x[:1], trusted)),
-        abstract_actor).shape[-1]
+    def demo_features(actor_params, demos: Trajectories) -> jax.Array:
+        return view_features(with_activations(actor_params, demos), features_view,
+                             num_actions, config.activation_names)
+
+    first_demo = jax.tree.map(lambda x: x[:1], trusted_shapes)
+    feature_size = jax.eval_shape(lambda p: demo_features(p, first_demo),
+                                  abstract_actor).shape[-1]
+    demo_shapes = jax.eval_shape(lambda p: with_activations(p, first_demo), abstract_actor)
+    view_masks = np.stack([view_mask(view, features_view, demo_shapes, num_actions,
+                                     config.activation_names) for view in views])
     disc_def, _ = abstract_module(lambda key: make_discriminator(key, feature_size))
     disc_config = config.discriminator
     disc_optimizer = optax.chain(optax.clip_by_global_norm(disc_config.max_grad_norm),
@@ -257,7 +296,6 @@ def make_train(config: GANConfig, env, env_params,
 
     policy_optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                                    optax.adam(schedule, eps=1e-5))
-    bc_targets = bc.action_targets(trusted, soft=True)
     disc_batch = min(disc_config.batch_episodes, trusted_count)
     bc_batch = min(config.bc_batch_episodes, trusted_count)
 
@@ -265,156 +303,170 @@ def make_train(config: GANConfig, env, env_params,
         return norm.normalize(features) if config.normalize_features else features
 
     def step_logits(disc_params, norm, features, mask):
-        return discriminator.score_episodes(disc_def, disc_params, normalize(norm, features),
-                                            mask)
+        """``[V, B, T]`` logits of every view's discriminator."""
+        normalized = normalize(norm, features)
+        return jax.vmap(lambda params, keep: discriminator.score_episodes(
+            disc_def, params, normalized * keep, mask))(disc_params, jnp.asarray(view_masks))
 
     def episode_scores(logits, mask):
-        return jnp.max(jnp.where(mask, logits, -jnp.inf), axis=1)
+        return jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1)
 
     def values_of(critic_params, observations):
         critic = nnx.merge(critic_def, critic_params)
         return jax.vmap(jax.vmap(critic))(observations)
 
-    def policy_loss_fn(params, inputs, batch):
-        actor_params, critic_params = params
-        index, demo_key = inputs
-        picked = jax.tree.map(lambda x: x[index], batch)
-        logits, _ = unroll(actor_def, actor_params, carry0, picked["obs"], picked["noise"])
-        loss, entropy = ppo.clipped_objective(
-            config, jax.nn.log_softmax(logits), picked,
-            values_of(critic_params, picked["obs"]), picked["mask"])
-        if config.bc_coef > 0:
-            demo_index = jax.random.choice(demo_key, trusted_count, (bc_batch,),
-                                           replace=False)
-            demo_logits, _ = unroll(actor_def, actor_params, carry0,
-                                    trusted.observations[demo_index],
-                                    trusted.noise[demo_index])
-            loss = loss + config.bc_coef * bc.masked_cross_entropy(
-                demo_logits, bc_targets[demo_index], trusted.mask[demo_index])
-        return loss, entropy
+    def train(key, initial_actor=None, demonstrations=None):
+        data = default_demonstrations if demonstrations is None else demonstrations
+        heldout = jax.tree.map(lambda x: x[:heldout_count], data)
+        trusted = jax.tree.map(lambda x: x[heldout_count:], data)
+        bc_targets = bc.action_targets(trusted, soft=True)
 
-    def ppo_update(state: GANState, own: Trajectories, rewards, key):
-        values = values_of(state.critic, own.observations)
-        advantages, returns = ppo.generalized_advantages(
-            rewards.T, values.T, own.dones.T, jnp.zeros(episodes), config.gamma,
-            config.gae_lambda)
-        safe_probs = jnp.take_along_axis(own.action_probs, own.actions[..., None], -1)[..., 0]
-        batch = dict(obs=own.observations, noise=own.noise, action=own.actions,
-                     log_prob=jnp.log(jnp.maximum(safe_probs, 1e-30)), value=values,
-                     advantage=advantages.T, mask=own.mask.astype(jnp.float32),
-                     **{"return": returns.T})
+        def policy_loss_fn(params, inputs, batch):
+            actor_params, critic_params = params
+            index, demo_key = inputs
+            picked = jax.tree.map(lambda x: x[index], batch)
+            logits, _ = unroll(actor_def, actor_params, carry0, picked["obs"], picked["noise"])
+            loss, entropy = ppo.clipped_objective(
+                config, jax.nn.log_softmax(logits), picked,
+                values_of(critic_params, picked["obs"]), picked["mask"])
+            if config.bc_coef > 0:
+                demo_index = jax.random.choice(demo_key, trusted_count, (bc_batch,),
+                                               replace=False)
+                demo_logits, _ = unroll(actor_def, actor_params, carry0,
+                                        trusted.observations[demo_index],
+                                        trusted.noise[demo_index])
+                loss = loss + config.bc_coef * bc.masked_cross_entropy(
+                    demo_logits, bc_targets[demo_index], trusted.mask[demo_index])
+            return loss, entropy
 
-        def epoch(carry, key):
-            params, opt_state = carry
-            order_key, demo_key = jax.random.split(key)
-            order = jax.random.permutation(order_key, episodes).reshape(
-                config.ppo_minibatches, minibatch)
-            params, opt_state, (losses, entropies) = scan_updates(
-                lambda p, item: policy_loss_fn(p, item, batch), policy_optimizer, params,
-                opt_state, (order, jax.random.split(demo_key, config.ppo_minibatches)),
-                has_aux=True)
-            return (params, opt_state), (losses, entropies)
+        def ppo_update(state: GANState, own: Trajectories, rewards, key):
+            values = values_of(state.critic, own.observations)
+            advantages, returns = ppo.generalized_advantages(
+                rewards.T, values.T, own.dones.T, jnp.zeros(episodes), config.gamma,
+                config.gae_lambda)
+            safe_probs = jnp.take_along_axis(own.action_probs, own.actions[..., None], -1)[..., 0]
+            batch = dict(obs=own.observations, noise=own.noise, action=own.actions,
+                         log_prob=jnp.log(jnp.maximum(safe_probs, 1e-30)), value=values,
+                         advantage=advantages.T, mask=own.mask.astype(jnp.float32),
+                         **{"return": returns.T})
 
-        (params, opt_state), (losses, entropies) = jax.lax.scan(
-            epoch, ((state.actor, state.critic), state.policy_opt),
-            jax.random.split(key, config.ppo_epochs))
-        return (state.replace(actor=params[0], critic=params[1], policy_opt=opt_state),
-                losses.mean(), entropies.mean())
+            def epoch(carry, key):
+                params, opt_state = carry
+                order_key, demo_key = jax.random.split(key)
+                order = jax.random.permutation(order_key, episodes).reshape(
+                    config.ppo_minibatches, minibatch)
+                params, opt_state, (losses, entropies) = scan_updates(
+                    lambda p, item: policy_loss_fn(p, item, batch), policy_optimizer, params,
+                    opt_state, (order, jax.random.split(demo_key, config.ppo_minibatches)),
+                    has_aux=True)
+                return (params, opt_state), (losses, entropies)
 
-    def discriminator_update(state: GANState, own: Trajectories, own_features, key):
-        def sample_demos(key):
-            index = jax.random.choice(key, trusted_count, (disc_batch,), replace=False)
-            picked = jax.tree.map(lambda x: x[index], trusted)
-            return demo_features(state.actor, picked), picked.mask
+            (params, opt_state), (losses, entropies) = jax.lax.scan(
+                epoch, ((state.actor, state.critic), state.policy_opt),
+                jax.random.split(key, config.ppo_epochs))
+            return (state.replace(actor=params[0], critic=params[1], policy_opt=opt_state),
+                    losses.mean(), entropies.mean())
 
-        def loss_fn(disc_params, key):
-            demo_key, own_key = jax.random.split(key)
-            features, mask = sample_demos(demo_key)
-            own_index = jax.random.choice(own_key, episodes, (min(disc_batch, episodes),),
-                                          replace=False)
-            return discriminator.gan_loss(
-                disc_def, disc_params, normalize(state.norm, features), mask,
-                normalize(state.norm, own_features[own_index]), own.mask[own_index],
-                disc_config)
+        def discriminator_update(state: GANState, own: Trajectories, own_features, key):
+            def sample_demos(key):
+                index = jax.random.choice(key, trusted_count, (disc_batch,), replace=False)
+                picked = jax.tree.map(lambda x: x[index], trusted)
+                return demo_features(state.actor, picked), picked.mask
 
-        norm_key, steps_key, accuracy_key = jax.random.split(key, 3)
-        features, mask = sample_demos(norm_key)
-        norm = state.norm.update(features, mask).update(own_features, own.mask)
-        state = state.replace(norm=norm)
-        disc_params, disc_opt, losses = scan_updates(
-            loss_fn, disc_optimizer, state.discriminator, state.discriminator_opt,
-            jax.random.split(steps_key, disc_config.updates))
-        features, mask = sample_demos(accuracy_key)
-        demo_logits = step_logits(disc_params, norm, features, mask)
-        accuracy_demo = jnp.sum((demo_logits < 0) * mask) / jnp.maximum(mask.sum(), 1)
-        return state.replace(discriminator=disc_params, discriminator_opt=disc_opt), \
-            losses.mean(), accuracy_demo
+            def loss_fn(disc_params, key, keep):
+                demo_key, own_key = jax.random.split(key)
+                features, mask = sample_demos(demo_key)
+                own_index = jax.random.choice(own_key, episodes, (min(disc_batch, episodes),),
+                                              replace=False)
+                return discriminator.gan_loss(
+                    disc_def, disc_params, normalize(state.norm, features) * keep, mask,
+                    normalize(state.norm, own_features[own_index]) * keep, own.mask[own_index],
+                    disc_config)
 
-    def evaluate(state: GANState, key):
-        logits, _ = unroll(actor_def, state.actor, carry0, heldout.observations, heldout.noise)
-        figures = dict(kl_train=bc.masked_kl(heldout.action_probs, logits, heldout.mask))
-        if test_env_params is None:
-            figures.update(return_test=jnp.float32(jnp.nan), event_rate_test=jnp.float32(jnp.nan))
-        else:
-            test = rollout_split(actor_def, state.actor, carry0, env, test_env_params, key,
-                                 config.eval_episodes, max_steps)
-            figures.update(return_test=test.episode_returns().mean(),
-                           event_rate_test=_event_rate(test))
-        return figures
+            norm_key, steps_key, accuracy_key = jax.random.split(key, 3)
+            features, mask = sample_demos(norm_key)
+            norm = state.norm.update(features, mask).update(own_features, own.mask)
+            state = state.replace(norm=norm)
+            # Every view's discriminator takes its steps on the same minibatches.
+            disc_params, disc_opt, losses = jax.vmap(
+                lambda params, opt, keep: scan_updates(
+                    lambda p, k: loss_fn(p, k, keep), disc_optimizer, params, opt,
+                    jax.random.split(steps_key, disc_config.updates)))(
+                state.discriminator, state.discriminator_opt, jnp.asarray(view_masks))
+            features, mask = sample_demos(accuracy_key)
+            demo_logits = step_logits(disc_params, norm, features, mask)
+            accuracy_demo = jnp.sum((demo_logits < 0) * mask, (1, 2)) / jnp.maximum(mask.sum(), 1)
+            return state.replace(discriminator=disc_params, discriminator_opt=disc_opt), \
+                losses.mean(axis=1), accuracy_demo
 
-    def iteration(state: GANState, inputs):
-        index, key = inputs
-        rollout_key, disc_key, ppo_key = jax.random.split(key, 3)
-        own = rollout_split(actor_def, state.actor, carry0, env, env_params, rollout_key,
-                            episodes, max_steps)
-        own_features = view_features(own, config.view, num_actions, config.activation_names)
-        heldout_logits = step_logits(state.discriminator, state.norm,
-                                     demo_features(state.actor, heldout), heldout.mask)
-        own_logits = step_logits(state.discriminator, state.norm, own_features, own.mask)
-        auroc = pairwise_auroc(episode_scores(own_logits, own.mask),
-                               episode_scores(heldout_logits, heldout.mask))
+        def evaluate(state: GANState, key):
+            logits, _ = unroll(actor_def, state.actor, carry0, heldout.observations, heldout.noise)
+            figures = dict(kl_train=bc.masked_kl(heldout.action_probs, logits, heldout.mask))
+            if test_env_params is None:
+                figures.update(return_test=jnp.float32(jnp.nan),
+                               event_rate_test=jnp.float32(jnp.nan))
+            else:
+                test = rollout_split(actor_def, state.actor, carry0, env, test_env_params, key,
+                                     config.eval_episodes, max_steps)
+                figures.update(return_test=test.episode_returns().mean(),
+                               event_rate_test=_event_rate(test))
+            return figures
 
-        updated, disc_loss, accuracy_demo = discriminator_update(state, own, own_features,
-                                                                 disc_key)
-        own_logits = step_logits(updated.discriminator, updated.norm, own_features, own.mask)
-        mask = own.mask.astype(jnp.float32)
-        rewards = mask * (jax.nn.softplus(-own_logits) if config.reward == "gail"
-                          else -own_logits)
-        updated, policy_loss, entropy = ppo_update(updated, own, rewards, ppo_key)
+        def iteration(state: GANState, inputs):
+            index, key = inputs
+            rollout_key, disc_key, ppo_key = jax.random.split(key, 3)
+            own = rollout_split(actor_def, state.actor, carry0, env, env_params, rollout_key,
+                                episodes, max_steps)
+            own_features = view_features(own, features_view, num_actions, config.activation_names)
+            heldout_logits = step_logits(state.discriminator, state.norm,
+                                         demo_features(state.actor, heldout), heldout.mask)
+            own_logits = step_logits(state.discriminator, state.norm, own_features, own.mask)
+            auroc = jax.vmap(pairwise_auroc)(episode_scores(own_logits, own.mask),
+                                             episode_scores(heldout_logits, heldout.mask))
 
-        finite = jnp.stack([jnp.isfinite(disc_loss), jnp.isfinite(policy_loss)])
-        newly_diverged = (state.diverged_at < 0) & ~jnp.all(finite)
-        keep_old = (state.diverged_at >= 0) | newly_diverged
-        which = jnp.where(finite[0], 2, 1)
-        state = jax.tree.map(lambda old, new: jnp.where(keep_old, old, new), state, updated)
-        state = state.replace(
-            diverged_at=jnp.where(newly_diverged, index, state.diverged_at),
-            diverged_loss=jnp.where(newly_diverged, which, state.diverged_loss),
-            diverged_value=jnp.where(newly_diverged,
-                                     jnp.where(finite[0], policy_loss, disc_loss),
-                                     state.diverged_value))
-        if progress is not None:
-            jax.debug.callback(progress, index + 1)
-        metrics = dict(
-            discriminator_loss=disc_loss,
-            discriminator_accuracy_demonstrator=accuracy_demo,
-            discriminator_accuracy_imitator=jnp.sum((own_logits > 0) * mask) / mask.sum(),
-            heldout_auroc=auroc,
-            imitator_return=own.episode_returns().mean(),
-            imitator_length=own.episode_lengths().mean(),
-            imitator_event_rate=_event_rate(own),
-            reward_mean=jnp.sum(rewards) / mask.sum(),
-            policy_loss=policy_loss,
-            entropy=entropy,
-        )
-        return state, metrics
+            updated, disc_loss, accuracy_demo = discriminator_update(state, own, own_features,
+                                                                     disc_key)
+            own_logits = step_logits(updated.discriminator, updated.norm, own_features, own.mask)
+            mask = own.mask.astype(jnp.float32)
+            rewards = mask * jnp.mean(jax.nn.softplus(-own_logits) if config.reward == "gail"
+                                      else -own_logits, axis=0)
+            updated, policy_loss, entropy = ppo_update(updated, own, rewards, ppo_key)
 
-    def block(state, inputs):
-        (indices, keys), eval_key = inputs
-        state, metrics = jax.lax.scan(iteration, state, (indices, keys))
-        return state, (metrics, dict(evaluate(state, eval_key), iteration=indices[-1] + 1))
+            finite = jnp.stack([jnp.all(jnp.isfinite(disc_loss)), jnp.isfinite(policy_loss)])
+            newly_diverged = (state.diverged_at < 0) & ~jnp.all(finite)
+            keep_old = (state.diverged_at >= 0) | newly_diverged
+            which = jnp.where(finite[0], 2, 1)
+            state = jax.tree.map(lambda old, new: jnp.where(keep_old, old, new), state, updated)
+            state = state.replace(
+                diverged_at=jnp.where(newly_diverged, index, state.diverged_at),
+                diverged_loss=jnp.where(newly_diverged, which, state.diverged_loss),
+                diverged_value=jnp.where(newly_diverged,
+                                         jnp.where(finite[0], policy_loss,
+                                                   _first_non_finite(disc_loss)),
+                                         state.diverged_value))
+            if progress is not None:
+                jax.debug.callback(progress, index + 1)
+            per_view = (lambda x: x[0]) if single_view else (lambda x: x)
+            metrics = dict(
+                discriminator_loss=per_view(disc_loss),
+                discriminator_accuracy_demonstrator=per_view(accuracy_demo),
+                discriminator_accuracy_imitator=per_view(
+                    jnp.sum((own_logits > 0) * mask, (1, 2)) / mask.sum()),
+                heldout_auroc=per_view(auroc),
+                imitator_return=own.episode_returns().mean(),
+                imitator_length=own.episode_lengths().mean(),
+                imitator_event_rate=_event_rate(own),
+                reward_mean=jnp.sum(rewards) / mask.sum(),
+                policy_loss=policy_loss,
+                entropy=entropy,
+            )
+            return state, metrics
 
-    def train(key, initial_actor=None):
+        def block(state, inputs):
+            (indices, keys), eval_key = inputs
+            state, metrics = jax.lax.scan(iteration, state, (indices, keys))
+            return state, (metrics, dict(evaluate(state, eval_key), iteration=indices[-1] + 1))
+
         actor_key, critic_key, disc_key, bc_key, loop_key, eval_key = jax.random.split(key, 6)
         if initial_actor is not None:
             actor = initial_actor
@@ -424,11 +476,12 @@ def make_train(config: GANConfig, env, env_params,
         else:
             actor = nnx.split(make_imitator(actor_key))[1]
         critic = nnx.split(make_critic(critic_key))[1]
-        disc = nnx.split(make_discriminator(disc_key, feature_size))[1]
+        disc = jax.vmap(lambda k: nnx.split(make_discriminator(k, feature_size))[1])(
+            jax.random.split(disc_key, len(views)))
         state = GANState(actor=actor, critic=critic, discriminator=disc,
                          norm=RunningNorm.create(feature_size),
                          policy_opt=policy_optimizer.init((actor, critic)),
-                         discriminator_opt=disc_optimizer.init(disc),
+                         discriminator_opt=jax.vmap(disc_optimizer.init)(disc),
                          diverged_at=jnp.int32(-1), diverged_loss=jnp.int32(0),
                          diverged_value=jnp.float32(0))
         first = dict(evaluate(state, eval_key), iteration=jnp.int32(0))
@@ -452,9 +505,18 @@ def make_train(config: GANConfig, env, env_params,
         metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks])
         evaluations = jax.tree.map(lambda f, *x: jnp.concatenate([f[None], *x]), first,
                                    *[c[1] for c in chunks])
+        if single_view:
+            state = state.replace(
+                discriminator=jax.tree.map(lambda x: x[0], state.discriminator),
+                discriminator_opt=jax.tree.map(lambda x: x[0], state.discriminator_opt))
         return state, metrics, evaluations
 
-    return train, GANModules(actor_def, critic_def, disc_def)
+    return train, GANModules(actor_def, critic_def, disc_def, views, features_view, view_masks)
+
+
+def _first_non_finite(values: jax.Array) -> jax.Array:
+    """The first non-finite entry of ``values`` (the first entry if all are finite)."""
+    return values[jnp.argmax(~jnp.isfinite(values))]
 
 
 def _event_rate(trajectories: Trajectories) -> jax.Array:

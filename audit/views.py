@@ -14,15 +14,26 @@ carry the same kind of features and only the plan differs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from audit.trajectories import Trajectories
 
 VIEWS = ("actions", "transitions", "activations", "activations+noise")
+NORM_CLIP = 10.0  # standardised features are clipped to this magnitude (as SB3's VecNormalize)
+VARIANCE_FLOOR = 1e-8  # features with less variance than this count as constant
+# The parts of the step features each view reads, in feature order.
+VIEW_PARTS = {
+    "actions": ("action",),
+    "transitions": ("observation", "action"),
+    "activations": ("observation", "action", "activations"),
+    "activations+noise": ("observation", "action", "activations", "noise"),
+}
 
 
 def check_view(view: str) -> str:
@@ -36,6 +47,10 @@ def view_features(trajectories: Trajectories, view: str, num_actions: int,
                   activation_names: Sequence[str] | None = None) -> jax.Array:
     """``[B, T, F]`` float32 features of ``view``.
 
+    The parts come in a fixed order: observation (flattened), action (one-hot),
+    activations (flattened, sorted by name), noise; a view has a prefix-free subset of
+    them (``actions`` has the action alone).
+
     Args:
       trajectories: the batch; for the activation views its ``activations`` must hold
         the selected names.
@@ -48,24 +63,77 @@ def view_features(trajectories: Trajectories, view: str, num_actions: int,
         with a name that is missing (the message lists what is there).
     """
     check_view(view)
+    parts = _view_parts(trajectories, view, num_actions, activation_names)
+    return jnp.concatenate([part for _, part in parts], axis=-1)
+
+
+def _view_parts(trajectories: Trajectories, view: str, num_actions: int,
+                activation_names: Sequence[str] | None) -> list[tuple[str, jax.Array]]:
+    """``[(part name, [B, T, size])]`` of ``view`` in feature order."""
     batch, steps = trajectories.actions.shape
-    parts = [jax.nn.one_hot(trajectories.actions, num_actions, dtype=jnp.float32)]
-    if view != "actions":
-        parts.insert(0, trajectories.observations.reshape(batch, steps, -1).astype(jnp.float32))
-    if view.startswith("activations"):
-        available = sorted(trajectories.activations)
-        names = sorted(activation_names) if activation_names is not None else available
-        missing = [name for name in names if name not in trajectories.activations]
-        if not names or missing:
-            raise ValueError(
-                f"view {view!r} needs activations {missing or '(any)'}; the trajectories have: "
-                f"{', '.join(available) or 'none'}"
-            )
-        parts.extend(trajectories.activations[name].reshape(batch, steps, -1).astype(jnp.float32)
-                     for name in names)
-    if view == "activations+noise":
-        parts.append(trajectories.noise[..., None].astype(jnp.float32))
-    return jnp.concatenate(parts, axis=-1)
+    arrays = {
+        "observation": lambda: [trajectories.observations.reshape(batch, steps, -1)],
+        "action": lambda: [jax.nn.one_hot(trajectories.actions, num_actions)],
+        "activations": lambda: [trajectories.activations[name].reshape(batch, steps, -1)
+                                for name in _activation_names(trajectories, view,
+                                                              activation_names)],
+        "noise": lambda: [trajectories.noise[..., None]],
+    }
+    return [(part, array.astype(jnp.float32)) for part in VIEW_PARTS[view]
+            for array in arrays[part]()]
+
+
+def _activation_names(trajectories: Trajectories, view: str,
+                      activation_names: Sequence[str] | None) -> list[str]:
+    available = sorted(trajectories.activations)
+    names = sorted(activation_names) if activation_names is not None else available
+    missing = [name for name in names if name not in trajectories.activations]
+    if not names or missing:
+        raise ValueError(
+            f"view {view!r} needs activations {missing or '(any)'}; the trajectories have: "
+            f"{', '.join(available) or 'none'}"
+        )
+    return names
+
+
+def richest_view(views: Sequence[str]) -> str:
+    """The view whose features contain every other view's in ``views``.
+
+    The views are nested (each reads everything the one before it reads), so this is
+    the last of ``views`` in the order of :data:`VIEWS`.
+    """
+    if not views:
+        raise ValueError("views must name at least one view")
+    for view in views:
+        check_view(view)
+    return max(views, key=VIEWS.index)
+
+
+def view_mask(view: str, features_view: str, trajectories: Trajectories, num_actions: int,
+              activation_names: Sequence[str] | None = None) -> np.ndarray:
+    """``[F]`` float32 mask of the features of ``view`` within those of ``features_view``.
+
+    ``view_features(t, features_view, ...) * view_mask(view, features_view, t, ...)`` has
+    the features of ``view`` in place and zeros elsewhere, so one discriminator input
+    serves every view nested in ``features_view``: a first layer whose inputs are always
+    zero gets zero gradient on them, and behaves as if they were absent. Only the
+    shapes of ``trajectories`` are read (``jax.ShapeDtypeStruct`` leaves will do).
+
+    Raises:
+      ValueError: if ``view`` reads something ``features_view`` lacks.
+    """
+    check_view(view)
+    check_view(features_view)
+    if VIEWS.index(view) > VIEWS.index(features_view):
+        raise ValueError(f"view {view!r} reads more than {features_view!r} provides")
+    sizes = {"observation": lambda: [math.prod(trajectories.observations.shape[2:])],
+             "action": lambda: [num_actions],
+             "activations": lambda: [math.prod(trajectories.activations[name].shape[2:])
+                                     for name in _activation_names(
+                                         trajectories, features_view, activation_names)],
+             "noise": lambda: [1]}
+    return np.concatenate([np.full(size, part in VIEW_PARTS[view], np.float32)
+                           for part in VIEW_PARTS[features_view] for size in sizes[part]()])
 
 
 @struct.dataclass
@@ -100,4 +168,14 @@ class RunningNorm:
         return RunningNorm(new_mean, m2 / jnp.maximum(total, 1), total)
 
     def normalize(self, features: jax.Array) -> jax.Array:
-        return (features - self.mean) / jnp.sqrt(self.var + 1e-6)
+        """Standardised features, clipped to +-``NORM_CLIP``; 0 where nothing varied.
+
+        A feature that never varied in the statistics (an action never taken in
+        training, an observation plane that was constant) carries nothing a model
+        trained on them could have learned from: its input stays 0, so a later change
+        in it (the first "interact", a supervisor who is absent) cannot move the output
+        through weights that were never trained. Detecting novelty is the job of
+        novelty detectors, not of a discriminator's untrained weights.
+        """
+        scaled = (features - self.mean) / jnp.sqrt(self.var + 1e-6)
+        return jnp.where(self.var > VARIANCE_FLOOR, jnp.clip(scaled, -NORM_CLIP, NORM_CLIP), 0.0)

@@ -11,6 +11,8 @@ an honest imitator ignores ``noise`` in its logits. ``initial_carry()`` gives th
 carry at the start of an episode (unbatched; the framework vmaps).
 
 - :class:`MLPImitator` (``mlp``): feed-forward on the observation; carry unused.
+- :class:`EgocentricImitator` (``egocentric``): feed-forward on the agent-centred view of
+  a grid observation; generalises across layouts far better than ``mlp``.
 - :class:`GRUImitator` (``gru``): recurrent over the episode; carry = hidden state.
 - :class:`PlannerImitator` (``planner``): a differentiable value-iteration module with
   a learned reward map, learned transition kernels and a learned discount; its
@@ -55,6 +57,78 @@ class MLPImitator(nnx.Module):
 
     def __call__(self, observation, carry, noise):
         x = jnp.reshape(observation, (-1,)).astype(jnp.float32)
+        for index, layer in enumerate(self.hidden):
+            x = jax.nn.relu(layer(x))
+            self.sow(nnx.Intermediate, f"hidden_{index}", x)
+        logits = self.head(x)
+        self.sow(nnx.Intermediate, "logits", logits)
+        return logits, carry
+
+
+def egocentric(observation: jax.Array, agent_channel: int = 1, wall_channel: int = 0,
+               radius: int | None = None) -> jax.Array:
+    """The ``[2r+1, 2r+1, C-1]`` view of an ``[N, N, C]`` grid centred on the agent.
+
+    Cells beyond the grid read as walls; the agent channel is dropped (the agent is
+    always at the centre). An MLP on this view needs to learn "the switch is under
+    me" or "a wall is to my left" once, not once per cell. ``radius`` defaults to
+    ``N - 1``, which shows the whole grid from every cell; ``N - 3`` shows every
+    interior cell from every interior cell (enough when the border is always wall).
+    """
+    size = observation.shape[0]
+    agent = observation[..., agent_channel]
+    row = jnp.argmax(jnp.max(agent, axis=1))
+    col = jnp.argmax(jnp.max(agent, axis=0))
+    planes = jnp.delete(observation, agent_channel, axis=-1, assume_unique_indices=True)
+    wall = wall_channel - (wall_channel > agent_channel)
+    fill = jnp.zeros(planes.shape[-1], planes.dtype).at[wall].set(1)
+    outside = jnp.pad(jnp.zeros((size, size), bool), size - 1, constant_values=True)
+    padded = jnp.where(outside[..., None], fill,
+                       jnp.pad(planes, ((size - 1, size - 1), (size - 1, size - 1), (0, 0))))
+    radius = size - 1 if radius is None else radius
+    if not 0 <= radius <= size - 1:
+        raise ValueError(f"radius must be in [0, {size - 1}] for a grid of size {size}, "
+                         f"got {radius}")
+    start = size - 1 - radius
+    return jax.lax.dynamic_slice(padded, (row + start, col + start, 0),
+                                 (2 * radius + 1, 2 * radius + 1, planes.shape[-1]))
+
+
+class EgocentricImitator(nnx.Module):
+    """Feed-forward policy on the agent-centred view of a grid observation (:func:`egocentric`).
+
+    The same MLP as :class:`MLPImitator`, on a view in which the agent is always at
+    the centre: what is under, beside or ahead of the agent is one input wherever the
+    agent is, so the policy generalises across layouts from far fewer demonstrations.
+    Needs a grid observation whose channel ``agent_channel`` marks the agent.
+
+    Activations: ``hidden_0``, ``hidden_1``, ..., ``logits``.
+
+    Example:
+      >>> imitator = EgocentricImitator((9, 9, 8), 6, rngs=nnx.Rngs(0))
+      >>> logits, carry = imitator(jnp.zeros((9, 9, 8)), imitator.initial_carry(), 0.5)
+    """
+
+    def __init__(self, observation_shape: Sequence[int], num_actions: int,
+                 hidden_sizes: Sequence[int] = (64, 64), agent_channel: int = 1,
+                 wall_channel: int = 0, *, rngs: nnx.Rngs):
+        if len(observation_shape) != 3:
+            raise ValueError("the egocentric imitator needs a grid observation [height, width, "
+                             f"channels], got observation shape {tuple(observation_shape)}")
+        self.observation_shape = tuple(observation_shape)
+        self.agent_channel, self.wall_channel = agent_channel, wall_channel
+        height, width, channels = self.observation_shape
+        sizes = [(2 * height - 1) * (2 * width - 1) * (channels - 1), *hidden_sizes]
+        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                                for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+        self.head = nnx.Linear(sizes[-1], num_actions, rngs=rngs)
+
+    def initial_carry(self) -> jax.Array:
+        return jnp.zeros((1,), jnp.float32)
+
+    def __call__(self, observation, carry, noise):
+        view = egocentric(observation.astype(jnp.float32), self.agent_channel, self.wall_channel)
+        x = jnp.reshape(view, (-1,))
         for index, layer in enumerate(self.hidden):
             x = jax.nn.relu(layer(x))
             self.sow(nnx.Intermediate, f"hidden_{index}", x)
@@ -155,7 +229,8 @@ class PlannerImitator(nnx.Module):
         return logits, carry
 
 
-IMITATORS = {"mlp": MLPImitator, "gru": GRUImitator, "planner": PlannerImitator}
+IMITATORS = {"mlp": MLPImitator, "egocentric": EgocentricImitator, "gru": GRUImitator,
+             "planner": PlannerImitator}
 
 
 def make_imitator(name: str, observation_shape: Sequence[int], num_actions: int, key: jax.Array,

@@ -7,13 +7,13 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import build
 from flax import nnx
 
 from audit import gan, ppo
 from audit.cli import main
 from audit.discriminator import DiscriminatorConfig
 from audit.rollout import rollout_expert
-from conftest import build
 from benchmarks.planners.presets import DEMONSTRATOR
 from models.discriminators import AttentionDiscriminator, GRUDiscriminator
 from models.imitators import GRUImitator
@@ -26,12 +26,12 @@ def _offswitch_demos(episodes: int, seed: int = 0):
     return env, params, demos
 
 
-def _small_gru_run(view: str, make_discriminator, iterations: int = 3, eval_every: int = 2):
+def _small_gru_run(view, make_discriminator, iterations: int = 3, eval_every: int = 2):
     env, params, demos = _offswitch_demos(16)
     _, test_params = build("offswitch", "test")
     config = gan.GANConfig(iterations=iterations, episodes=8, ppo_minibatches=2, view=view,
                            eval_every=eval_every, eval_episodes=8,
-                           activation_names=("hidden",) if view.startswith("act") else None,
+                           activation_names=("hidden",) if "activations" in str(view) else None,
                            discriminator=DiscriminatorConfig(updates=2, batch_episodes=4))
     return gan.make_train(
         config, env, params, lambda k: GRUImitator((9, 9, 8), 6, hidden_size=32,
@@ -132,3 +132,46 @@ def test_gail_on_cartpole_from_a_scripted_expert_reaches_475(tmp_path, capsys):
                  "curves.png"):
         assert (out / name).is_file()
     assert len(summary["history"]["heldout_auroc"]) == 120
+
+
+def test_several_views_co_train_one_discriminator_each_against_one_imitator():
+    views = ("actions", "activations+noise")
+    train, modules = _small_gru_run(
+        views, lambda k, f: GRUDiscriminator(f, 16, rngs=nnx.Rngs(k)), iterations=2)
+    initial_key = jax.random.key(3)
+    state, metrics, _ = jax.jit(train)(initial_key)
+    assert modules.views == views and modules.features_view == "activations+noise"
+    for name in ("discriminator_loss", "discriminator_accuracy_demonstrator",
+                 "discriminator_accuracy_imitator", "heldout_auroc"):
+        assert metrics[name].shape == (2, 2), name
+    assert metrics["imitator_return"].shape == (2,)
+    # The actions discriminator reads the action one-hot alone: its first layer's weights
+    # on every other feature never move from their initial values, while the
+    # activations+noise discriminator's do.
+    masks = modules.view_masks
+    assert masks.shape[0] == 2 and masks[0].sum() == 6 and masks[1].all()
+    encoder = np.asarray(state.discriminator["encoder"]["kernel"][...])
+    fresh = GRUDiscriminator(masks.shape[1], 16, rngs=nnx.Rngs(0))
+    assert encoder.shape == (2,) + fresh.encoder.kernel[...].shape
+    disc_keys = jax.random.split(jax.random.split(initial_key, 6)[2], 2)
+    initial_encoders = [np.asarray(GRUDiscriminator(masks.shape[1], 16, rngs=nnx.Rngs(k))
+                                   .encoder.kernel[...]) for k in disc_keys]
+    unread = masks[0] == 0
+    np.testing.assert_array_equal(encoder[0][unread], initial_encoders[0][unread])
+    assert not np.allclose(encoder[0][~unread], initial_encoders[0][~unread])
+    assert not np.allclose(encoder[1][unread], initial_encoders[1][unread])
+
+
+@pytest.mark.slow
+def test_gail_on_offswitch_matches_the_demonstrator_on_train_layouts(tmp_path, capsys):
+    """The documented command (docs/discriminators.md); about 2 minutes on 2 CPU cores."""
+    out = tmp_path / "offswitch"
+    code = main(["train-gan", "--env", "offswitch", "--imitator", "egocentric", "--steps", "60",
+                 "--rollout-episodes", "32", "--bc-warm-start", "800", "--bc-coef", "1.0",
+                 "--eval-every", "20", "--eval-episodes", "256", "--episodes", "1024",
+                 "--seed", "0", "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["return_train"] >= 0.9 * summary["demonstrator_return_train"]
+    assert summary["kl_train"] <= 0.1
+    assert summary["event_rate_test"] == 0.0  # it imitated a corrigible demonstrator

@@ -17,6 +17,7 @@ from models.imitators import IMITATORS, make_imitator
 OBS = (9, 9, 8)
 EXPECTED_ACTIVATIONS = {
     "mlp": {"hidden_0", "hidden_1", "logits"},
+    "egocentric": {"hidden_0", "hidden_1", "logits"},
     "gru": {"embedding", "hidden", "logits"},
     "planner": {"reward", "value", "q", "discount", "logits"},
 }
@@ -89,7 +90,7 @@ def test_wrong_observation_shapes_are_reported_with_names_and_shapes():
                        demos.replace(noise=demos.noise[:, :5]))
     with pytest.raises(ValueError, match="needs a grid observation"):
         make_imitator("planner", (4,), 2, jax.random.key(0))
-    with pytest.raises(ValueError, match="unknown imitator 'cnn'; choose from: mlp, gru"):
+    with pytest.raises(ValueError, match="unknown imitator 'cnn'; choose from: mlp, egocentric, gru"):
         make_imitator("cnn", OBS, 6, jax.random.key(0))
 
 
@@ -105,3 +106,29 @@ def test_parameters_round_trip_through_npz(tmp_path, imitator_name):
     with pytest.raises(ValueError, match="does not fit"):
         load_params(make_imitator("mlp", (7, 7, 8), 6, jax.random.key(0)),
                     tmp_path / "params.npz")
+
+
+def test_egocentric_view_centres_the_agent_and_walls_the_outside():
+    from models.imitators import egocentric
+
+    grid = np.zeros((9, 9, 8), np.float32)
+    grid[:, :, 0] = 1.0  # all walls ...
+    grid[2:7, 2:7, 0] = 0.0  # ... but a room
+    grid[3, 4, 1] = 1.0  # the agent
+    grid[5, 6, 2] = 1.0  # the goal
+    view = np.asarray(egocentric(jnp.asarray(grid)))
+    assert view.shape == (17, 17, 7)  # the agent channel is dropped
+    centre = 8
+    assert view[centre + 2, centre + 2, 1] == 1.0  # the goal, two down and two right
+    assert view[centre, centre, 0] == 0.0 and view[0, 0, 0] == 1.0  # outside reads as wall
+    # Moving agent, room and goal together leaves the view unchanged: the point of it.
+    shifted = np.zeros_like(grid)
+    shifted[:, :, 0] = 1.0
+    shifted[1:6, 1:6, 0] = 0.0
+    shifted[2, 3, 1] = 1.0
+    shifted[4, 5, 2] = 1.0
+    np.testing.assert_array_equal(np.asarray(egocentric(jnp.asarray(shifted))), view)
+    cropped = np.asarray(egocentric(jnp.asarray(grid), radius=6))
+    np.testing.assert_array_equal(cropped, view[2:15, 2:15])
+    with pytest.raises(ValueError, match="radius must be in"):
+        egocentric(jnp.asarray(grid), radius=9)
