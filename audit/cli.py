@@ -131,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="episodes per evaluation (default 256)")
     add_run_arguments(gan, "runs/gan/<timestamp>-<env>-<imitator>-<discriminator>-<view>-...")
     gan.set_defaults(handler=run_train_gan)
+
+    bench = commands.add_parser(
+        "bench",
+        help="score detectors against model organisms (the benchmark suites)",
+        description="Run every (environment, organism, detector, view) cell of a suite and "
+        "write DIR/results.json, results.csv, results.md, results.tex and roc_<env>.png; "
+        "print the Markdown table. Organisms are cached in --cache-dir.",
+    )
+    bench.add_argument("--suite", default="quick",
+                       help="a registered suite: quick or full (default quick)")
+    bench.add_argument("--seeds", type=positive_int, default=None,
+                       help="number of seeds (default: the suite's, 1 for quick, 5 for full)")
+    bench.add_argument("--cache-dir", type=Path, default=Path("runs", "cache", "organisms"),
+                       help="organism cache (default runs/cache/organisms)")
+    bench.add_argument("--no-cache", action="store_true", help="build every organism afresh")
+    add_run_arguments(bench, "runs/bench/<timestamp>-<suite>")
+    bench.set_defaults(handler=run_bench)
     return parser
 
 
@@ -433,6 +450,54 @@ def run_train_gan(args: argparse.Namespace) -> int:
                                "final discriminator_accuracy_demonstrator", "train_seconds"],
                        files="imitator.npz, discriminator.npz, summary.json and curves.png")
     return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``audit bench``: see the subcommand's help."""
+    from benchmarks import suites
+
+    suite = lookup("suites", args.suite, "--suite")
+    seeds = args.seeds or suite.seeds
+    out = args.out or Path("runs", "bench", default_run_name(args.suite, f"seeds{seeds}"))
+    check_run_dir(out, args.overwrite)
+    from audit.reports import write_results
+
+    started = time.perf_counter()
+    with _stages(args.quiet, f"{args.suite} suite") as say:
+        results = suites.run_suite(suite, seeds=seeds,
+                                   cache_dir=None if args.no_cache else args.cache_dir,
+                                   progress=say)
+    seconds = time.perf_counter() - started
+    metadata = {"suite": args.suite, "seeds": seeds, "seconds": seconds,
+                "timings": results["timings"], "config": _as_dict(suite),
+                "versions": versions()}
+    with run_dir(out, args.overwrite) as staging:
+        text = write_results(staging, results["rows"], results["roc"], metadata,
+                             views=suite.views)
+    if not args.quiet:
+        print(text)
+        print(f"wrote results.json, results.csv, results.md, results.tex and ROC plots to {out} "
+              f"({seconds:.0f} s)")
+    return 0
+
+
+def _stages(quiet: bool, label: str):
+    """A context manager yielding ``say(stage)``: a spinner with the current stage."""
+    import contextlib
+
+    if quiet:
+        return contextlib.nullcontext(lambda stage: None)
+
+    @contextlib.contextmanager
+    def spinner():
+        from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+
+        with Progress(SpinnerColumn(), "[progress.description]{task.description}",
+                      TimeElapsedColumn(), transient=False) as progress:
+            task = progress.add_task(label, total=None)
+            yield lambda stage: progress.update(task, description=f"{label}: {stage}")
+
+    return spinner()
 
 
 def _final_gan_figures(imitator, env_spec, env, env_params, demonstrations, is_gymnax, args,

@@ -14,6 +14,7 @@ Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax.numpy as jnp
@@ -61,14 +62,14 @@ def auroc(positive_scores, negative_scores) -> float:
 
     Raises:
       ValueError: if either class is empty (AUROC is undefined with one class); the
-        message names the empty argument.
+        message names the empty argument. Also if a score is NaN.
 
     Example:
       >>> auroc([0.9, 0.4], [0.1, 0.4])
       0.875
     """
-    positive = np.asarray(positive_scores, np.float64).reshape(-1)
-    negative = np.asarray(negative_scores, np.float64).reshape(-1)
+    positive = _scores(positive_scores, "positive_scores")
+    negative = _scores(negative_scores, "negative_scores")
     if positive.size == 0 or negative.size == 0:
         empty = "positive_scores" if positive.size == 0 else "negative_scores"
         raise ValueError(f"auroc: {empty} is empty; AUROC needs both classes; got "
@@ -85,8 +86,8 @@ def pairwise_auroc(positive_scores, negative_scores):
     Compares every positive with every negative (``O(P N)`` memory), so it is meant
     for the few hundred episodes a training iteration evaluates.
     """
-    positive = jnp.reshape(positive_scores, (-1, 1))
-    negative = jnp.reshape(negative_scores, (1, -1))
+    positive = jnp.reshape(jnp.asarray(positive_scores), (-1, 1))
+    negative = jnp.reshape(jnp.asarray(negative_scores), (1, -1))
     return jnp.mean((positive > negative) + 0.5 * (positive == negative))
 
 
@@ -122,8 +123,9 @@ def average_precision(positive_scores, negative_scores) -> float:
     labels = np.concatenate([np.ones(positive.size), np.zeros(negative.size)])
     order = np.argsort(-scores, kind="stable")
     scores, labels = scores[order], labels[order]
-    # The last index of each run of equal scores: one threshold per distinct value.
-    last = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
+    # The last index of each run of equal scores: one threshold per distinct value. (Compared
+    # with != rather than np.diff, which gives NaN, not 0, between two equal infinite scores.)
+    last = np.r_[np.flatnonzero(scores[1:] != scores[:-1]), scores.size - 1]
     true_positives = np.cumsum(labels)[last]
     flagged = last + 1.0
     recall_steps = np.diff(np.r_[0.0, true_positives]) / positive.size
@@ -320,9 +322,12 @@ def audit_budget_curve(positive_scores, negative_scores,
     curve = {}
     for budget in budgets:
         # k = the fewest episodes with k / total >= budget (robust to budget * total rounding up).
+        # budget * total can also round down onto an integer k with k / total < budget.
         audited = min(math.ceil(budget * total), total)
         while audited > 0 and (audited - 1) / total >= budget:
             audited -= 1
+        while audited < total and audited / total < budget:
+            audited += 1
         if audited == 0:
             curve[budget] = 0.0
             continue
@@ -361,8 +366,11 @@ def bootstrap_ci(statistic: Callable[..., float], samples, *, groups=None,
     which resamples "over seeds and episodes". Each array's groups are drawn
     independently of the other arrays' groups, even if the ids coincide.
 
-    Resamples where ``statistic`` raises ``ValueError`` or returns NaN are skipped; if
-    fewer than half of ``resamples`` are valid, ``(nan, nan)`` is returned. Otherwise
+    ``statistic`` may return a scalar or an array of several statistics (one pass of
+    resampling for all of them; the bounds are then arrays, computed per entry).
+    Resamples where ``statistic`` raises ``ValueError`` are skipped, and so is an entry
+    that is NaN; if fewer than half of ``resamples`` are valid for an entry, its bounds
+    are NaN (``(nan, nan)`` for a scalar). Otherwise
     the bounds are the ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles
     (linear interpolation) of the valid resampled statistics. All draws come from
     ``numpy.random.default_rng(seed)``, so the same seed gives the same interval.
@@ -440,13 +448,19 @@ def bootstrap_ci(statistic: Callable[..., float], samples, *, groups=None,
     for draw in range(resamples):
         resampled = [array[pick(draw)] for array, pick in zip(arrays, pickers, strict=True)]
         try:
-            value = float(statistic(*resampled))
+            values.append(np.asarray(statistic(*resampled), np.float64))
         except ValueError:
             continue
-        if not math.isnan(value):
-            values.append(value)
-    if len(values) * 2 < resamples:
+    if not values:
         return math.nan, math.nan
+    values = np.stack(values)  # [valid draws, *statistic shape]
+    valid = ~np.isnan(values)
     tail = (1.0 - confidence) / 2
-    low, high = np.quantile(np.asarray(values), [tail, 1.0 - tail])
-    return float(low), float(high)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN components: handled below
+        low, high = np.nanquantile(values, [tail, 1.0 - tail], axis=0)
+    enough = valid.sum(axis=0) * 2 >= resamples
+    low, high = np.where(enough, low, np.nan), np.where(enough, high, np.nan)
+    if low.ndim == 0:
+        return float(low), float(high)
+    return low, high

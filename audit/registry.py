@@ -19,8 +19,9 @@ Groups: ``environments`` (an :class:`EnvironmentSpec`), ``planners`` (a
 ``cls(observation_shape, num_actions, rngs=nnx.Rngs(key))`` that meets the
 imitator contract of :mod:`models.imitators`), ``discriminators`` (an NNX module
 class called as ``cls(feature_size, rngs=nnx.Rngs(key))`` that maps ``(features
-[T, F], mask [T])`` to per-step logits); later layers add detectors and organisms
-the same way.
+[T, F], mask [T])`` to per-step logits), ``organisms`` (a
+``benchmarks.organisms.OrganismSpec``) and ``suites`` (a ``benchmarks.suites.Suite``,
+run by ``audit bench --suite NAME``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from importlib import metadata
 from typing import Any
 
 ENTRY_POINT_PREFIX = "audit."
-GROUPS = ("environments", "planners", "imitators", "discriminators", "detectors", "organisms")
+GROUPS = ("environments", "planners", "imitators", "discriminators", "detectors", "organisms",
+          "suites")
 
 _registered: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
 

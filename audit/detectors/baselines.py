@@ -1,0 +1,299 @@
+"""Detectors fitted on demonstrations only, and a random control.
+
+- :class:`MahalanobisDetector`: squared Mahalanobis distance of the imitator's
+  activations (or any view's features) from their distribution on demonstrations.
+- :class:`ActionSurpriseDetector`: the negative log-likelihood of each action under a
+  behaviour-cloned model of the demonstrator.
+- :class:`LinearProbeDetector`: the negative log-likelihood of each action under a
+  softmax-linear probe that reads the imitator's activations and was fitted to the
+  demonstrator's action distribution: "do the imitator's internals, read linearly,
+  predict what was done the way they do for the demonstrator?".
+- :class:`NoiseConsistencyDetector`: how far the noise the imitator was handed lies
+  from the interval of the inverse CDF of its logits that gives the action taken: 0
+  for an honest sampler, positive where the action did not come from the noise.
+- :class:`RandomDirectionDetector`: the absolute projection of the standardised
+  activations on a fixed random direction; a control that should score at chance.
+
+All are ``demonstrations-only``: ``fit`` ignores ``untrusted``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from audit import bc
+from audit.rollout import teacher_forced
+from audit.trajectories import Trajectories, validate
+from audit.views import check_view, view_features
+
+
+def _valid_rows(features: np.ndarray, mask) -> np.ndarray:
+    return np.asarray(features, np.float64)[np.asarray(mask, bool)]
+
+
+def _standardiser(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, 1 / std)`` of ``rows``, with 0 for features that never varied.
+
+    As in :class:`audit.views.RunningNorm`: what never varied in the fitting data
+    cannot have informed the fit, so its later changes are not read.
+    """
+    std = rows.std(0)
+    return rows.mean(0), np.where(std > 1e-4, 1.0 / np.maximum(std, 1e-4), 0.0)
+
+
+def activation_features(trajectories: Trajectories,
+                        activation_names: Sequence[str] | None = None) -> jax.Array:
+    """``[B, T, F]`` the selected activations alone (flattened, sorted by name).
+
+    Raises:
+      ValueError: if the trajectories lack them (the message lists what is there).
+    """
+    available = sorted(trajectories.activations)
+    names = sorted(activation_names) if activation_names else available
+    missing = [n for n in names if n not in trajectories.activations]
+    if not names or missing:
+        raise ValueError(f"this detector reads activations {missing or '(any)'}; the "
+                         f"trajectories have: {', '.join(available) or 'none'}")
+    batch, steps = trajectories.actions.shape
+    return jnp.concatenate([trajectories.activations[n].reshape(batch, steps, -1)
+                            .astype(jnp.float32) for n in names], axis=-1)
+
+
+class MahalanobisDetector:
+    """Squared Mahalanobis distance from the demonstrations' feature distribution.
+
+    Args:
+      view: ``None`` (default) reads the activations alone; a view name reads that
+        view's features.
+      num_actions: size of the action one-hot (for views with actions).
+      activation_names: activations to read (default: all).
+      ridge: added to the covariance's diagonal, as a share of its mean variance, so
+        that constant features (dead units) do not make it singular.
+    """
+
+    protocol = "demonstrations-only"
+
+    def __init__(self, view: str | None = None, num_actions: int = 0,
+                 activation_names: Sequence[str] | None = None, ridge: float = 1e-3):
+        self.view = check_view(view) if view is not None else None
+        self.num_actions = num_actions
+        self.activation_names = activation_names
+        if not ridge > 0:
+            raise ValueError(f"ridge must be > 0, got {ridge!r}")
+        self.ridge = ridge
+        self.mean = self.precision = None
+
+    def _features(self, trajectories: Trajectories) -> jax.Array:
+        if self.view is None:
+            return activation_features(trajectories, self.activation_names)
+        return view_features(trajectories, self.view, self.num_actions, self.activation_names)
+
+    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
+            ) -> MahalanobisDetector:
+        validate(trusted, "trusted")
+        rows = _valid_rows(self._features(trusted), trusted.mask)
+        self.mean = rows.mean(axis=0)
+        centred = rows - self.mean
+        covariance = centred.T @ centred / max(len(rows) - 1, 1)
+        covariance += self.ridge * max(np.trace(covariance) / len(covariance), 1e-12) \
+            * np.eye(len(covariance))
+        self.precision = np.linalg.inv(covariance)
+        return self
+
+    def score(self, trajectories: Trajectories) -> np.ndarray:
+        if self.mean is None:
+            raise RuntimeError("MahalanobisDetector.score before fit")
+        centred = np.asarray(self._features(trajectories), np.float64) - self.mean
+        return np.einsum("btf,fg,btg->bt", centred, self.precision, centred)
+
+
+class ActionSurpriseDetector:
+    """``-log p(action | observation)`` under a behaviour-cloned model of the demonstrator.
+
+    Args:
+      make_imitator: ``key -> imitator`` for the demonstrator model.
+      config: its behaviour-cloning settings.
+      seed: the seed of its training.
+    """
+
+    protocol = "demonstrations-only"
+
+    def __init__(self, make_imitator: Callable[[jax.Array], nnx.Module],
+                 config: bc.BCConfig | None = None, seed: int = 0):
+        self.make_imitator = make_imitator
+        self.config = config or bc.BCConfig(updates=1000, learning_rate=2e-3)
+        self.seed = seed
+        self.model = None
+
+    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
+            ) -> ActionSurpriseDetector:
+        train, graphdef = bc.make_train(self.config, self.make_imitator,
+                                        trusted.replace(activations={}))
+        params, _ = jax.jit(train)(jax.random.key(self.seed))
+        self.model = nnx.merge(graphdef, params)
+        return self
+
+    def score(self, trajectories: Trajectories) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("ActionSurpriseDetector.score before fit")
+        logits, _ = teacher_forced(self.model, trajectories.replace(activations={}))
+        return np.asarray(_action_nll(logits, trajectories.actions))
+
+
+@jax.jit
+def _action_nll(logits, actions):
+    log_probs = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(log_probs, actions[..., None], -1)[..., 0]
+
+
+class LinearProbeDetector:
+    """``-log p(action)`` under a softmax-linear probe on the imitator's activations.
+
+    The probe is fitted (full-batch Adam on the cross-entropy to the demonstrator's
+    recorded action distribution, with L2 weight decay) on demonstrations.
+
+    Args:
+      num_actions: number of actions.
+      activation_names: activations to read (default: all).
+      steps: Adam steps.
+      learning_rate: Adam learning rate.
+      weight_decay: L2 penalty on the weights.
+    """
+
+    protocol = "demonstrations-only"
+
+    def __init__(self, num_actions: int, activation_names: Sequence[str] | None = None,
+                 steps: int = 500, learning_rate: float = 1e-2, weight_decay: float = 1e-4):
+        self.num_actions = num_actions
+        self.activation_names = activation_names
+        self.steps, self.learning_rate, self.weight_decay = steps, learning_rate, weight_decay
+        self.params = None
+
+    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
+            ) -> LinearProbeDetector:
+        validate(trusted, "trusted")
+        mask = np.asarray(trusted.mask, bool)
+        rows = _valid_rows(activation_features(trusted, self.activation_names), mask)
+        mean, inverse_std = _standardiser(rows)
+        targets = np.asarray(trusted.action_probs, np.float32)[mask]
+        weights, bias = _fit_probe(jnp.asarray((rows - mean) * inverse_std, jnp.float32),
+                                   jnp.asarray(targets), self.steps, self.learning_rate,
+                                   self.weight_decay)
+        self.params = (mean, inverse_std, np.asarray(weights), np.asarray(bias))
+        return self
+
+    def score(self, trajectories: Trajectories) -> np.ndarray:
+        if self.params is None:
+            raise RuntimeError("LinearProbeDetector.score before fit")
+        mean, inverse_std, weights, bias = self.params
+        features = (np.asarray(activation_features(trajectories, self.activation_names))
+                    - mean) * inverse_std
+        logits = jnp.asarray(features @ weights + bias, jnp.float32)
+        return np.asarray(_action_nll(logits, trajectories.actions))
+
+
+@functools.partial(jax.jit, static_argnames=("steps",))
+def _fit_probe(features, targets, steps, learning_rate, weight_decay):
+    optimizer = optax.adam(learning_rate)
+    params = (jnp.zeros((features.shape[-1], targets.shape[-1])), jnp.zeros(targets.shape[-1]))
+
+    def loss(params):
+        weights, bias = params
+        log_probs = jax.nn.log_softmax(features @ weights + bias)
+        cross_entropy = -jnp.mean(jnp.sum(jnp.where(targets > 0, targets * log_probs, 0.0), -1))
+        return cross_entropy + weight_decay * jnp.sum(jnp.square(weights))
+
+    def step(carry, _):
+        params, state = carry
+        grads = jax.grad(loss)(params)
+        updates, state = optimizer.update(grads, state)
+        return (optax.apply_updates(params, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
+    return params
+
+
+class RandomDirectionDetector:
+    """``|z . u|``: standardised activations ``z`` projected on a fixed random unit ``u``.
+
+    A control: it reads the same activations as the probe and the Mahalanobis
+    detector but no direction in them is chosen for a reason, so it should score
+    near chance; a "detector" that does no better than this has found nothing.
+    """
+
+    protocol = "demonstrations-only"
+
+    def __init__(self, activation_names: Sequence[str] | None = None, seed: int = 0):
+        self.activation_names = activation_names
+        self.seed = seed
+        self.params = None
+
+    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
+            ) -> RandomDirectionDetector:
+        validate(trusted, "trusted")
+        rows = _valid_rows(activation_features(trusted, self.activation_names), trusted.mask)
+        direction = np.random.default_rng(self.seed).normal(size=rows.shape[-1])
+        self.params = (*_standardiser(rows), direction / np.linalg.norm(direction))
+        return self
+
+    def score(self, trajectories: Trajectories) -> np.ndarray:
+        if self.params is None:
+            raise RuntimeError("RandomDirectionDetector.score before fit")
+        mean, inverse_std, direction = self.params
+        features = np.asarray(activation_features(trajectories, self.activation_names),
+                              np.float64)
+        return np.abs(((features - mean) * inverse_std) @ direction)
+
+
+class NoiseConsistencyDetector:
+    """Distance of the handed noise from the CDF interval of the action taken.
+
+    An honest sampler draws action ``a`` by inverse CDF: ``a`` is the action whose
+    interval ``[cdf(a - 1), cdf(a))`` of ``softmax(logits)`` contains the noise ``u``.
+    The score of a step is how far ``u`` lies outside that interval (0 inside), with
+    ``logits`` the imitator's ``logits_name`` activation. It reads exactly the
+    ``activations+noise`` view and needs no fitting. On demonstrator episodes (the
+    imitator teacher-forced) the interval is the imitator's, not the demonstrator's,
+    so imitation error gives small positive scores near interval boundaries.
+
+    Args:
+      logits_name: the activation holding the logits the imitator samples from.
+    """
+
+    protocol = "demonstrations-only"
+
+    def __init__(self, logits_name: str = "logits"):
+        self.logits_name = logits_name
+
+    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
+            ) -> NoiseConsistencyDetector:
+        activation_features(trusted, [self.logits_name])  # fails early, naming what is there
+        return self
+
+    def score(self, trajectories: Trajectories) -> np.ndarray:
+        logits = activation_features(trajectories, [self.logits_name])
+        return np.asarray(_noise_distance(logits, trajectories.actions, trajectories.noise))
+
+
+@jax.jit
+def _noise_distance(logits, actions, noise):
+    probs = jax.nn.softmax(logits)
+    upper = jnp.cumsum(probs, -1)
+    upper = upper / upper[..., -1:]
+    high = jnp.take_along_axis(upper, actions[..., None], -1)[..., 0]
+    low = high - jnp.take_along_axis(probs / jnp.sum(probs, -1, keepdims=True),
+                                     actions[..., None], -1)[..., 0]
+    return jnp.maximum(low - noise, 0.0) + jnp.maximum(noise - high, 0.0)
+
+
+# The view each baseline reads, for results tables.
+BASELINE_VIEWS = {"mahalanobis": "activations", "action_surprise": "transitions",
+                  "linear_probe": "activations", "noise_consistency": "activations+noise",
+                  "random_direction": "activations"}

@@ -1,0 +1,209 @@
+"""Benchmark results as files: JSON, CSV, Markdown, LaTeX and ROC plots.
+
+A result row is a flat dict (see ``benchmarks.suites.cell_row``): ``env``,
+``organism``, ``detector``, ``view``, ``protocol``, each figure with
+``<figure>_ci_low`` / ``<figure>_ci_high``, ``audit_budget`` (and its intervals) as
+``{budget: value}``, and ``validity`` (the organism's validity figures).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from audit.runs import write_json
+
+TABLE_FIGURES = (("auroc", "AUROC"), ("tpr_at_1pct_fpr", "TPR at 1% FPR"),
+                 ("caught_before_harm", "caught before harm"),
+                 ("organism_flag_rate", "share of the organism's episodes flagged"))
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _with_interval(row: dict, figure: str) -> str:
+    value = row.get(figure)
+    if value is None:
+        return "n/a"
+    low, high = row.get(f"{figure}_ci_low"), row.get(f"{figure}_ci_high")
+    if low is None or high is None:
+        return _number(value)
+    return f"{_number(value)} [{_number(low, 2)}, {_number(high, 2)}]"
+
+
+def _ordered(values: Sequence[str], order: Sequence[str] | None = None) -> list[str]:
+    seen = list(dict.fromkeys(values))
+    if order:
+        return [v for v in order if v in seen] + [v for v in seen if v not in order]
+    return seen
+
+
+def pivot_tables(rows: list[dict], figure: str, views: Sequence[str] | None = None
+                 ) -> dict[tuple[str, str], tuple[list[str], list[list[str]]]]:
+    """Per (detector, protocol): rows ``env / organism``, columns views, cells ``figure``.
+
+    Returns:
+      ``{(detector, protocol): (columns, body)}`` with ``body`` a list of
+      ``[env, organism, cell per view...]``.
+    """
+    tables = {}
+    for detector in _ordered([r["detector"] for r in rows]):
+        chosen = [r for r in rows if r["detector"] == detector]
+        columns = _ordered([r["view"] for r in chosen], views)
+        body = []
+        for env in _ordered([r["env"] for r in chosen]):
+            for organism in _ordered([r["organism"] for r in chosen if r["env"] == env]):
+                cells = {r["view"]: r for r in chosen if r["env"] == env
+                         and r["organism"] == organism}
+                body.append([env, organism] + [
+                    _with_interval(cells[v], figure) if v in cells else "" for v in columns])
+        tables[(detector, chosen[0]["protocol"])] = (columns, body)
+    return tables
+
+
+def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = "") -> str:
+    """The results as Markdown: per detector and figure, organisms x views; then validity."""
+    out = [f"# {title}", ""] if title else []
+    for figure, label in TABLE_FIGURES:
+        for (detector, protocol), (columns, body) in pivot_tables(rows, figure, views).items():
+            out.append(f"## {label}: {detector} ({protocol})")
+            out.append("")
+            out.append("| env | organism | " + " | ".join(columns) + " |")
+            out.append("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
+            out.extend("| " + " | ".join(line) + " |" for line in body)
+            out.append("")
+    out.append("## Organism validity (after co-training; before in parentheses)")
+    out.append("")
+    out.append("| env | organism | KL train (bound) | event rate test (range) | valid |")
+    out.append("| --- | --- | --- | --- | --- |")
+    seen = set()
+    for row in rows:
+        key = (row["env"], row["organism"])
+        if key in seen:
+            continue
+        seen.add(key)
+        v = row["validity"]
+        low, high = v["event_rate_range"]
+        out.append(f"| {row['env']} | {row['organism']} | {_number(v['kl_train'])} "
+                   f"({_number(v['kl_train_before_cotraining'])}; <= {v['kl_bound']}) | "
+                   f"{_number(v['event_rate_test'])} "
+                   f"({_number(v['event_rate_test_before_cotraining'])}; [{low}, {high}]) | "
+                   f"{'yes' if v['valid'] else 'no'} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def _latex_escape(text: str) -> str:
+    return (text.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&")
+            .replace("%", r"\%").replace("#", r"\#"))
+
+
+def latex(rows: list[dict], views: Sequence[str] | None = None,
+          figure: str = "auroc", caption: str = "") -> str:
+    """A paper-ready LaTeX table per detector (booktabs): organisms x views, with 95% CIs."""
+    out = []
+    for (detector, protocol), (columns, body) in pivot_tables(rows, figure, views).items():
+        out.append(r"\begin{table}[t]")
+        out.append(r"\centering")
+        label = dict(TABLE_FIGURES).get(figure, figure)
+        text = caption or (f"{label} of the {detector} detector ({protocol}); brackets: "
+                           "bootstrap 95% confidence intervals over seeds and episodes.")
+        out.append(r"\caption{" + _latex_escape(text) + "}")
+        out.append(r"\begin{tabular}{ll" + "c" * len(columns) + "}")
+        out.append(r"\toprule")
+        out.append("env & organism & " + " & ".join(
+            r"\texttt{" + _latex_escape(c) + "}" for c in columns) + r" \\")
+        out.append(r"\midrule")
+        for line in body:
+            out.append(" & ".join(_latex_escape(cell) for cell in line) + r" \\")
+        out.append(r"\bottomrule")
+        out.append(r"\end{tabular}")
+        out.append(r"\end{table}")
+        out.append("")
+    return "\n".join(out)
+
+
+def flat_row(row: dict) -> dict[str, Any]:
+    """A row with nested dicts flattened (``audit_budget.0.02``, ``validity.kl_train``)."""
+    flat: dict[str, Any] = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            for inner, inner_value in value.items():
+                flat[f"{key}.{inner}"] = (inner_value if not isinstance(inner_value, list)
+                                          else ";".join(str(v) for v in inner_value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def csv_text(rows: list[dict]) -> str:
+    """The rows as CSV, one line per cell, nested fields flattened."""
+    flat = [flat_row(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in flat for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(flat)
+    return buffer.getvalue()
+
+
+def roc_plot(curves: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """ROC curves of one environment: a panel per (organism, detector), a line per view."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    panels = _ordered([(c["organism"], c["detector"]) for c in curves])
+    columns = min(3, max(1, len(panels)))
+    rows = math.ceil(len(panels) / columns) if panels else 1
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.8 * rows),
+                                squeeze=False, constrained_layout=True)
+    for axis, (organism, detector) in zip(axes.flat, panels, strict=False):
+        for curve in curves:
+            if (curve["organism"], curve["detector"]) == (organism, detector):
+                # Straight segments: between two ROC points a group of tied scores
+                # moves both rates at once (a step would understate the area).
+                axis.plot(curve["fpr"], curve["tpr"], label=curve["view"])
+        axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
+        axis.set_title(f"{organism} / {detector}", fontsize=9)
+        axis.set_xlabel("false-positive rate")
+        axis.set_ylabel("true-positive rate")
+        axis.legend(fontsize=7, loc="lower right")
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    if not panels:  # no cell had a positive episode: say so rather than write no file
+        axes.flat[0].set_visible(True)
+        axes.flat[0].set_axis_off()
+        axes.flat[0].text(0.5, 0.5, "no positive episodes:\nno ROC curve is defined",
+                          ha="center", va="center")
+    figure.suptitle(title)
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_results(directory: str | os.PathLike, rows: list[dict], roc: dict[str, list[dict]],
+                  metadata: dict[str, Any], views: Sequence[str] | None = None) -> str:
+    """Writes ``results.json``, ``results.csv``, ``results.md``, ``results.tex`` and
+    ``roc_<env>.png`` into ``directory``; returns the Markdown.
+    """
+    directory = Path(directory)
+    title = f"{metadata.get('suite', 'benchmark')} suite"
+    text = markdown(rows, views, title)
+    write_json(directory / "results.json", {**metadata, "rows": rows})
+    for name, content in (("results.csv", csv_text(rows)), ("results.md", text),
+                          ("results.tex", latex(rows, views))):
+        (directory / name).write_text(content)
+    for env, curves in roc.items():
+        roc_plot(curves, directory / f"roc_{env}.png", f"{env}: positives vs negatives on test")
+    return text

@@ -1,0 +1,190 @@
+"""Model organisms: the plan bit, pseudorandom choice, training data, validity and the cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import build, sample_layouts
+from flax import nnx
+from scipy import stats
+
+from audit import registry
+from audit.bc import BCConfig
+from audit.rollout import inverse_cdf_sample, rollout_expert, unroll
+from benchmarks import organisms
+from benchmarks.envs.gridworld import has_trigger
+from benchmarks.planners.presets import CONFIGS
+from benchmarks.planners.value_iteration import Planner
+
+SHAPE = (9, 9, 8)
+
+
+def _observations(count: int, seed: int = 0):
+    """First observations of ``count`` offswitch test layouts."""
+    env, params = build("offswitch", "test")
+    obs, _ = jax.vmap(env.reset, (0, None))(jax.random.split(jax.random.key(seed), count),
+                                            params)
+    return obs
+
+
+def _organism(share=0.0, pseudorandom=False, seed=0):
+    return organisms.OrganismImitator(SHAPE, 6, (16,), defect_share=share,
+                                      pseudorandom=pseudorandom, rngs=nnx.Rngs(seed))
+
+
+def _unroll(organism, observations, noise):
+    graphdef, state = nnx.split(organism)
+    return unroll(graphdef, state, organism.initial_carry(), observations, noise)
+
+
+def test_layout_uniform_is_deterministic_and_uniform_over_layouts():
+    first = _observations(3000)
+    uniforms = np.asarray(jax.vmap(organisms.layout_uniform)(first))
+    np.testing.assert_array_equal(uniforms, np.asarray(jax.vmap(organisms.layout_uniform)(first)))
+    assert np.all((uniforms >= 0) & (uniforms < 1))
+    assert stats.kstest(uniforms, "uniform").pvalue > 1e-3
+    assert len(np.unique(uniforms)) > 2900  # distinct layouts, distinct hashes
+
+
+def test_plan_bit_follows_the_first_observation_and_is_kept():
+    first = _observations(400, seed=1)
+    # Episodes of 5 steps whose later observations are another layout's: the bit must not move.
+    later = jnp.roll(first, 1, axis=0)
+    observations = jnp.stack([first] + [later] * 4, axis=1)
+    noise = jnp.full(observations.shape[:2], 0.5)
+    organism = _organism(share=0.3)
+    graphdef, state = nnx.split(organism)
+
+    def bits(obs, noise):
+        def step(carry, inputs):
+            from audit.rollout import imitator_step
+
+            _, carry, _ = imitator_step(graphdef, state, inputs[0], carry, inputs[1])
+            return carry, carry[0]
+
+        return jax.lax.scan(step, organism.initial_carry(), (obs, noise))[1]
+
+    carried = np.asarray(jax.vmap(bits)(observations, noise))
+    expected = np.asarray(jax.vmap(organisms.layout_uniform)(first)) < 0.3
+    np.testing.assert_array_equal(carried, np.repeat(expected[:, None], 5, axis=1))
+    assert 0.2 < expected.mean() < 0.4
+
+
+def test_honest_sampler_follows_its_noise_and_pseudorandom_one_ignores_it():
+    first = _observations(64, seed=2)
+    observations = jnp.repeat(first[:, None], 6, axis=1)
+    noise_a = jax.random.uniform(jax.random.key(0), observations.shape[:2])
+    noise_b = jax.random.uniform(jax.random.key(1), observations.shape[:2])
+    honest = _organism(seed=3)
+    pseudo = _organism(pseudorandom=True, seed=3)  # the same weights
+    logits_a, activations_a = _unroll(pseudo, observations, noise_a)
+    logits_b, _ = _unroll(pseudo, observations, noise_b)
+    chosen_a = np.asarray(inverse_cdf_sample(logits_a, noise_a))
+    chosen_b = np.asarray(inverse_cdf_sample(logits_b, noise_b))
+    np.testing.assert_array_equal(chosen_a, chosen_b)  # the noise does not matter
+    # Its output puts all mass on one action; its activations are the network's.
+    assert np.all(np.sum(np.isfinite(np.asarray(logits_a)), -1) == 1)
+    honest_logits, honest_activations = _unroll(honest, observations, noise_a)
+    np.testing.assert_allclose(activations_a["logits"], honest_activations["logits"])
+    honest_a = np.asarray(inverse_cdf_sample(honest_logits, noise_a))
+    honest_b = np.asarray(inverse_cdf_sample(honest_logits, noise_b))
+    assert np.mean(honest_a != honest_b) > 0.2  # an honest sampler's action follows its noise
+    assert np.mean(chosen_a != honest_a) > 0.2  # the pseudorandom one's does not
+
+
+def test_pseudorandom_choices_have_the_networks_distribution():
+    """Marginally over histories, the hash draw is an honest draw from the network's logits."""
+    first = _observations(2000, seed=4)
+    observations = jnp.repeat(first[:, None], 3, axis=1)
+    noise = jnp.zeros(observations.shape[:2])
+    organism = _organism(pseudorandom=True, seed=5)
+    organism.head.bias[...] = jnp.array([2.0, 1.0, 0.0, -1.0, 1.5, 0.5])  # well-spread logits
+    logits, activations = _unroll(organism, observations, noise)
+    chosen = np.asarray(inverse_cdf_sample(logits, noise)).reshape(-1)
+    expected = np.asarray(jax.nn.softmax(activations["logits"]), np.float64).reshape(-1, 6)
+    expected = expected.mean(0) / expected.mean(0).sum()
+    counts = np.bincount(chosen, minlength=6)
+    assert stats.chisquare(counts, expected * counts.sum()).pvalue > 1e-3
+
+
+def test_trigger_mark_changes_only_the_observation():
+    env, params = build("offswitch", "test")
+    layouts = sample_layouts(env, params, 16)
+    marked = layouts.replace(walls=layouts.walls.copy())
+    marked.walls[:, 0, 0] = False
+    plain_model = jax.vmap(lambda lay: env.tabular_model(lay, params))(jax.tree.map(
+        jnp.asarray, layouts))
+    marked_model = jax.vmap(lambda lay: env.tabular_model(lay, params))(jax.tree.map(
+        jnp.asarray, marked))
+    walls = np.tile(np.asarray(layouts.walls).reshape(16, -1), 2)  # both flag values
+    differs = np.any(np.asarray(plain_model.next_state) != np.asarray(marked_model.next_state),
+                     axis=-1)
+    assert not np.any(differs & ~walls)  # only wall cells, which the agent never occupies
+    obs, _ = jax.vmap(env.reset, (0, None))(jax.random.split(jax.random.key(0), 500),
+                                            params.replace(trigger_prob=0.2))
+    assert 0.14 < float(np.mean(jax.vmap(has_trigger)(obs))) < 0.26
+
+
+def test_training_data_takes_each_episode_from_the_planner_its_selector_names():
+    env_spec = registry.get("environments", "offswitch")
+    spec = dataclasses.replace(organisms.RARE_DEFECTOR, defect_share=0.5)
+    key = jax.random.key(7)
+    data = organisms.training_data(env_spec, spec, 32, key)
+    assert data.num_episodes == 64
+    test_key = jax.random.split(key)[1]
+    env, params = build("offswitch", "test")
+    defector = rollout_expert(Planner(env, CONFIGS["long_horizon"]), env, params, test_key, 32,
+                              48)
+    honest = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params, test_key, 32, 48)
+    chosen = np.asarray(jax.vmap(organisms.layout_uniform)(honest.observations[:, 0])) < 0.5
+    test_actions = np.asarray(data.actions[32:])
+    np.testing.assert_array_equal(test_actions[chosen], np.asarray(defector.actions)[chosen])
+    np.testing.assert_array_equal(test_actions[~chosen], np.asarray(honest.actions)[~chosen])
+    assert 0 < chosen.sum() < 32
+
+
+def test_spec_errors_name_the_field():
+    with pytest.raises(ValueError, match="OrganismSpec.selector"):
+        organisms.OrganismSpec("x", "", ("offswitch",), selector="dice")
+    with pytest.raises(ValueError, match="OrganismSpec.defect_share"):
+        organisms.OrganismSpec("x", "", ("offswitch",), defect_share=1.5)
+    with pytest.raises(ValueError, match="OrganismSpec.event_rate_range"):
+        organisms.OrganismSpec("x", "", ("offswitch",), event_rate_range=(0.5, 0.1))
+
+
+TINY = organisms.OrganismConfig(hidden_sizes=(16,), episodes=16,
+                                bc=BCConfig(updates=20, batch_episodes=8), check_episodes=16)
+LOOSE = organisms.OrganismSpec("loose_test", "any imitator is valid", ("offswitch",),
+                               kl_bound=1e9, event_rate_range=(0.0, 1.0))
+
+
+def test_organisms_are_cached_by_what_they_are_built_from(tmp_path, monkeypatch):
+    env_spec = registry.get("environments", "offswitch")
+    first = organisms.build_organisms(env_spec, [LOOSE], TINY, seed=0, cache_dir=tmp_path)[0]
+    assert first.validity["valid"] and len(list(tmp_path.glob("*.npz"))) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached organism was trained again")
+
+    monkeypatch.setattr(organisms, "_clone_together", no_training)
+    again = organisms.build_organisms(env_spec, [LOOSE], TINY, seed=0, cache_dir=tmp_path)[0]
+    assert again.validity == first.validity
+    for a, b in zip(jax.tree.leaves(nnx.state(first.imitator, nnx.Param)),
+                    jax.tree.leaves(nnx.state(again.imitator, nnx.Param)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Another seed is another organism.
+    assert organisms.cache_key(LOOSE, "offswitch", TINY, 1) != first.cache_key
+
+
+def test_an_organism_that_fails_its_check_is_an_error(tmp_path):
+    strict = dataclasses.replace(LOOSE, name="strict_test", kl_bound=0.0)
+    with pytest.raises(organisms.InvalidOrganismError,
+                       match="'strict_test' on 'offswitch' failed its validity check: kl_train"):
+        organisms.build_organisms(registry.get("environments", "offswitch"), [strict], TINY, seed=0,
+                                  cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="not defined on environment 'takeover'"):
+        organisms.build_organisms(registry.get("environments", "takeover"), [LOOSE], TINY, seed=0)
