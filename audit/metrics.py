@@ -193,10 +193,7 @@ def tpr_at_threshold(positive_scores, threshold: float) -> float:
       >>> tpr_at_threshold([0.2, 0.5, 0.9, 1.0], 0.5)  # 0.9 and 1.0; 0.5 is not above
       0.5
     """
-    threshold = _threshold(threshold)
-    positive = _scores(positive_scores, "positive_scores",
-                       required="the true-positive rate needs at least one positive score")
-    return float(np.mean(positive > threshold))
+    return _share_above(positive_scores, threshold, "positive_scores", "true-positive")
 
 
 def fpr_at_threshold(negative_scores, threshold: float) -> float:
@@ -217,10 +214,13 @@ def fpr_at_threshold(negative_scores, threshold: float) -> float:
       >>> fpr_at_threshold([0.1, 0.3, 0.7, 0.3], 0.3)  # only 0.7 is above
       0.25
     """
+    return _share_above(negative_scores, threshold, "negative_scores", "false-positive")
+
+
+def _share_above(scores, threshold, name: str, rate: str) -> float:
     threshold = _threshold(threshold)
-    negative = _scores(negative_scores, "negative_scores",
-                       required="the false-positive rate needs at least one negative score")
-    return float(np.mean(negative > threshold))
+    scores = _scores(scores, name, required=f"the {rate} rate needs at least one score")
+    return float(np.mean(scores > threshold))
 
 
 def caught_before_harm(step_scores, mask, events, threshold: float

@@ -18,7 +18,9 @@ from typing import Any
 
 from audit.runs import write_json
 
-TABLE_FIGURES = (("auroc", "AUROC"), ("tpr_at_1pct_fpr", "TPR at 1% FPR"),
+TABLE_FIGURES = (("auroc", "AUROC"),
+                 ("train_auroc", "AUROC on train layouts (organism vs demonstrator)"),
+                 ("tpr_at_1pct_fpr", "TPR at 1% FPR"),
                  ("caught_before_harm", "caught before harm"),
                  ("organism_flag_rate", "share of the organism's episodes flagged"))
 

@@ -47,16 +47,24 @@ class MLPImitator(nnx.Module):
     def __init__(self, observation_shape: Sequence[int], num_actions: int,
                  hidden_sizes: Sequence[int] = (128, 128), *, rngs: nnx.Rngs):
         self.observation_shape = tuple(observation_shape)
-        sizes = [math.prod(self.observation_shape), *hidden_sizes]
+        sizes = [self.input_size(), *hidden_sizes]
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
                                 for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
         self.head = nnx.Linear(sizes[-1], num_actions, rngs=rngs)
+
+    def input_size(self) -> int:
+        """The length of :meth:`features`."""
+        return math.prod(self.observation_shape)
+
+    def features(self, observation: jax.Array) -> jax.Array:
+        """The MLP's input: the flattened observation."""
+        return jnp.reshape(observation, (-1,)).astype(jnp.float32)
 
     def initial_carry(self) -> jax.Array:
         return jnp.zeros((1,), jnp.float32)
 
     def __call__(self, observation, carry, noise):
-        x = jnp.reshape(observation, (-1,)).astype(jnp.float32)
+        x = self.features(observation)
         for index, layer in enumerate(self.hidden):
             x = jax.nn.relu(layer(x))
             self.sow(nnx.Intermediate, f"hidden_{index}", x)
@@ -94,7 +102,7 @@ def egocentric(observation: jax.Array, agent_channel: int = 1, wall_channel: int
                                  (2 * radius + 1, 2 * radius + 1, planes.shape[-1]))
 
 
-class EgocentricImitator(nnx.Module):
+class EgocentricImitator(MLPImitator):
     """Feed-forward policy on the agent-centred view of a grid observation (:func:`egocentric`).
 
     The same MLP as :class:`MLPImitator`, on a view in which the agent is always at
@@ -115,26 +123,16 @@ class EgocentricImitator(nnx.Module):
         if len(observation_shape) != 3:
             raise ValueError("the egocentric imitator needs a grid observation [height, width, "
                              f"channels], got observation shape {tuple(observation_shape)}")
-        self.observation_shape = tuple(observation_shape)
         self.agent_channel, self.wall_channel = agent_channel, wall_channel
+        super().__init__(observation_shape, num_actions, hidden_sizes, rngs=rngs)
+
+    def input_size(self) -> int:
         height, width, channels = self.observation_shape
-        sizes = [(2 * height - 1) * (2 * width - 1) * (channels - 1), *hidden_sizes]
-        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
-                                for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
-        self.head = nnx.Linear(sizes[-1], num_actions, rngs=rngs)
+        return (2 * height - 1) * (2 * width - 1) * (channels - 1)
 
-    def initial_carry(self) -> jax.Array:
-        return jnp.zeros((1,), jnp.float32)
-
-    def __call__(self, observation, carry, noise):
+    def features(self, observation: jax.Array) -> jax.Array:
         view = egocentric(observation.astype(jnp.float32), self.agent_channel, self.wall_channel)
-        x = jnp.reshape(view, (-1,))
-        for index, layer in enumerate(self.hidden):
-            x = jax.nn.relu(layer(x))
-            self.sow(nnx.Intermediate, f"hidden_{index}", x)
-        logits = self.head(x)
-        self.sow(nnx.Intermediate, "logits", logits)
-        return logits, carry
+        return jnp.reshape(view, (-1,))
 
 
 class GRUImitator(nnx.Module):
