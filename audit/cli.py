@@ -7,6 +7,7 @@ reported on one line, ``audit <command>: error: ...``, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -146,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cache-dir", type=Path, default=Path("runs", "cache", "organisms"),
                        help="organism cache (default runs/cache/organisms)")
     bench.add_argument("--no-cache", action="store_true", help="build every organism afresh")
+    bench.add_argument("--processes", type=positive_int, default=None,
+                       help="worker processes, one environment each (default: the CPU count, "
+                       "at most the suite's environments; 1 runs in this process, which a "
+                       "component registered only in code needs)")
     add_run_arguments(bench, "runs/bench/<timestamp>-<suite>")
     bench.set_defaults(handler=run_bench)
     return parser
@@ -466,7 +471,7 @@ def run_bench(args: argparse.Namespace) -> int:
     with _stages(args.quiet, f"{args.suite} suite") as say:
         results = suites.run_suite(suite, seeds=seeds,
                                    cache_dir=None if args.no_cache else args.cache_dir,
-                                   progress=say)
+                                   progress=say, processes=args.processes or os.cpu_count() or 1)
     seconds = time.perf_counter() - started
     metadata = {"suite": args.suite, "seeds": seeds, "seconds": seconds,
                 "timings": results["timings"], "config": _as_dict(suite),

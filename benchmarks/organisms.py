@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -369,12 +368,10 @@ def check_validity(spec: OrganismSpec, imitator, env_spec: EnvironmentSpec, epis
                    key: jax.Array) -> dict[str, Any]:
     """The organism's validity figures on fresh episodes (held out from its training data).
 
-    Returns:
-      ``kl_train`` (mean per-step KL(demonstrator || the network's logits) over
-      demonstrator episodes on train layouts), ``event_rate_train`` and
-      ``event_rate_test`` (of the organism's own episodes), the bounds, and ``valid``.
+    Rolls out the demonstrator on train layouts and the organism on both splits, then
+    :func:`validity_figures`.
     """
-    figures = {}
+    episodes_of = {}
     for split, split_key in zip(("train", "test"), jax.random.split(key), strict=True):
         env, params = audit_params(env_spec, spec, split)
         demo_key, own_key = jax.random.split(split_key)
@@ -382,10 +379,31 @@ def check_validity(spec: OrganismSpec, imitator, env_spec: EnvironmentSpec, epis
         if split == "train":
             demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params, demo_key,
                                    episodes, max_steps)
-            _, activations = teacher_forced(imitator, demos)
-            figures["kl_train"] = float(bc.masked_kl(demos.action_probs, activations["logits"],
-                                                     demos.mask))
-        own = rollout(imitator, env, params, own_key, episodes, max_steps)
+            episodes_of["demos"] = demos.replace(activations=teacher_forced(imitator, demos)[1])
+        episodes_of[split] = rollout(imitator, env, params, own_key, episodes, max_steps)
+    return validity_figures(spec, episodes_of["demos"], episodes_of["train"], episodes_of["test"])
+
+
+def validity_figures(spec: OrganismSpec, demonstrations: Trajectories, own_train: Trajectories,
+                     own_test: Trajectories) -> dict[str, Any]:
+    """The validity figures of an organism from episodes already at hand.
+
+    Args:
+      spec: the organism's spec (its bounds).
+      demonstrations: demonstrator episodes on train layouts carrying the organism's
+        teacher-forced activations (its ``logits``).
+      own_train: the organism's own episodes on train layouts.
+      own_test: its own episodes on test layouts.
+
+    Returns:
+      ``kl_train`` (mean per-step KL(demonstrator || the network's logits)),
+      ``event_rate_train``/``_test`` and ``return_train``/``_test`` of its own
+      episodes, the bounds, and ``valid``.
+    """
+    figures = {"kl_train": float(bc.masked_kl(demonstrations.action_probs,
+                                              demonstrations.activations["logits"],
+                                              demonstrations.mask))}
+    for split, own in (("train", own_train), ("test", own_test)):
         figures[f"event_rate_{split}"] = float(jnp.mean(jnp.any((own.events > 0) & own.mask, 1)))
         figures[f"return_{split}"] = float(jnp.mean(own.episode_returns()))
     low, high = spec.event_rate_range
@@ -491,7 +509,6 @@ def _clone_together(specs, config, shape, num_actions, datasets, key) -> list[Or
 
 
 _CLONING: dict = {}
-_CLONING_LOCK = threading.Lock()
 
 
 def _compiled_cloning(config: OrganismConfig, shape, num_actions, example: Trajectories):
@@ -501,12 +518,11 @@ def _compiled_cloning(config: OrganismConfig, shape, num_actions, example: Traje
     compilation (for equal shapes).
     """
     index = (config, shape, num_actions)
-    with _CLONING_LOCK:  # suites build environments in threads
-        if index not in _CLONING:
-            train, graphdef = bc.make_train(config.bc, lambda k: make_imitator(
-                HONEST, config, shape, num_actions, k), example)
-            _CLONING[index] = (jax.jit(jax.vmap(train)), graphdef)
-        return _CLONING[index]
+    if index not in _CLONING:
+        train, graphdef = bc.make_train(config.bc, lambda k: make_imitator(
+            HONEST, config, shape, num_actions, k), example)
+        _CLONING[index] = (jax.jit(jax.vmap(train)), graphdef)
+    return _CLONING[index]
 
 
 def _stable_id(name: str) -> int:

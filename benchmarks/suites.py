@@ -28,6 +28,8 @@ import concurrent.futures
 import dataclasses
 import functools
 import math
+import multiprocessing
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -180,7 +182,8 @@ class CellScores:
 
 
 def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None,
+              processes: int = 1) -> dict[str, Any]:
     """Runs every cell of ``suite``.
 
     Args:
@@ -188,6 +191,10 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
       seeds: number of seeds (default: the suite's).
       cache_dir: where organisms are cached (None: no cache).
       progress: called with a short description before each stage.
+      processes: run the environments in this many worker processes (1: in this
+        process). Each environment's numbers are the same either way. Workers start
+        fresh (``spawn``) and are sent the suite, environment and organism specs,
+        which must pickle by reference (module-level functions, not lambdas).
 
     Returns:
       ``{"rows": [...], "roc": {env: [...]}, "timings": {...}}``: one row per cell
@@ -199,12 +206,16 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     """
     seeds = seeds or suite.seeds
     say = progress or (lambda message: None)
-    # The environments run in threads: JAX releases the GIL while it compiles and
-    # computes, so one environment's compilation overlaps another's computation. Every
-    # environment's numbers are the same as when run alone.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(suite.envs)) as pool:
-        outcomes = list(pool.map(lambda env_name: _run_env(suite, env_name, seeds, cache_dir,
-                                                           say), suite.envs))
+    # Resolved here, so that worker processes get the very components this process sees.
+    jobs = [(suite, registry.get("environments", env_name), [
+        registry.get("organisms", name) for name in ["honest"] + [
+            n for n in suite.organisms if n != "honest"
+            and registry.get("organisms", n).supports(env_name)]], seeds, cache_dir)
+        for env_name in suite.envs]
+    if processes > 1 and len(jobs) > 1:
+        outcomes = _run_envs_in_processes(jobs, say, processes)
+    else:
+        outcomes = [_run_env(*job, say) for job in jobs]
     cells = [cell for env_cells, _ in outcomes for cell in env_cells.values()]
     timings = {key: value for _, env_timings in outcomes for key, value in env_timings.items()}
     started = time.perf_counter()
@@ -214,16 +225,38 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     return {"rows": rows, "roc": roc, "timings": timings}
 
 
-def _run_env(suite: Suite, env_name: str, seeds: int, cache_dir, say) -> tuple[dict, dict]:
-    """Every cell of one environment: ``(cells, timings)``."""
+def _run_envs_in_processes(jobs, say, processes) -> list:
+    """:func:`_run_env` for every environment, in worker processes, in suite order.
+
+    Threads do not help here: XLA runs most of these small programs on one core. Two
+    processes keep two cores busy, one compiling while another computes.
+    """
+    context = multiprocessing.get_context("spawn")  # a forked JAX runtime is unsafe
+    with context.Manager() as manager:
+        messages = manager.Queue()
+        relay = threading.Thread(target=_relay, args=(messages, say), daemon=True)
+        relay.start()
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(processes, len(jobs)), mp_context=context) as pool:
+            futures = [pool.submit(_run_env, *job, messages.put) for job in jobs]
+            outcomes = [future.result() for future in futures]
+        messages.put(None)
+        relay.join()
+    return outcomes
+
+
+def _relay(messages, say) -> None:
+    while (message := messages.get()) is not None:
+        say(message)
+
+
+def _run_env(suite: Suite, env_spec, specs, seeds: int, cache_dir, say) -> tuple[dict, dict]:
+    """Every cell of one environment: ``(cells, timings)``; ``specs[0]`` is ``honest``."""
     cells: dict[tuple, CellScores] = {}
     timings: dict[str, float] = {}
-    env_spec = registry.get("environments", env_name)
-    names = ["honest"] + [n for n in suite.organisms if n != "honest"
-                          and registry.get("organisms", n).supports(env_name)]
-    specs = [registry.get("organisms", n) for n in names]
+    env_name = env_spec.name
     started = time.perf_counter()
-    say(f"{env_name}: organisms ({', '.join(names)})")
+    say(f"{env_name}: organisms ({', '.join(spec.name for spec in specs)})")
     built = [organism_lib.build_organisms(env_spec, specs, suite.organism, seed, cache_dir)
              for seed in range(seeds)]
     timings[f"{env_name}/organisms"] = time.perf_counter() - started
@@ -302,14 +335,14 @@ def _audit_organism(suite, env_spec, env, spec, organism, honest, modules, run_s
     """Checks one co-trained organism again, fits the other detectors, scores every cell."""
     gan.check_divergence(run_state)
     audited = nnx.merge(modules.actor, run_state.actor)
-    validity = organism_lib.check_validity(
-        spec, audited, env_spec, suite.organism.check_episodes,
-        jax.random.fold_in(data["key"], 11 + organism_lib._stable_id(spec.name) % 1000))
-    validity = dict(validity, before=organism.validity)
-    organism_lib.require_valid(spec.name, env_spec.name, validity)
     max_steps = int(test_params.max_steps_in_episode)
     episodes = _audit_episodes(audited, honest, env, train_params, test_params, data,
                                suite.test_episodes, max_steps)
+    # The validity check again, for the organism as audited, on the audit's own episodes.
+    validity = organism_lib.validity_figures(spec, episodes["calibration"],
+                                             episodes["own_train"], episodes["own"])
+    validity = dict(validity, before=organism.validity)
+    organism_lib.require_valid(spec.name, env_spec.name, validity)
     norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
         modules.view_masks.shape[1])
     detectors = {(f"gan_{architecture}", view): DiscriminatorDetector.from_gan(

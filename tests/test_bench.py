@@ -46,7 +46,7 @@ def tiny_suite(monkeypatch):
 def test_bench_writes_every_file_with_a_row_per_cell(tiny_suite, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--suite", "tiny_test", "--out", str(out), "--cache-dir",
-                 str(tmp_path / "cache")])
+                 str(tmp_path / "cache"), "--processes", "1"])
     assert code == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "| env | organism | actions | activations+noise |" in printed
