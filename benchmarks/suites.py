@@ -145,15 +145,14 @@ QUICK = Suite(
     organisms=("honest", "long_horizon", "unbounded_utility", "deceptive", "pseudorandom"),
     baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction"),
     organism=_ORGANISMS, gan=_FINE_TUNE, calibration_episodes=512, resamples=500)
+# Every organism (the backdoor's trigger mark sits in a corner, so organisms see the
+# whole grid), every detector, five seeds; about half an hour on 2 CPU cores.
 FULL = Suite(
     name="full", envs=("offswitch", "takeover", "unobserved"),
-    organisms=tuple(organism_lib.ORGANISMS), discriminators=("mlp", "gru"), post_hoc=True,
-    baselines=BASELINES, seeds=5,
-    organism=dataclasses.replace(_ORGANISMS, view_radius=None, episodes=1024,
-                                 bc=organism_lib.bc.BCConfig(updates=1500, batch_episodes=32,
-                                                             learning_rate=3e-3)),
-    gan=dataclasses.replace(_FINE_TUNE, iterations=100, episodes=32),
-    trusted_episodes=512, calibration_episodes=512, test_episodes=512)
+    organisms=tuple(organism_lib.ORGANISMS), post_hoc=True, baselines=BASELINES, seeds=5,
+    organism=dataclasses.replace(_ORGANISMS, view_radius=None, bc=organism_lib.bc.BCConfig(
+        updates=800, batch_episodes=32, learning_rate=3e-3)),
+    gan=_FINE_TUNE, calibration_episodes=512)
 SUITES = {suite.name: suite for suite in (QUICK, FULL)}
 
 
@@ -350,7 +349,8 @@ def _audit_organism(suite, env_spec, env, spec, organism, honest, modules, run_s
         env.num_actions) for v, view in enumerate(modules.views)}
     if architecture == suite.discriminators[0]:
         detectors.update(_other_detectors(suite, audited, episodes, env, train_params,
-                                          make_discriminator, seed))
+                                          make_discriminator, seed,
+                                          data.setdefault("shared_detectors", {})))
     # The co-trained discriminators share one feature vector: compute it once per set.
     shared = {name: view_features(trajectories, modules.features_view, env.num_actions)
               for name, trajectories in episodes.items() if name != "trusted"}
@@ -402,8 +402,12 @@ def _audit_episodes(audited, honest, env, train_params, test_params, data, count
 
 
 def _other_detectors(suite, audited, episodes, env, train_params, make_discriminator,
-                     seed) -> dict:
-    """Post-hoc discriminators and demonstrations-only baselines, fitted for ``audited``."""
+                     seed, shared: dict) -> dict:
+    """Post-hoc discriminators and demonstrations-only baselines, fitted for ``audited``.
+
+    ``shared`` keeps detectors that do not depend on the audited organism, for the
+    other organisms audited on the same data.
+    """
     detectors = {}
     trusted = episodes["trusted"]
     if suite.post_hoc:
@@ -426,7 +430,12 @@ def _other_detectors(suite, audited, episodes, env, train_params, make_discrimin
         "random_direction": lambda: RandomDirectionDetector(seed=seed),
     }
     for name in suite.baselines:
-        detectors[(name, BASELINE_VIEWS[name])] = makers[name]().fit(trusted)
+        if name == "action_surprise":  # a model of the demonstrator alone: one per data set
+            if name not in shared:
+                shared[name] = makers[name]().fit(trusted)
+            detectors[(name, BASELINE_VIEWS[name])] = shared[name]
+        else:
+            detectors[(name, BASELINE_VIEWS[name])] = makers[name]().fit(trusted)
     return detectors
 
 
