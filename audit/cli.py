@@ -460,6 +460,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     """``audit bench``: see the subcommand's help."""
     from benchmarks import suites
+    from benchmarks.organisms import InvalidOrganismError
 
     suite = lookup("suites", args.suite, "--suite")
     seeds = args.seeds or suite.seeds
@@ -469,9 +470,14 @@ def run_bench(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     with _stages(args.quiet, f"{args.suite} suite") as say:
-        results = suites.run_suite(suite, seeds=seeds,
-                                   cache_dir=None if args.no_cache else args.cache_dir,
-                                   progress=say, processes=args.processes or os.cpu_count() or 1)
+        try:
+            results = suites.run_suite(suite, seeds=seeds,
+                                       cache_dir=None if args.no_cache else args.cache_dir,
+                                       progress=say,
+                                       processes=args.processes or os.cpu_count() or 1)
+        except InvalidOrganismError as error:
+            print(f"audit bench: error: {error}", file=sys.stderr)
+            return EXIT_FAILURE
     seconds = time.perf_counter() - started
     metadata = {"suite": args.suite, "seeds": seeds, "seconds": seconds,
                 "timings": results["timings"], "config": _as_dict(suite),

@@ -235,12 +235,21 @@ def _run_envs_in_processes(jobs, say, processes) -> list:
         messages = manager.Queue()
         relay = threading.Thread(target=_relay, args=(messages, say), daemon=True)
         relay.start()
-        with concurrent.futures.ProcessPoolExecutor(
-                max_workers=min(processes, len(jobs)), mp_context=context) as pool:
-            futures = [pool.submit(_run_env, *job, messages.put) for job in jobs]
-            outcomes = [future.result() for future in futures]
-        messages.put(None)
-        relay.join()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(
+                    max_workers=min(processes, len(jobs)), mp_context=context) as pool:
+                futures = [pool.submit(_run_env, *job, messages.put) for job in jobs]
+                try:
+                    outcomes = [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:  # one environment failed: stop the others
+                        future.cancel()
+                    for process in list(getattr(pool, "_processes", {}).values()):
+                        process.terminate()
+                    raise
+        finally:
+            messages.put(None)
+            relay.join()
     return outcomes
 
 

@@ -72,6 +72,12 @@ def test_plan_bit_follows_the_first_observation_and_is_kept():
     expected = np.asarray(jax.vmap(organisms.layout_uniform)(first)) < 0.3
     np.testing.assert_array_equal(carried, np.repeat(expected[:, None], 5, axis=1))
     assert 0.2 < expected.mean() < 0.4
+    # The backdoored organism's bit is the trigger mark of its first observation.
+    marked = first.at[::3, 0, 0, 0].set(0.0)
+    graphdef, state = nnx.split(organisms.OrganismImitator(SHAPE, 6, (16,), trigger_bit=True,
+                                                           rngs=nnx.Rngs(0)))
+    carried = np.asarray(jax.vmap(bits)(jnp.stack([marked] + [later] * 4, axis=1), noise))
+    np.testing.assert_array_equal(carried[:, -1], np.arange(len(first)) % 3 == 0)
 
 
 def test_honest_sampler_follows_its_noise_and_pseudorandom_one_ignores_it():
