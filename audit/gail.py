@@ -46,7 +46,7 @@ from flax import nnx, struct
 
 from audit import discriminator, ppo
 from audit.modules import abstract_module, scan_updates, zero_initial_carry
-from audit.rollout import imitator_step, inverse_cdf_sample
+from audit.rollout import inverse_cdf_sample
 from audit.trajectories import Trajectories, validate
 from audit.vector import make_batched_step
 from audit.views import RunningNorm, check_view, view_features
@@ -292,20 +292,16 @@ def make_stages(config: GAILConfig, env, env_params,
         disc_optimizer = optax.chain(
             optax.clip_by_global_norm(config.discriminator_max_grad_norm), disc_optimizer)
 
-    def schedule(count):
-        done = count // (config.num_minibatches * config.update_epochs)
-        return config.learning_rate * (1.0 - done / config.rounds if config.anneal_lr else 1.0)
-
-    policy_optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                                   optax.adam(schedule, eps=1e-5))
+    policy_optimizer = ppo.policy_optimizer(
+        config.learning_rate, config.max_grad_norm, config.anneal_lr,
+        config.num_minibatches * config.update_epochs, config.rounds)
     step_envs = make_batched_step(env, reset_budget=num_envs)
 
     def logits_of(actor, observations):
-        return jax.vmap(lambda o: imitator_step(actor_def, actor, o, carry0,
-                                                jnp.float32(0))[0])(observations)
+        return ppo.feedforward_logits(actor_def, actor, carry0, observations)
 
     def values_of(critic, observations):
-        return jax.vmap(nnx.merge(critic_def, critic))(observations)
+        return ppo.critic_values(critic_def, critic, observations)
 
     def normalize(norm, x):
         return norm.normalize(x) if config.normalize_features else x

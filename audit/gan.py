@@ -289,13 +289,9 @@ def make_train(config: GANConfig, env, env_params,
                                  optax.adam(disc_config.learning_rate))
     minibatch = episodes // config.ppo_minibatches
 
-    def schedule(count):
-        done = count // (config.ppo_minibatches * config.ppo_epochs)
-        return config.learning_rate * (1.0 - done / config.iterations if config.anneal_lr
-                                       else 1.0)
-
-    policy_optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                                   optax.adam(schedule, eps=1e-5))
+    policy_optimizer = ppo.policy_optimizer(
+        config.learning_rate, config.max_grad_norm, config.anneal_lr,
+        config.ppo_minibatches * config.ppo_epochs, config.iterations)
     disc_batch = min(disc_config.batch_episodes, trusted_count)
     bc_batch = min(config.bc_batch_episodes, trusted_count)
 

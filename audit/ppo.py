@@ -140,6 +140,32 @@ def clipped_objective(config, log_probs, batch, value, weights):
     return total, entropy
 
 
+def policy_optimizer(learning_rate: float, max_grad_norm: float, anneal_lr: bool,
+                     updates_per_round: int, rounds: int) -> optax.GradientTransformation:
+    """PPO's optimiser: global-norm clipping, then Adam (eps 1e-5), as purejaxrl.
+
+    With ``anneal_lr`` the rate falls linearly to 0 over ``rounds`` rounds of
+    ``updates_per_round`` optimiser steps each.
+    """
+
+    def schedule(count):
+        done = count // updates_per_round
+        return learning_rate * (1.0 - done / rounds if anneal_lr else 1.0)
+
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(schedule, eps=1e-5))
+
+
+def feedforward_logits(actor_def, actor_params, carry0, observations) -> jax.Array:
+    """``[N, A]`` logits of a feed-forward imitator on ``[N, ...]`` observations."""
+    return jax.vmap(lambda o: imitator_step(actor_def, actor_params, o, carry0,
+                                            jnp.float32(0))[0])(observations)
+
+
+def critic_values(critic_def, critic_params, observations) -> jax.Array:
+    """``[N]`` values of the critic on ``[N, ...]`` observations."""
+    return jax.vmap(nnx.merge(critic_def, critic_params))(observations)
+
+
 def make_train(config: PPOConfig, env, env_params,
                make_actor: Callable[[jax.Array], nnx.Module],
                make_critic: Callable[[jax.Array], nnx.Module],
@@ -167,19 +193,14 @@ def make_train(config: PPOConfig, env, env_params,
     batch_size = config.num_envs * config.num_steps
     minibatch = batch_size // config.num_minibatches
 
-    def schedule(count):
-        fraction = 1.0 - count // (config.num_minibatches * config.update_epochs) / config.updates
-        return config.learning_rate * (fraction if config.anneal_lr else 1.0)
-
-    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                            optax.adam(schedule, eps=1e-5))
+    optimizer = policy_optimizer(config.learning_rate, config.max_grad_norm, config.anneal_lr,
+                                 config.num_minibatches * config.update_epochs, config.updates)
 
     def logits_of(actor_params, observations):
-        return jax.vmap(lambda o: imitator_step(actor_def, actor_params, o, carry0,
-                                                jnp.float32(0))[0])(observations)
+        return feedforward_logits(actor_def, actor_params, carry0, observations)
 
     def values_of(critic_params, observations):
-        return jax.vmap(nnx.merge(critic_def, critic_params))(observations)
+        return critic_values(critic_def, critic_params, observations)
 
     def loss_fn(params, batch):
         actor_params, critic_params = params

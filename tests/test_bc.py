@@ -85,7 +85,8 @@ def test_train_bc_reads_demos_written_by_audit_demos(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,expected", [
-    (["--imitator", "cnn"], "--imitator: unknown imitator 'cnn'; choose from: egocentric, gru, mlp, planner"),
+    (["--imitator", "cnn"],
+     "--imitator: unknown imitator 'cnn'; choose from: egocentric, gru, mlp, planner"),
     (["--demos", "/nonexistent"], "--demos: no trajectories.npz in /nonexistent"),
     (["--updates", "-3"], "argument --updates: expected a positive integer, got -3"),
 ])

@@ -84,6 +84,19 @@ def test_bench_writes_every_file_with_a_row_per_cell(tiny_suite, tmp_path, capsy
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
+def test_an_invalid_organism_stops_the_bench_with_its_figures(tiny_suite, monkeypatch, tmp_path,
+                                                              capsys):
+    strict = dataclasses.replace(LOOSE_DEFECTOR, kl_bound=0.0)
+    monkeypatch.setitem(registry._registered["organisms"], "loose_defector", strict)
+    code = main(["bench", "--suite", "tiny_test", "--out", str(tmp_path / "bench"),
+                 "--cache-dir", str(tmp_path / "cache"), "--processes", "1", "--quiet"])
+    error = capsys.readouterr().err.strip()
+    assert code == 1 and len(error.splitlines()) == 1
+    assert error.startswith("audit bench: error: organism 'loose_defector' on 'offswitch' "
+                            "failed its validity check: kl_train")
+    assert not (tmp_path / "bench").exists()  # nothing half-written
+
+
 def test_bench_errors_are_one_line(tmp_path, capsys):
     assert main(["bench", "--suite", "enormous", "--out", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err

@@ -90,7 +90,8 @@ def test_wrong_observation_shapes_are_reported_with_names_and_shapes():
                        demos.replace(noise=demos.noise[:, :5]))
     with pytest.raises(ValueError, match="needs a grid observation"):
         make_imitator("planner", (4,), 2, jax.random.key(0))
-    with pytest.raises(ValueError, match="unknown imitator 'cnn'; choose from: mlp, egocentric, gru"):
+    with pytest.raises(ValueError,
+                       match="unknown imitator 'cnn'; choose from: mlp, egocentric, gru"):
         make_imitator("cnn", OBS, 6, jax.random.key(0))
 
 
