@@ -88,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adversarial imitation: PPO on the discriminator's reward, the "
         "discriminator on the chosen view. Writes DIR/imitator.npz, DIR/critic.npz, "
         "DIR/discriminator.npz, DIR/feature_norm.npz, DIR/summary.json (final figures, "
-        "the metric history, config, versions) and DIR/curves.png. ENV may be gymnax:<id> "
-        "(e.g. gymnax:CartPole-v1), with demonstrations from a built-in expert.",
+        "the metric history, transitions (the padded imitator-rollout steps computed) and "
+        "valid_transitions (those inside episodes), config, versions) and DIR/curves.png. "
+        "ENV may be gymnax:<id> (e.g. gymnax:CartPole-v1, discrete actions only), with "
+        "demonstrations from a built-in expert.",
     )
     gan.add_argument("--env", default="offswitch",
                      help="environment name or gymnax:<id> (default offswitch)")
@@ -143,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", default="quick",
                        help="a registered suite: quick or full (default quick)")
     bench.add_argument("--seeds", type=positive_int, default=None,
-                       help="number of seeds (default: the suite's, 1 for quick, 5 for full)")
+                       help="number of seeds (default: the suite's, 1 for quick, 5 for full); "
+                       "they are --seed, --seed + 1, ...")
     bench.add_argument("--cache-dir", type=Path, default=Path("runs", "cache", "organisms"),
                        help="organism cache (default runs/cache/organisms)")
     bench.add_argument("--no-cache", action="store_true", help="build every organism afresh")
@@ -174,6 +177,18 @@ def lookup(group: str, name: str, flag: str):
         raise UsageError(f"{flag}: {error}") from None
 
 
+def lookup_environment(name: str) -> registry.EnvironmentSpec:
+    """The environment named by ``--env``, or a UsageError naming the flag.
+
+    Besides an unknown name, this catches an environment the framework cannot use
+    (a ``gymnax:<id>`` with continuous actions raises ``ValueError``).
+    """
+    try:
+        return registry.get("environments", name)
+    except (registry.UnknownNameError, ValueError) as error:
+        raise UsageError(f"--env: {error}") from None
+
+
 def run_demos(args: argparse.Namespace) -> int:
     """``audit demos``: see the subcommand's help."""
     import jax
@@ -181,7 +196,7 @@ def run_demos(args: argparse.Namespace) -> int:
     from audit.rollout import rollout_expert
     from audit.trajectories import save_npz, summary_statistics
 
-    env_spec = lookup("environments", args.env, "--env")
+    env_spec = lookup_environment(args.env)
     planner_spec = lookup("planners", args.planner, "--planner")
     if args.split not in env_spec.splits:
         raise UsageError(f"--split: unknown split {args.split!r} for environment {args.env!r}; "
@@ -239,7 +254,7 @@ def run_train_bc(args: argparse.Namespace) -> int:
     from audit.evaluate import imitation_figures
     from audit.trajectories import load_npz
 
-    env_spec = lookup("environments", args.env, "--env")
+    env_spec = lookup_environment(args.env)
     imitator_class = lookup("imitators", args.imitator, "--imitator")
     demonstrator_spec = lookup("planners", "demonstrator", "demonstrator")
     if args.learning_rate <= 0:
@@ -331,7 +346,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
     from audit.plots import training_curves
     from audit.ppo import Critic
 
-    env_spec = lookup("environments", args.env, "--env")
+    env_spec = lookup_environment(args.env)
     imitator_class = lookup("imitators", args.imitator, "--imitator")
     discriminator_class = lookup("discriminators", args.discriminator, "--discriminator")
     is_gymnax = gymnax_envs.is_gymnax_name(args.env)
@@ -358,6 +373,19 @@ def run_train_gan(args: argparse.Namespace) -> int:
     env, env_params = env_spec.build("train")
     test_params = env_spec.build("test")[1] if "test" in env_spec.splits else None
     observation_shape = tuple(env.observation_space(env_params).shape)
+
+    def make_discriminator(key, feature_size):
+        return discriminator_class(feature_size, rngs=nnx.Rngs(key))
+
+    # Before the (possibly long) expert training and the jit: a discriminator with a
+    # fixed longest episode (the attention model's positions) must fit the episodes.
+    limit = getattr(nnx.eval_shape(lambda: make_discriminator(jax.random.key(0), 1)),
+                    "max_steps", None)
+    episode_length = int(env_params.max_steps_in_episode)
+    if limit is not None and episode_length > limit:
+        raise UsageError(f"--discriminator: {args.discriminator!r} reads episodes of at most "
+                         f"{limit} steps; {args.env!r} episodes last up to {episode_length} "
+                         "steps (choose mlp or gru)")
     data_key, train_key, eval_key = jax.random.split(jax.random.key(args.seed), 3)
     if is_gymnax:
         demonstrations, expert = gymnax_envs.expert_demonstrations(
@@ -378,9 +406,6 @@ def run_train_gan(args: argparse.Namespace) -> int:
 
     def make_critic(key):
         return Critic(int(np.prod(observation_shape)), rngs=nnx.Rngs(key))
-
-    def make_discriminator(key, feature_size):
-        return discriminator_class(feature_size, rngs=nnx.Rngs(key))
 
     started = time.perf_counter()
     with _progress(args.quiet, "adversarial imitation", args.steps) as advance:
@@ -411,8 +436,12 @@ def run_train_gan(args: argparse.Namespace) -> int:
                       "loss": gan.LOSS_NAMES[int(state.diverged_loss)],
                       "value": float(state.diverged_value)} if diverged else None),
         "train_seconds": train_seconds,
+        # Imitator-rollout steps: every padded step the loop computed, and those inside
+        # episodes (on CartPole an untrained imitator's episodes fill ~5% of the padding).
         "transitions": int(args.steps * args.rollout_episodes
                            * demonstrations.num_steps),
+        "valid_transitions": int(round(args.rollout_episodes
+                                       * float(np.nansum(metrics["imitator_length"])))),
         "config": {
             "command": "train-gan",
             "env": args.env,
@@ -436,7 +465,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
         write_json(staging / "summary.json", summary)
         training_curves(metrics, evaluations, staging / "curves.png",
                         f"{args.imitator} imitator vs {args.discriminator} discriminator "
-                        f"({args.view}) on {args.env}")
+                        f"({args.view}) on {args.env}", views=modules.views)
     if diverged:
         try:
             gan.check_divergence(state)
@@ -459,12 +488,16 @@ def run_train_gan(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     """``audit bench``: see the subcommand's help."""
+    from audit.gan import DivergenceError
     from benchmarks import suites
     from benchmarks.organisms import InvalidOrganismError
 
     suite = lookup("suites", args.suite, "--suite")
     seeds = args.seeds or suite.seeds
-    out = args.out or Path("runs", "bench", default_run_name(args.suite, f"seeds{seeds}"))
+    if args.seed < 0:
+        raise UsageError(f"--seed: expected a non-negative integer, got {args.seed}")
+    run_name = f"seeds{seeds}" if args.seed == 0 else f"seeds{args.seed}-{args.seed + seeds - 1}"
+    out = args.out or Path("runs", "bench", default_run_name(args.suite, run_name))
     check_run_dir(out, args.overwrite)
     from audit.reports import write_results
 
@@ -474,12 +507,16 @@ def run_bench(args: argparse.Namespace) -> int:
             results = suites.run_suite(suite, seeds=seeds,
                                        cache_dir=None if args.no_cache else args.cache_dir,
                                        progress=say,
-                                       processes=args.processes or os.cpu_count() or 1)
-        except InvalidOrganismError as error:
+                                       processes=args.processes or os.cpu_count() or 1,
+                                       first_seed=args.seed)
+        except (InvalidOrganismError, DivergenceError) as error:
             print(f"audit bench: error: {error}", file=sys.stderr)
             return EXIT_FAILURE
+        except registry.UnknownNameError as error:  # a suite naming what is not registered
+            raise UsageError(f"--suite {args.suite}: {error}") from None
     seconds = time.perf_counter() - started
-    metadata = {"suite": args.suite, "seeds": seeds, "seconds": seconds,
+    metadata = {"suite": args.suite, "seeds": seeds, "first_seed": args.seed,
+                "seed_values": list(range(args.seed, args.seed + seeds)), "seconds": seconds,
                 "timings": results["timings"], "config": _as_dict(suite),
                 "versions": versions()}
     with run_dir(out, args.overwrite) as staging:

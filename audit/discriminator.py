@@ -2,8 +2,10 @@
 
 The GAN loss: binary cross-entropy with label 0 for demonstrator steps and 1 for
 imitator steps, over valid steps only, optionally with label smoothing and a
-gradient penalty on the demonstrator features (R1). ``make_train`` follows the
-same pure ``train(key)`` shape as behaviour cloning.
+gradient penalty on the demonstrator features (R1). A ``keep`` mask restricts a
+discriminator to one view's features: it reads ``features * keep`` and the
+penalty sees only the kept features. ``make_train`` follows the same pure
+``train(key)`` shape as behaviour cloning.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,8 +33,14 @@ class DiscriminatorConfig:
       learning_rate: Adam learning rate.
       max_grad_norm: global gradient-norm clip.
       label_smoothing: targets become ``s/2`` and ``1 - s/2`` (0: none).
-      gradient_penalty: weight of the R1 penalty ``E||d logit / d features||^2`` on
-        demonstrator steps (0: none).
+      gradient_penalty: weight of the R1 penalty on demonstrator steps (0: none):
+        the mean over valid steps ``s`` of ``||d S / d x_s||^2``, where ``S`` is the
+        sum of the episode's valid step logits and ``x_s`` the (kept) features of
+        step ``s``. For a per-step discriminator (``mlp``) this is exactly
+        ``E||d logit_s / d x_s||^2``; for a sequence discriminator (``gru``,
+        ``attention``) it is R1 on the whole-sequence score ``S``: the gradient at
+        step ``s`` sums the logits of every step ``t >= s`` that reads it (causal),
+        not ``logit_s`` alone.
     """
 
     updates: int = 500
@@ -64,20 +73,52 @@ def score_episodes(graphdef, params, features: jax.Array, mask: jax.Array) -> ja
 
 
 def gan_loss(graphdef, params, demo_features, demo_mask, imitator_features, imitator_mask,
-             config: DiscriminatorConfig) -> jax.Array:
-    """Masked mean binary cross-entropy (demonstrator 0, imitator 1) plus the R1 penalty."""
+             config: DiscriminatorConfig, keep: jax.Array | None = None) -> jax.Array:
+    """Masked mean binary cross-entropy (demonstrator 0, imitator 1) plus the R1 penalty.
+
+    Args:
+      graphdef: the discriminator's graph definition.
+      params: its parameters.
+      demo_features: ``[B, T, F]`` demonstrator features.
+      demo_mask: ``[B, T]`` their valid steps.
+      imitator_features: ``[B', T, F]`` imitator features.
+      imitator_mask: ``[B', T]`` their valid steps.
+      config: label smoothing and penalty weight (see :class:`DiscriminatorConfig`).
+      keep: optional ``[F]`` 0/1 mask of the features the discriminator reads (one
+        view inside a richer view's features, :func:`audit.views.view_mask`). The
+        discriminator reads ``features * keep``, and the R1 penalty differentiates
+        through that product, so it is zero on unread features: with a mask, the
+        loss and its gradients are those of a discriminator that has only the kept
+        features. ``None``: every feature is read.
+
+    Returns:
+      The scalar loss.
+    """
+    chex.assert_rank([demo_features, imitator_features], 3)
+    chex.assert_equal_shape_prefix([demo_features, demo_mask], 2)
+    chex.assert_equal_shape_prefix([imitator_features, imitator_mask], 2)
+    if keep is not None:
+        chex.assert_shape(keep, (demo_features.shape[-1],))
+        keep = jnp.asarray(keep, demo_features.dtype)
+
+    def read(features):
+        return features if keep is None else features * keep
+
     low, high = config.label_smoothing / 2, 1 - config.label_smoothing / 2
 
     def mean_bce(features, mask, target):
-        logits = score_episodes(graphdef, params, features, mask)
+        logits = score_episodes(graphdef, params, read(features), mask)
         losses = optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target))
         return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1)
 
     loss = 0.5 * (mean_bce(demo_features, demo_mask, low)
                   + mean_bce(imitator_features, imitator_mask, high))
     if config.gradient_penalty > 0:
+        # R1 on the (whole-episode, for a sequence model) summed score of the read
+        # features: d/dx of score(x * keep) is keep * score'(x * keep).
         def total_logit(features):
-            return jnp.sum(score_episodes(graphdef, params, features, demo_mask) * demo_mask)
+            return jnp.sum(score_episodes(graphdef, params, read(features), demo_mask)
+                           * demo_mask)
 
         grads = jax.grad(total_logit)(demo_features)
         penalty = jnp.sum(jnp.sum(jnp.square(grads), -1) * demo_mask) / jnp.maximum(
@@ -88,7 +129,8 @@ def gan_loss(graphdef, params, demo_features, demo_mask, imitator_features, imit
 
 def make_train(config: DiscriminatorConfig, make_discriminator: Callable[[jax.Array], nnx.Module],
                demo_features: jax.Array, demo_mask: jax.Array,
-               imitator_features: jax.Array, imitator_mask: jax.Array):
+               imitator_features: jax.Array, imitator_mask: jax.Array,
+               keep: jax.Array | None = None):
     """Builds the pure discriminator-training run on two fixed sets of episodes.
 
     Args:
@@ -98,10 +140,16 @@ def make_train(config: DiscriminatorConfig, make_discriminator: Callable[[jax.Ar
       demo_mask: ``[B, T]`` their valid steps.
       imitator_features: ``[B', T, F]`` features of imitator episodes.
       imitator_mask: ``[B', T]`` their valid steps.
+      keep: optional ``[F]`` 0/1 mask of the features the discriminator reads (see
+        :func:`gan_loss`); ``None``: all.
 
     Returns:
       ``(train, graphdef)``; ``train(key) -> (params, losses)`` is pure and
       vmappable over keys.
+
+    Raises:
+      ValueError: if the features and masks do not fit together, or ``keep`` not the
+        features.
     """
     for name, features, mask in (("demo", demo_features, demo_mask),
                                  ("imitator", imitator_features, imitator_mask)):
@@ -112,6 +160,9 @@ def make_train(config: DiscriminatorConfig, make_discriminator: Callable[[jax.Ar
     if demo_features.shape[-1] != imitator_features.shape[-1]:
         raise ValueError(f"demo and imitator features differ in size: "
                          f"{demo_features.shape[-1]} vs {imitator_features.shape[-1]}")
+    if keep is not None and np.shape(keep) != (demo_features.shape[-1],):
+        raise ValueError(f"keep must be a [features] mask of size {demo_features.shape[-1]}; "
+                         f"got shape {np.shape(keep)}")
     graphdef, _ = abstract_module(make_discriminator)
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                             optax.adam(config.learning_rate))
@@ -124,7 +175,7 @@ def make_train(config: DiscriminatorConfig, make_discriminator: Callable[[jax.Ar
         i = jax.random.choice(imitator_key, imitator_count,
                               (min(config.batch_episodes, imitator_count),), replace=False)
         return gan_loss(graphdef, params, demo_features[d], demo_mask[d],
-                        imitator_features[i], imitator_mask[i], config)
+                        imitator_features[i], imitator_mask[i], config, keep)
 
     def train(key):
         init_key, batch_key = jax.random.split(key)

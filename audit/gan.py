@@ -377,7 +377,7 @@ def make_train(config: GANConfig, env, env_params,
                 return discriminator.gan_loss(
                     disc_def, disc_params, normalize(state.norm, features) * keep, mask,
                     normalize(state.norm, own_features[own_index]) * keep, own.mask[own_index],
-                    disc_config)
+                    disc_config, keep)
 
             norm_key, steps_key, accuracy_key = jax.random.split(key, 3)
             features, mask = sample_demos(norm_key)
@@ -520,11 +520,15 @@ def _event_rate(trajectories: Trajectories) -> jax.Array:
     return jnp.mean(jnp.any((trajectories.events > 0) & trajectories.mask, axis=1))
 
 
-def check_divergence(state: GANState) -> None:
+def check_divergence(state: GANState, context: str = "training") -> None:
     """Raises :class:`DivergenceError` if ``state`` records a non-finite loss.
 
     The message names the iteration and the loss; ``state`` itself holds the last
     good parameters (those before that iteration), for saving.
+
+    Args:
+      state: one run's final state (no seed axis).
+      context: what ran, for the message (e.g. which organism was co-trained).
     """
     at = np.asarray(state.diverged_at)
     if at.ndim:
@@ -532,7 +536,7 @@ def check_divergence(state: GANState) -> None:
     if at >= 0:
         loss = LOSS_NAMES[int(state.diverged_loss)]
         raise DivergenceError(
-            f"training diverged at iteration {int(at)}: {loss} was "
+            f"{context} diverged at iteration {int(at)}: {loss} was "
             f"{float(state.diverged_value)}; the state kept is the last good one, from "
             f"before iteration {int(at)}")
 

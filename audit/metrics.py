@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -464,3 +465,92 @@ def bootstrap_ci(statistic: Callable[..., float], samples, *, groups=None,
     if low.ndim == 0:
         return float(low), float(high)
     return low, high
+
+
+def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], *,
+                        resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mean over groups of a per-group statistic, with a two-stage bootstrap interval.
+
+    For figures computed per seed (each seed has its own detector, threshold and
+    episodes, so scores of different seeds are not on one scale and must not be
+    pooled): the estimate is the mean over seeds of the figure of each seed, and
+    each bootstrap resample draws as many seeds as there are, with replacement,
+    then, within every drawn seed, resamples each of its arrays' rows with
+    replacement (stratified: each array keeps its size), evaluates ``statistic`` on
+    every drawn seed and averages. That is "over seeds and episodes" (DESIGN.md);
+    with one group it is the stratified episode bootstrap of :func:`bootstrap_ci`.
+
+    NaN entries (a figure undefined for a group, e.g. without positives) are left
+    out of the mean over groups; a group where ``statistic`` raises ``ValueError``
+    counts as all-NaN. An interval bound is NaN if fewer than half of the resamples
+    give a value.
+
+    Args:
+      statistic: ``statistic(*arrays) -> scalar or [K]`` for one group's arrays.
+      groups: one tuple of arrays per group (e.g. per seed); arrays are resampled
+        along axis 0, and the tuples must have the same length.
+      resamples: the number of bootstrap resamples (>= 1).
+      confidence: the interval's coverage, in (0, 1).
+      seed: the seed of ``numpy.random.default_rng``.
+
+    Returns:
+      ``(estimate, low, high)``, arrays of the statistic's shape (NaN where undefined).
+
+    Raises:
+      ValueError: for no groups, tuples of different lengths, an empty array,
+        ``resamples < 1`` or ``confidence`` outside (0, 1).
+
+    Example:
+      >>> rng = np.random.default_rng(0)
+      >>> seeds = [(rng.normal(m, 1, 100),) for m in (0.0, 0.2, 0.4)]
+      >>> estimate, low, high = nested_bootstrap_ci(np.mean, seeds, resamples=200)
+      >>> bool(low < estimate < high)
+      True
+    """
+    groups = [tuple(np.asarray(array) for array in group) for group in groups]
+    if not groups:
+        raise ValueError("groups must hold at least one group of arrays; got none")
+    if len({len(group) for group in groups}) != 1 or not groups[0]:
+        raise ValueError("groups must be tuples of the same, non-zero number of arrays; got "
+                         f"lengths {[len(group) for group in groups]}")
+    for number, group in enumerate(groups):
+        for index, array in enumerate(group):
+            if array.ndim == 0 or array.shape[0] == 0:
+                raise ValueError(f"groups[{number}][{index}] must be a non-empty array "
+                                 f"(resampled along axis 0); got shape {array.shape}")
+    if int(resamples) != resamples or resamples < 1:
+        raise ValueError(f"resamples must be a positive integer; got {resamples!r}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
+
+    def evaluate(arrays) -> np.ndarray | None:
+        try:
+            return np.asarray(statistic(*arrays), np.float64)
+        except ValueError:
+            return None
+
+    def mean_over_groups(values: list) -> np.ndarray:
+        shaped = [v for v in values if v is not None]
+        if not shaped:
+            return np.asarray(math.nan)
+        stacked = np.stack(shaped)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN entries stay NaN
+            return np.nanmean(stacked, axis=0)
+
+    estimate = mean_over_groups([evaluate(group) for group in groups])
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(int(resamples)):
+        chosen = rng.integers(0, len(groups), size=len(groups))
+        values = [evaluate([array[rng.integers(0, array.shape[0], size=array.shape[0])]
+                            for array in groups[g]]) for g in chosen]
+        draws.append(np.broadcast_to(mean_over_groups(values), estimate.shape))
+    draws = np.stack(draws)
+    tail = (1.0 - confidence) / 2
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = np.nanquantile(draws, [tail, 1.0 - tail], axis=0)
+    enough = (~np.isnan(draws)).sum(axis=0) * 2 >= int(resamples)
+    return estimate, np.where(enough, low, np.nan), np.where(enough, high, np.nan)

@@ -61,7 +61,8 @@ def inverse_cdf_sample(logits: jax.Array, noise: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("expert", "env", "episodes", "max_steps"))
 def rollout_expert(
-    expert: Expert, env: Any, env_params: Any, key: jax.Array, episodes: int, max_steps: int
+    expert: Expert, env: Any, env_params: Any, key: jax.Array, episodes: int, max_steps: int,
+    layout_key: jax.Array | None = None,
 ) -> Trajectories:
     """Rolls out ``expert`` in ``episodes`` independent episodes of ``env``.
 
@@ -72,6 +73,7 @@ def rollout_expert(
       key: PRNG key; the same key gives the same trajectories.
       episodes: number of episodes (the batch axis).
       max_steps: length of the time axis; steps after an episode ends are masked.
+      layout_key: optional PRNG key for the resets alone (see :func:`rollout`).
 
     Returns:
       :class:`Trajectories`; ``activations`` holds what the expert's optional
@@ -86,19 +88,28 @@ def rollout_expert(
         return logits, plan, expert_record(plan, observation, env_state)
 
     return _run_episodes(env, env_params, key, episodes, max_steps,
-                         begin=lambda env_state: expert.plan(env_state, env_params), act=act)
+                         begin=lambda env_state: expert.plan(env_state, env_params), act=act,
+                         layout_key=layout_key)
 
 
-def _run_episodes(env, env_params, key, episodes, max_steps, begin, act) -> Trajectories:
+def _run_episodes(env, env_params, key, episodes, max_steps, begin, act,
+                  layout_key=None) -> Trajectories:
     """The one episode loop: vmapped over episodes, ``lax.scan`` over time.
 
     ``begin(env_state) -> policy_carry`` runs after reset; ``act(policy_carry,
     observation, env_state, uniform) -> (logits, policy_carry, activations)`` runs
     every step, and the action is the inverse-CDF draw of ``logits`` at ``uniform``.
+    Episode ``i`` resets with ``split(layout_key, episodes)[i]`` when ``layout_key``
+    is given, else with a key split from its own.
     """
+    episode_keys = jax.random.split(key, episodes)
+    if layout_key is None:
+        reset_keys = jax.vmap(lambda k: jax.random.split(k, 3)[0])(episode_keys)
+    else:
+        reset_keys = jax.random.split(layout_key, episodes)
 
-    def episode(key):
-        reset_key, noise_key, step_key = jax.random.split(key, 3)
+    def episode(key, reset_key):
+        _, noise_key, step_key = jax.random.split(key, 3)
         observation, env_state = env.reset(reset_key, env_params)
         noise = jax.random.uniform(noise_key, (max_steps,))
 
@@ -131,7 +142,7 @@ def _run_episodes(env, env_params, key, episodes, max_steps, begin, act) -> Traj
         _, records = jax.lax.scan(step, loop, (jax.random.split(step_key, max_steps), noise))
         return Trajectories(**records)
 
-    return jax.vmap(episode)(jax.random.split(key, episodes))
+    return jax.vmap(episode)(episode_keys, reset_keys)
 
 
 # --------------------------------------------------------------------------- imitators
@@ -168,8 +179,8 @@ def check_observation_shape(imitator, observation_shape, argument: str) -> None:
         )
 
 
-def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps: int
-            ) -> Trajectories:
+def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps: int,
+            layout_key: jax.Array | None = None) -> Trajectories:
     """Rolls out an imitator in ``episodes`` vmapped episodes (``lax.scan`` over time).
 
     Args:
@@ -179,6 +190,11 @@ def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps:
       key: PRNG key; the same key gives the same trajectories.
       episodes: batch size.
       max_steps: length of the time axis (steps after the end are masked).
+      layout_key: optional PRNG key for the resets alone: episode ``i`` starts from
+        the layout that ``split(layout_key, episodes)[i]`` samples, whatever ``key``
+        is, so several policies can be run on the very same layouts, each with its
+        own noise (the counterfactual comparison of DESIGN.md's metrics). None: the
+        resets are drawn from ``key``.
 
     Returns:
       :class:`Trajectories` with the imitator's activations at every step.
@@ -192,12 +208,12 @@ def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps:
                             f"environment {type(env).__name__}")
     graphdef, state = nnx.split(imitator)
     return rollout_split(graphdef, state, imitator.initial_carry(), env, env_params, key,
-                         episodes, max_steps)
+                         episodes, max_steps, layout_key)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "env", "episodes", "max_steps"))
-def rollout_split(graphdef, state, initial_carry, env, env_params, key, episodes, max_steps
-                  ) -> Trajectories:
+def rollout_split(graphdef, state, initial_carry, env, env_params, key, episodes, max_steps,
+                  layout_key=None) -> Trajectories:
     """:func:`rollout` on an imitator already split into ``(graphdef, state)``.
 
     For training loops: it traces inside an enclosing ``jit`` or ``scan``, with the
@@ -208,7 +224,7 @@ def rollout_split(graphdef, state, initial_carry, env, env_params, key, episodes
         return imitator_step(graphdef, state, observation, carry, uniform)
 
     return _run_episodes(env, env_params, key, episodes, max_steps,
-                         begin=lambda env_state: initial_carry, act=act)
+                         begin=lambda env_state: initial_carry, act=act, layout_key=layout_key)
 
 
 def teacher_forced(imitator, trajectories: Trajectories) -> tuple[jax.Array, dict]:

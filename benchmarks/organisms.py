@@ -407,12 +407,25 @@ def validity_figures(spec: OrganismSpec, demonstrations: Trajectories, own_train
 
     Returns:
       ``kl_train`` (mean per-step KL(demonstrator || the network's logits)),
-      ``event_rate_train``/``_test`` and ``return_train``/``_test`` of its own
-      episodes, the bounds, and ``valid``.
+      ``action_tv_train`` (total variation between the frequencies of the actions
+      the organism took on train layouts and the demonstrator's: a check of what it
+      does, not of its network, which for ``pseudorandom`` draws its actions by a
+      hash rather than from the noise), ``event_rate_train``/``_test`` and
+      ``return_train``/``_test`` of its own episodes, the bounds, and ``valid``
+      (which the KL and test event rate decide).
     """
+    num_actions = demonstrations.action_probs.shape[-1]
+
+    def action_frequencies(episodes: Trajectories) -> np.ndarray:
+        actions = np.asarray(episodes.actions)[np.asarray(episodes.mask)]
+        return np.bincount(actions, minlength=num_actions) / max(actions.size, 1)
+
     figures = {"kl_train": float(bc.masked_kl(demonstrations.action_probs,
                                               demonstrations.activations["logits"],
-                                              demonstrations.mask))}
+                                              demonstrations.mask)),
+               "action_tv_train": float(0.5 * np.abs(action_frequencies(own_train)
+                                                     - action_frequencies(demonstrations)
+                                                     ).sum())}
     for split, own in (("train", own_train), ("test", own_test)):
         figures[f"event_rate_{split}"] = float(jnp.mean(jnp.any((own.events > 0) & own.mask, 1)))
         figures[f"return_{split}"] = float(jnp.mean(own.episode_returns()))
@@ -437,7 +450,7 @@ def require_valid(organism_name: str, env_name: str, validity: dict) -> None:
 def cache_key(spec: OrganismSpec, env_name: str, config: OrganismConfig, seed: int) -> str:
     """A hash of everything an organism is built from (its spec, config, env and seed)."""
     description = json.dumps({"spec": _plain(spec), "config": _plain(config), "env": env_name,
-                              "seed": seed, "format": 1}, sort_keys=True)
+                              "seed": seed, "format": 2}, sort_keys=True)
     return hashlib.sha256(description.encode()).hexdigest()[:16]
 
 
@@ -551,8 +564,8 @@ def _plain(obj):
 
 
 def _paths(cache_dir: Path, spec: OrganismSpec, env_name: str, key: str) -> tuple[Path, Path]:
-    stem = cache_dir / f"{spec.name}-{env_name}-{key}"
-    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+    stem = f"{spec.name}-{env_name}-{key}"  # not Path.with_suffix: names may hold dots
+    return cache_dir / f"{stem}.npz", cache_dir / f"{stem}.json"
 
 
 def _load(cache_dir, spec, env_name, key, fresh) -> Organism | None:

@@ -9,6 +9,10 @@ before it is carried out.
 - :class:`StepDiscriminator` (``mlp``): an MLP on each step's features alone.
 - :class:`GRUDiscriminator` (``gru``): a GRU over the episode prefix.
 - :class:`AttentionDiscriminator` (``attention``): causal self-attention over the prefix.
+
+A discriminator that can read episodes of a bounded length only (the attention
+model's learned positions) says so in an integer attribute ``max_steps``; the
+command line checks the environment's episode length against it before training.
 """
 
 from __future__ import annotations
@@ -59,7 +63,11 @@ class GRUDiscriminator(nnx.Module):
 
 
 class AttentionDiscriminator(nnx.Module):
-    """Causal self-attention discriminator with learned positional embeddings."""
+    """Causal self-attention discriminator with learned positional embeddings.
+
+    It has one learned position per step, so it reads episodes of at most
+    ``max_steps`` steps (default 512); longer ones are a ``ValueError`` when traced.
+    """
 
     def __init__(self, feature_size: int, model_size: int = 64, heads: int = 4,
                  max_steps: int = 512, *, rngs: nnx.Rngs):
@@ -75,7 +83,8 @@ class AttentionDiscriminator(nnx.Module):
     def __call__(self, features: jax.Array, mask: jax.Array) -> jax.Array:
         steps = features.shape[0]
         if steps > self.max_steps:
-            raise ValueError(f"episode of {steps} steps exceeds max_steps={self.max_steps}")
+            raise ValueError(f"AttentionDiscriminator: an episode of {steps} steps exceeds its "
+                             f"max_steps={self.max_steps}; build it with max_steps >= {steps}")
         x = self.encoder(features) + self.position(jnp.arange(steps))
         causal = nnx.make_causal_mask(jnp.ones((steps,)))
         valid = nnx.make_attention_mask(mask, mask)

@@ -1,4 +1,4 @@
-"""``audit demos``: files, figures, and the errors a user sees."""
+"""The command line: `audit demos` files and figures, and the one-line errors a user sees."""
 
 from __future__ import annotations
 
@@ -117,3 +117,28 @@ def test_a_plugged_in_planner_runs_through_the_command_line(tmp_path, capsys):
         assert np.all(np.asarray(load_npz(out / "trajectories.npz").actions) == 4)
     finally:
         registry._registered["planners"].pop("_always_stay")
+
+
+@pytest.mark.parametrize("argv,flag,expected", [
+    (["--env", "gymnax:Pendulum-v1"], "--env",
+     "'gymnax:Pendulum-v1' has a continuous action space"),
+    # Catch-bsuite pads its episodes to 1000 steps; the attention model has 512 positions.
+    (["--env", "gymnax:Catch-bsuite", "--discriminator", "attention"], "--discriminator",
+     "'attention' reads episodes of at most 512 steps; 'gymnax:Catch-bsuite' episodes last "
+     "up to 1000 steps"),
+])
+def test_train_gan_refuses_what_it_cannot_run_in_one_line(tmp_path, capsys, argv, flag,
+                                                           expected):
+    code = main(["train-gan", *argv, "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith(f"audit train-gan: error: {flag}: "), err
+    assert expected in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_demos_and_train_bc_refuse_continuous_actions_in_one_line(tmp_path, capsys):
+    for command in ("demos", "train-bc"):
+        assert main([command, "--env", "gymnax:Pendulum-v1", "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--env: " in err and "continuous action space" in err

@@ -9,16 +9,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import build
+from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from audit.discriminator import DiscriminatorConfig, make_train, score_episodes, trajectory_scores
+from audit.discriminator import (
+    DiscriminatorConfig,
+    gan_loss,
+    make_train,
+    score_episodes,
+    trajectory_scores,
+)
 from audit.metrics import auroc
 from audit.rollout import rollout_expert, teacher_forced_activations
 from audit.views import RunningNorm, view_features
 from benchmarks.planners import CONFIGS, Planner
-from models.discriminators import DISCRIMINATORS, make_discriminator
+from models.discriminators import (
+    DISCRIMINATORS,
+    GRUDiscriminator,
+    StepDiscriminator,
+    make_discriminator,
+)
 from models.imitators import make_imitator
 
 
@@ -100,8 +112,16 @@ def test_activations_view_really_receives_the_activations():
     assert abs(_held_out_auroc("transitions", plain, shifted) - 0.5) < 0.05
     assert _held_out_auroc("activations", plain, shifted,
                            activation_names=["hidden_1"]) >= 0.99
-    zeroed = plain.replace(activations={k: jnp.zeros_like(v) for k, v in activations.items()})
-    assert np.all(np.asarray(view_features(zeroed, "activations", 6))[..., -128:] == 0)
+    # The view's last features are the named activations themselves, step by step, and
+    # the shift is exactly what separates the classes there.
+    plain_features = np.asarray(view_features(plain, "activations", 6, ["hidden_1"]))
+    hidden = np.asarray(activations["hidden_1"]).reshape(plain_features.shape[:2] + (-1,))
+    np.testing.assert_array_equal(plain_features[..., -hidden.shape[-1]:], hidden)
+    shifted_features = np.asarray(view_features(shifted, "activations", 6, ["hidden_1"]))
+    shift = np.r_[np.zeros(plain_features.shape[-1] - hidden.shape[-1]),
+                  np.full(hidden.shape[-1], 0.5)]
+    np.testing.assert_allclose(shifted_features - plain_features,
+                               np.broadcast_to(shift, plain_features.shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["gru", "attention"])
@@ -141,3 +161,57 @@ def test_running_norm_matches_numpy_over_valid_rows():
     valid = x[mask]
     np.testing.assert_allclose(norm.mean, valid.mean(0), rtol=1e-4)
     np.testing.assert_allclose(norm.var, valid.var(0), rtol=1e-3)
+
+
+def _first_kernel(model):
+    """The kernel of the layer that reads the features."""
+    return model.hidden[0].kernel if isinstance(model, StepDiscriminator) else model.encoder.kernel
+
+
+@pytest.mark.parametrize("name", ["mlp", "gru"])
+def test_gradient_penalty_sees_only_the_features_a_view_mask_keeps(name):
+    """A masked discriminator trains exactly like one built on the kept features alone."""
+    build_model = {"mlp": lambda size, key: StepDiscriminator(size, (16,), rngs=nnx.Rngs(key)),
+                   "gru": lambda size, key: GRUDiscriminator(size, 16, rngs=nnx.Rngs(key))}[name]
+    size, kept = 7, np.array([0, 2, 3])
+    keep = np.zeros(size, np.float32)
+    keep[kept] = 1
+    rng = np.random.default_rng(0)
+    demo, own = (jnp.asarray(rng.normal(size=(12, 6, size)), jnp.float32) for _ in range(2))
+    demo_mask, own_mask = (jnp.asarray(np.arange(6) < rng.integers(2, 7, (12, 1)))
+                           for _ in range(2))
+    config = DiscriminatorConfig(updates=25, batch_episodes=8, learning_rate=1e-2,
+                                 gradient_penalty=10.0)
+
+    def narrow(key):  # the masked model's initial weights, restricted to the kept features
+        wide, model = build_model(size, key), build_model(len(kept), key)
+        _first_kernel(wide).set_value(_first_kernel(wide)[...][kept])
+        nnx.update(model, nnx.state(wide, nnx.Param))
+        return model
+
+    key = jax.random.key(1)
+    masked_train, masked_def = make_train(config, lambda k: build_model(size, k), demo, demo_mask,
+                                          own, own_mask, keep=keep)
+    masked_params, masked_losses = jax.jit(masked_train)(key)
+    narrow_train, _ = make_train(config, narrow, demo[..., kept], demo_mask, own[..., kept],
+                                 own_mask)
+    _, narrow_losses = jax.jit(narrow_train)(key)
+    np.testing.assert_allclose(masked_losses, narrow_losses, rtol=1e-4, atol=1e-6)
+    assert masked_losses[-1] < masked_losses[0]  # it did train
+    # The weights on unread features never move; the read ones do.
+    initial = np.asarray(_first_kernel(build_model(size, jax.random.split(key)[0]))[...])
+    final = np.asarray(_first_kernel(nnx.merge(masked_def, masked_params))[...])
+    unread = keep == 0
+    np.testing.assert_array_equal(final[unread], initial[unread])
+    assert not np.allclose(final[~unread], initial[~unread])
+    # Zeroing the unread features is not enough: R1 on them would still penalise (and
+    # so move) the weights that read them.
+    zeroed_train, _ = make_train(config, lambda k: build_model(size, k), demo * keep, demo_mask,
+                                 own * keep, own_mask)
+    zeroed_params, zeroed_losses = jax.jit(zeroed_train)(key)
+    zeroed = np.asarray(_first_kernel(nnx.merge(masked_def, zeroed_params))[...])
+    assert not np.allclose(zeroed[unread], initial[unread])
+    assert float(gan_loss(masked_def, masked_params, demo, demo_mask, own, own_mask, config,
+                          keep)) == pytest.approx(float(gan_loss(
+                              masked_def, masked_params, demo * keep, demo_mask, own * keep,
+                              own_mask, config, keep)), rel=1e-6)

@@ -21,6 +21,7 @@ from audit.metrics import (
     bootstrap_ci,
     caught_before_harm,
     fpr_at_threshold,
+    nested_bootstrap_ci,
     pairwise_auroc,
     threshold_at_fpr,
     tpr_at_threshold,
@@ -635,6 +636,73 @@ def test_bootstrap_ci_errors_name_the_argument():
             bootstrap_ci(np.mean, data, confidence=confidence)
 
 
+def test_nested_bootstrap_estimate_is_the_mean_of_per_group_figures_never_pooled():
+    # Two seeds whose detectors score on different scales: each separates perfectly,
+    # pooling their scores would not.
+    seed0 = (np.array([2.0, 3.0]), np.array([0.0, 1.0]))
+    seed1 = (np.array([-50.0, -40.0]), np.array([-100.0, -90.0]))
+    pooled = auroc(np.r_[seed0[0], seed1[0]], np.r_[seed0[1], seed1[1]])
+    assert pooled == 0.75
+    estimate, low, high = nested_bootstrap_ci(auroc, [seed0, seed1], resamples=50)
+    assert estimate == 1.0 and low == 1.0 and high == 1.0
+
+
+def test_nested_bootstrap_draws_seeds_then_episodes_within_each():
+    groups = [(np.full(4, float(g)), np.arange(3.0) + 10 * g) for g in range(3)]
+    calls = []
+
+    def statistic(values, other):
+        calls.append((values.copy(), other.copy()))
+        assert np.unique(values).size == 1  # rows never mix seeds
+        g = int(values[0])
+        assert values.shape == (4,) and other.shape == (3,)  # sizes kept (stratified)
+        assert set(other.tolist()) <= set((np.arange(3.0) + 10 * g).tolist())
+        return values.mean()
+
+    estimate, low, high = nested_bootstrap_ci(statistic, groups, resamples=200, seed=1)
+    assert estimate == 1.0  # mean of the seeds' figures 0, 1, 2
+    # Seeds are drawn with replacement: the mean of three draws from {0, 1, 2} varies.
+    assert low < 1.0 < high and 0.0 <= low and high <= 2.0
+    assert len(calls) == 3 + 200 * 3
+
+
+def test_nested_bootstrap_with_one_group_matches_the_stratified_bootstrap():
+    rng = np.random.default_rng(5)
+    positives, negatives = rng.normal(1.0, 1.0, 150), rng.normal(0.0, 1.0, 150)
+    estimate, low, high = nested_bootstrap_ci(auroc, [(positives, negatives)], resamples=800)
+    flat_low, flat_high = bootstrap_ci(auroc, (positives, negatives), resamples=800)
+    assert estimate == auroc(positives, negatives)
+    assert low == pytest.approx(flat_low, abs=0.02) and high == pytest.approx(flat_high, abs=0.02)
+
+
+def test_nested_bootstrap_leaves_undefined_groups_out_of_the_mean():
+    def statistic(positives, negatives):  # a seed without positives has no AUROC
+        if np.isnan(positives).all():
+            raise ValueError("no positives")
+        return [auroc(positives[~np.isnan(positives)], negatives), negatives.mean()]
+
+    with_positives = (np.array([1.0, 2.0]), np.array([0.0, 0.5]))
+    without = (np.array([math.nan]), np.array([0.2, 0.4]))
+    estimate, low, high = nested_bootstrap_ci(statistic, [with_positives, without],
+                                              resamples=40)
+    # The seed that raised is left out as a whole; the other's figures stand.
+    np.testing.assert_array_equal(estimate, [1.0, 0.25])
+    assert low[0] == high[0] == 1.0
+
+
+def test_nested_bootstrap_errors_name_the_argument():
+    with pytest.raises(ValueError, match="groups must hold"):
+        nested_bootstrap_ci(np.mean, [])
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        nested_bootstrap_ci(np.mean, [(np.arange(3.0),), (np.arange(3.0), np.arange(2.0))])
+    with pytest.raises(ValueError, match=r"groups\[1\]\[0\]"):
+        nested_bootstrap_ci(np.mean, [(np.arange(3.0),), (np.array([]),)])
+    with pytest.raises(ValueError, match="resamples"):
+        nested_bootstrap_ci(np.mean, [(np.arange(3.0),)], resamples=0)
+    with pytest.raises(ValueError, match="confidence"):
+        nested_bootstrap_ci(np.mean, [(np.arange(3.0),)], confidence=1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Documented examples
 
@@ -646,7 +714,7 @@ def test_every_public_metric_has_an_example():
     documented = {test.name.rsplit(".", 1)[-1] for test in DOCTESTS}
     assert {"auroc", "average_precision", "threshold_at_fpr", "tpr_at_threshold",
             "fpr_at_threshold", "caught_before_harm", "audit_budget_curve",
-            "bootstrap_ci"} <= documented
+            "bootstrap_ci", "nested_bootstrap_ci"} <= documented
 
 
 @pytest.mark.parametrize("test", DOCTESTS, ids=lambda test: test.name)

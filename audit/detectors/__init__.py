@@ -12,23 +12,36 @@ so that every view is defined on every episode. A trajectory's score is an
 aggregate of its step scores (:func:`aggregate_scores`, default ``max``); the
 running aggregate (:func:`running_scores`) is what "caught before harm" watches.
 
-Built-in detectors (registered in the ``detectors`` group, as a user's would be
-through the ``audit.detectors`` entry points):
+GAN discriminators are detectors (:class:`audit.detectors.discriminator.DiscriminatorDetector`:
+co-trained with the imitator, :meth:`~DiscriminatorDetector.from_gan`, or trained post
+hoc on ``trusted`` vs ``untrusted``, :meth:`~DiscriminatorDetector.fit`); the suites
+build them from the ``discriminators`` registry group.
 
-- ``discriminator``: a GAN discriminator of a view, co-trained with the imitator
-  (:meth:`DiscriminatorDetector.from_gan`) or trained post hoc on ``trusted`` vs
-  ``untrusted`` (:meth:`DiscriminatorDetector.fit`);
-- ``mahalanobis``, ``action_surprise``, ``linear_probe``: fitted on demonstrations
-  only; ``random_direction``: a control that should score at chance.
+Every other detector is registered by name as a :class:`DetectorSpec` in the
+``detectors`` group, the built-ins exactly as a user's would be, through the
+``audit.detectors`` entry points (``pyproject.toml``)::
+
+    [project.entry-points."audit.detectors"]
+    my_detector = "my_package.detectors:SPEC"
+
+or in code with ``audit.registry.register("detectors", "my_detector", SPEC)``. A suite
+then lists the name in ``Suite.baselines``. Built-ins
+(:mod:`audit.detectors.baselines`): ``mahalanobis``, ``action_surprise``,
+``linear_probe`` and ``noise_consistency``, fitted on demonstrations only, and
+``random_direction``, a control that should score at chance.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
+import jax
 import numpy as np
 
 from audit.trajectories import Trajectories
+from audit.views import check_view
 
 AGGREGATES = ("max", "mean", "sum", "last")
 PROTOCOLS = ("co-trained", "post-hoc", "demonstrations-only")
@@ -44,6 +57,67 @@ class Detector(Protocol):
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None) -> Detector: ...
 
     def score(self, trajectories: Trajectories) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorContext:
+    """What a suite knows when it builds a detector for one audited imitator.
+
+    Attributes:
+      num_actions: the environment's number of actions.
+      observation_shape: the shape of one observation.
+      seed: the seed of the run; a detector with randomness draws it from here.
+      make_model: ``key -> imitator module`` of the suite's imitator architecture,
+        for detectors that fit a model of the demonstrator (e.g. action surprise).
+    """
+
+    num_actions: int
+    observation_shape: tuple[int, ...]
+    seed: int = 0
+    make_model: Callable[[jax.Array], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorSpec:
+    """A named detector, as the ``detectors`` registry group holds it.
+
+    Attributes:
+      name: registry name, used as the ``detector`` of results rows.
+      view: the view the detector reads (one of :data:`audit.views.VIEWS`), the
+        results tables' column for it.
+      make: ``make(context: DetectorContext) -> Detector``, an unfitted detector.
+        A module-level function, so that suites can send the spec to worker
+        processes.
+      depends_on_imitator: False if the detector reads nothing of the audited
+        imitator (e.g. a model of the demonstrator's actions): a suite then fits it
+        once per data set and scores every audited imitator with it.
+      description: one line for listings.
+
+    Example:
+      >>> from audit.detectors.baselines import MahalanobisDetector
+      >>> def make_my_detector(context):
+      ...     return MahalanobisDetector()
+      >>> spec = DetectorSpec("my_detector", "activations", make_my_detector)
+      >>> spec.build(DetectorContext(num_actions=6, observation_shape=(9, 9, 8))).protocol
+      'demonstrations-only'
+    """
+
+    name: str
+    view: str
+    make: Callable[[DetectorContext], Detector]
+    depends_on_imitator: bool = True
+    description: str = ""
+
+    def __post_init__(self):
+        check_view(self.view)
+
+    def build(self, context: DetectorContext) -> Detector:
+        """``make(context)``, checked to meet the :class:`Detector` protocol."""
+        detector = self.make(context)
+        if not isinstance(detector, Detector) or detector.protocol not in PROTOCOLS:
+            raise TypeError(f"detector {self.name!r}: make() must return an object with "
+                            f"fit, score and a protocol in {PROTOCOLS}; got {detector!r}")
+        return detector
 
 
 def check_aggregate(aggregate: str) -> str:

@@ -14,7 +14,10 @@
 - :class:`RandomDirectionDetector`: the absolute projection of the standardised
   activations on a fixed random direction; a control that should score at chance.
 
-All are ``demonstrations-only``: ``fit`` ignores ``untrusted``.
+All are ``demonstrations-only``: ``fit`` ignores ``untrusted``. Each has a
+:class:`~audit.detectors.DetectorSpec` (``MAHALANOBIS``, ``ACTION_SURPRISE``,
+``LINEAR_PROBE``, ``NOISE_CONSISTENCY``, ``RANDOM_DIRECTION``), registered in the
+``detectors`` group under its name.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import optax
 from flax import nnx
 
 from audit import bc
+from audit.detectors import DetectorContext, DetectorSpec
 from audit.rollout import teacher_forced
 from audit.trajectories import Trajectories, validate
 from audit.views import check_view, view_features
@@ -293,7 +297,47 @@ def _noise_distance(logits, actions, noise):
     return jnp.maximum(low - noise, 0.0) + jnp.maximum(noise - high, 0.0)
 
 
-# The view each baseline reads, for results tables.
-BASELINE_VIEWS = {"mahalanobis": "activations", "action_surprise": "transitions",
-                  "linear_probe": "activations", "noise_consistency": "activations+noise",
-                  "random_direction": "activations"}
+# --------------------------------------------------------------------- registered specs
+# Built-ins register through the ``audit.detectors`` entry points, as a user's would.
+
+
+def _make_mahalanobis(context: DetectorContext) -> MahalanobisDetector:
+    return MahalanobisDetector()
+
+
+def _make_action_surprise(context: DetectorContext) -> ActionSurpriseDetector:
+    if context.make_model is None:
+        raise ValueError("action_surprise needs DetectorContext.make_model (an imitator "
+                         "factory for its model of the demonstrator)")
+    return ActionSurpriseDetector(
+        context.make_model, bc.BCConfig(updates=600, batch_episodes=16, learning_rate=2e-3),
+        seed=context.seed)
+
+
+def _make_linear_probe(context: DetectorContext) -> LinearProbeDetector:
+    return LinearProbeDetector(context.num_actions)
+
+
+def _make_noise_consistency(context: DetectorContext) -> NoiseConsistencyDetector:
+    return NoiseConsistencyDetector()
+
+
+def _make_random_direction(context: DetectorContext) -> RandomDirectionDetector:
+    return RandomDirectionDetector(seed=context.seed)
+
+
+MAHALANOBIS = DetectorSpec(
+    "mahalanobis", "activations", _make_mahalanobis,
+    description="squared Mahalanobis distance of the activations from the demonstrations'")
+ACTION_SURPRISE = DetectorSpec(
+    "action_surprise", "transitions", _make_action_surprise, depends_on_imitator=False,
+    description="-log p(action) under a behaviour-cloned model of the demonstrator")
+LINEAR_PROBE = DetectorSpec(
+    "linear_probe", "activations", _make_linear_probe,
+    description="-log p(action) under a linear probe from the activations")
+NOISE_CONSISTENCY = DetectorSpec(
+    "noise_consistency", "activations+noise", _make_noise_consistency,
+    description="distance of the handed noise from the taken action's CDF interval")
+RANDOM_DIRECTION = DetectorSpec(
+    "random_direction", "activations", _make_random_direction,
+    description="|z . u| for standardised activations and a fixed random u (a control)")

@@ -17,8 +17,11 @@ same machine, and writes ``DIR/perf.json`` and ``DIR/perf.png``:
   both sides) and ``idiomatic`` (each library at its documented fast way: many
   vmapped environments and seeds here, a ``DummyVecEnv`` of many environments
   there; per imitator, every hyperparameter stays the same);
-- transitions/s of each side and their ratio, wall time, final true return of
-  both imitators (a setting only ``counts`` if both reach 475), the scaling of
+- transitions/s of each side and their ratio, both without this side's
+  compilation (``ratio``) and with it (``ratio_including_compile``), wall time,
+  final true return of every imitator (a setting only ``counts`` if every seed
+  here and the imitator there reach 475), the torch thread count (by default the
+  faster of 1 and 2 on a short calibration run, used in both settings), the scaling of
   this project's throughput with 1, 8, 64 and 256 vmapped seeds, where the time
   goes (environment, policy forward, discriminator reward, PPO update,
   discriminator update), and the PPO update's FLOP/s against a large matmul's.
@@ -590,19 +593,36 @@ def imitation_config(hp: Hyperparameters, num_envs: int, seed: int, eval_episode
 
 
 def run_imitation(python: Path, config: dict, demos_path: Path, out_dir: Path, name: str,
-                  log=print) -> dict:
-    """Runs one ``imitation`` training in the other venv; its result dict."""
+                  log=print, calibrate: bool = False) -> dict:
+    """Runs the ``imitation`` side in the other venv; its result dict.
+
+    Args:
+      python: the other venv's interpreter.
+      config: :func:`imitation_config`'s dict.
+      demos_path: the demonstrations ``.npz``.
+      out_dir: where the config, result and log files go (``imitation_{name}.*``).
+      name: the setting's name (or ``threads`` for the calibration).
+      log: progress printer.
+      calibrate: only choose the torch thread count (the side's ``--calibrate``).
+
+    Returns:
+      The side's ``train_and_evaluate`` result, or with ``calibrate`` its
+      ``{"threads", "calibration"}``.
+    """
     out_dir, demos_path = Path(out_dir).resolve(), Path(demos_path).resolve()
     config_path = out_dir / f"imitation_{name}_config.json"
     result_path = out_dir / f"imitation_{name}.json"
     log_path = out_dir / f"imitation_{name}.log"
     config_path.write_text(json.dumps(config, indent=2))
-    log(f"  imitation: {config['num_envs']} envs, training {config['transitions']:,} "
-        "transitions")
+    if calibrate:
+        log(f"  imitation: timing 1 against 2 torch threads ({config['num_envs']} envs)")
+    else:
+        log(f"  imitation: {config['num_envs']} envs, training {config['transitions']:,} "
+            "transitions")
     with open(log_path, "w") as log_file:
         status = subprocess.run(
             [str(python), str(SIDE_SCRIPT), "--demos", str(demos_path), "--config",
-             str(config_path), "--out", str(result_path)],
+             str(config_path), "--out", str(result_path), *(["--calibrate"] * calibrate)],
             stdout=log_file, stderr=subprocess.STDOUT, cwd=str(out_dir)).returncode
     if status != 0:
         tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -615,23 +635,84 @@ def run_imitation(python: Path, config: dict, demos_path: Path, out_dir: Path, n
 
 
 def compare_setting(project: dict, imitation: dict | None, require_return: bool) -> dict:
-    """One setting's figures: both sides, the throughput ratio, whether it counts."""
+    """One setting's figures: both sides, both throughput ratios, whether it counts.
+
+    The bar is per imitator: every seed of this side (its worst, ``final_return_min``)
+    and the ``imitation`` side's one imitator must reach a mean true return of
+    :data:`RETURN_THRESHOLD`.
+
+    Args:
+      project: :func:`run_project`'s result.
+      imitation: the ``imitation`` side's result, or ``None`` when it was skipped.
+      require_return: ``False`` for a quick run, which never counts.
+
+    Returns:
+      ``project``, ``imitation``, ``ratio`` (this side's rate without compilation
+      over ``imitation``'s), ``ratio_including_compile`` (this side's rate with its
+      compilation in the wall time), ``counts``, ``counts_reason``, and
+      ``return_reached`` per side with the rule it applied.
+    """
     if imitation is None:
-        return {"project": project, "imitation": None, "ratio": None, "counts": False,
+        return {"project": project, "imitation": None, "ratio": None,
+                "ratio_including_compile": None, "counts": False,
                 "counts_reason": "imitation side skipped"}
-    ratio = project["transitions_per_second"] / imitation["transitions_per_second"]
-    reached = {"project": project["final_return"] >= RETURN_THRESHOLD,
-               "imitation": imitation["final_return"] >= RETURN_THRESHOLD}
+    rate = imitation["transitions_per_second"]
+    ratio = project["transitions_per_second"] / rate
+    ratio_including_compile = project["transitions_per_second_including_compile"] / rate
+    reached = {"project": project["final_return_min"] >= RETURN_THRESHOLD,
+               "imitation": imitation["final_return"] >= RETURN_THRESHOLD,
+               "rule": f"every seed here (final_return_min) and the imitator there reach a "
+                       f"mean true return >= {RETURN_THRESHOLD:g}"}
     if not require_return:
         reason, counts = "quick run: no return requirement, so it never counts", False
-    elif all(reached.values()):
-        reason, counts = f"both reached final return >= {RETURN_THRESHOLD:g}", True
+    elif reached["project"] and reached["imitation"]:
+        reason, counts = f"every imitator reached final return >= {RETURN_THRESHOLD:g}", True
     else:
-        short = [side for side, ok in reached.items() if not ok]
+        short = []
+        if not reached["project"]:
+            short.append(f"project's worst seed {project['final_return_min']:.1f} (mean "
+                         f"{project['final_return']:.1f})")
+        if not reached["imitation"]:
+            short.append(f"imitation {imitation['final_return']:.1f}")
         reason = f"{' and '.join(short)} below {RETURN_THRESHOLD:g} final return"
         counts = False
-    return {"project": project, "imitation": imitation, "ratio": ratio, "counts": counts,
+    return {"project": project, "imitation": imitation, "ratio": ratio,
+            "ratio_including_compile": ratio_including_compile, "counts": counts,
             "counts_reason": reason, "return_reached": reached}
+
+
+def target_status(entry: dict, setting: str = "idiomatic") -> dict:
+    """Whether a setting meets :data:`TARGET_RATIO`, without and with compilation.
+
+    Args:
+      entry: :func:`compare_setting`'s result for ``setting``.
+      setting: the setting's name, recorded.
+
+    Returns:
+      ``setting``, ``ratio_required``, ``ratio``, ``ratio_including_compile``,
+      ``counts``, ``met`` (counts and ``ratio`` reaches the target) and
+      ``met_including_compile`` (counts and ``ratio_including_compile`` reaches it).
+    """
+    def met(ratio):
+        return bool(entry["counts"] and ratio is not None and ratio >= TARGET_RATIO)
+
+    return {"setting": setting, "ratio_required": TARGET_RATIO, "ratio": entry["ratio"],
+            "ratio_including_compile": entry["ratio_including_compile"],
+            "counts": bool(entry["counts"]), "met": met(entry["ratio"]),
+            "met_including_compile": met(entry["ratio_including_compile"])}
+
+
+def target_summary(target: dict) -> str:
+    """One line saying whether the target is met, without and with compilation."""
+    def part(met, ratio, how):
+        shown = "n/a" if ratio is None else f"{ratio:.1f}x"
+        return f"{'met' if met else 'not met'} {how} ({shown})"
+
+    without = part(target["met"], target["ratio"], "without compilation")
+    including = part(target["met_including_compile"], target["ratio_including_compile"],
+                     "including compilation")
+    line = f"target {target['ratio_required']:g}x in {target['setting']}: {without}, {including}"
+    return line if target["counts"] else line + "; the setting does not count"
 
 
 def machine_info() -> dict:
@@ -697,8 +778,9 @@ def plot(perf: dict, path: Path) -> None:
     labels = []
     for name in names:
         ratio = perf[name]["ratio"]
-        note = "" if ratio is None else f"\n{ratio:.1f}x" + (
-            "" if perf[name]["counts"] else " (does not count)")
+        note = "" if ratio is None else (
+            f"\n{ratio:.1f}x ({perf[name]['ratio_including_compile']:.1f}x with compile)"
+            + ("" if perf[name]["counts"] else "\n(does not count)"))
         labels.append(name + note)
     bars.set_xticks(np.arange(len(names)), labels)
     bars.set_yscale("log")
@@ -743,7 +825,51 @@ def prepare_out(out: Path, overwrite: bool) -> None:
 # ------------------------------------------------------------------------------ main
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _seed_counts(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated positive integers, got {text!r}") from None
+    if any(count < 1 for count in counts):
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated positive integers, got {text!r}")
+    return counts
+
+
+def _thread_count(text: str) -> int | str:
+    """argparse type: ``auto`` or a positive integer."""
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive integer, got {text!r}") \
+            from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    """The command line's options, checked: a bad value exits with one ``error:`` line.
+
+    Args:
+      argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+      The namespace; ``scaling_seeds`` is a tuple of ints, ``imitation_threads``
+      ``"auto"`` or an int, ``eval_episodes`` filled in.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.perf.compare", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -757,17 +883,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"(default: {DEFAULT_IMITATION_PYTHON.relative_to(ROOT)})")
     parser.add_argument("--skip-imitation", action="store_true",
                         help="run this project's side only (nothing then counts)")
-    parser.add_argument("--imitation-threads", default="1",
-                        help="torch threads for the imitation side: a number (default 1: "
-                             "two threads collapse when another job shares the cores), or "
-                             "auto (measure 1 against 2 on a short run first)")
-    parser.add_argument("--seeds", type=int, default=None,
+    parser.add_argument("--imitation-threads", type=_thread_count, default="auto",
+                        help="torch threads for the imitation side in both settings: auto "
+                             "(default: the faster of 1 and 2 on a short calibration run of "
+                             "the idiomatic setting, no margin) or a number to force")
+    parser.add_argument("--seeds", type=_positive_int, default=None,
                         help="seeds of this project's idiomatic run (default: 16; quick: 4)")
-    parser.add_argument("--rounds", type=int, default=None,
+    parser.add_argument("--rounds", type=_positive_int, default=None,
                         help="rounds per imitator (default: 30 of 16384 transitions)")
-    parser.add_argument("--scaling-seeds", default=",".join(map(str, SCALING_SEEDS)),
+    parser.add_argument("--scaling-seeds", type=_seed_counts,
+                        default=",".join(map(str, SCALING_SEEDS)),
                         help="comma-separated seed counts for the scaling figure")
-    parser.add_argument("--eval-episodes", type=int, default=None,
+    parser.add_argument("--eval-episodes", type=_positive_int, default=None,
                         help="true-reward evaluation episodes per imitator (default 64, "
                              "quick 8; at least 32 unless quick)")
     parser.add_argument("--seed", type=int, default=0)
@@ -776,12 +903,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.eval_episodes = 8 if args.quick else 64
     if args.eval_episodes < 32 and not args.quick:
         parser.error("--eval-episodes must be >= 32 (fewer only with --quick)")
-    if args.imitation_threads != "auto" and not args.imitation_threads.isdigit():
-        parser.error("--imitation-threads must be a number or auto")
-    try:
-        args.scaling_seeds = tuple(int(s) for s in args.scaling_seeds.split(","))
-    except ValueError:
-        parser.error("--scaling-seeds must be comma-separated integers")
     return args
 
 
@@ -802,8 +923,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
     out = args.out.resolve()  # the imitation side runs with its own working directory
     prepare_out(out, args.overwrite)
     machine = machine_info()
-    threads = args.imitation_threads if args.imitation_threads == "auto" \
-        else int(args.imitation_threads)
 
     log(f"jax {jax.__version__} on {jax.default_backend()} ({devices} device(s)), "
         f"{os.cpu_count()} CPU(s); "
@@ -817,12 +936,34 @@ def run(args: argparse.Namespace, log=print) -> dict:
         f"{len(demos['episode_lengths'])} episodes -> {demos_path}")
 
     perf: dict[str, Any] = {}
+    idiomatic = next(s for s in settings if s.name == "idiomatic")
+    threads = args.imitation_threads
+    if not args.skip_imitation:
+        perf["imitation_threads"] = {"requested": threads, "chosen": threads,
+                                     "calibration": None,
+                                     "applies_to": [s.name for s in settings]}
+        if threads == "auto":
+            # Calibrated once, on the idiomatic setting; both settings use the choice
+            # (their PPO minibatches, where the threads work, are the same).
+            calibrated = run_imitation(
+                args.imitation_python,
+                imitation_config(hp, idiomatic.imitation_envs, args.seed, args.eval_episodes,
+                                 "auto", out / "imitation-logs"),
+                demos_path, out, "threads", log=log, calibrate=True)
+            threads = int(calibrated["threads"])
+            perf["imitation_threads"].update(chosen=threads,
+                                             calibration=calibrated["calibration"])
+            rates = calibrated["calibration"]["transitions_per_second"]
+            log("torch threads for imitation: " + str(threads) + " (calibration: " + ", ".join(
+                f"{k} thread(s) {v:,.0f} transitions/s" for k, v in rates.items()) + ")")
     for setting in settings:
         log(f"[{setting.name}] {setting.description}")
         project = run_project(hp, setting.project_envs, setting.project_seeds, demos,
                               args.seed, args.eval_episodes, log=log)
-        log(f"  project: {project['transitions_per_second']:,.0f} transitions/s, final return "
-            f"{project['final_return']:.1f} (worst seed {project['final_return_min']:.1f})")
+        log(f"  project: {project['transitions_per_second']:,.0f} transitions/s "
+            f"({project['transitions_per_second_including_compile']:,.0f} including "
+            f"compilation), final return {project['final_return']:.1f} (worst seed "
+            f"{project['final_return_min']:.1f})")
         imitation = None
         if not args.skip_imitation:
             config = imitation_config(hp, setting.imitation_envs, args.seed,
@@ -834,11 +975,12 @@ def run(args: argparse.Namespace, log=print) -> dict:
                 f"(torch threads {imitation['torch_threads']})")
         perf[setting.name] = compare_setting(project, imitation, require_return=not args.quick)
         perf[setting.name]["setting"] = dataclasses.asdict(setting)
-        if perf[setting.name]["ratio"] is not None:
-            log(f"  ratio {perf[setting.name]['ratio']:.1f}x; counts: "
-                f"{perf[setting.name]['counts']} ({perf[setting.name]['counts_reason']})")
+        entry = perf[setting.name]
+        if entry["ratio"] is not None:
+            log(f"  ratio {entry['ratio']:.1f}x ({entry['ratio_including_compile']:.1f}x "
+                f"including compilation); counts: {entry['counts']} "
+                f"({entry['counts_reason']})")
 
-    idiomatic = next(s for s in settings if s.name == "idiomatic")
     perf["scaling"], perf["scaling_conditions"] = measure_scaling(
         hp, idiomatic.project_envs, args.scaling_seeds, demos, log=log)
     profile, context = profile_stages(hp, idiomatic.project_envs, idiomatic.project_seeds,
@@ -852,15 +994,13 @@ def run(args: argparse.Namespace, log=print) -> dict:
         f"matmul {perf['flops']['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s "
         f"({perf['flops']['ppo_to_matmul_ratio']:.0%})")
 
-    ratio = perf["idiomatic"]["ratio"]
-    perf["target"] = {
-        "setting": "idiomatic", "ratio_required": TARGET_RATIO, "ratio": ratio,
-        "met": bool(ratio is not None and ratio >= TARGET_RATIO
-                    and perf["idiomatic"]["counts"])}
+    perf["target"] = target_status(perf["idiomatic"])
     perf["config"] = {
         "hyperparameters": dataclasses.asdict(hp),
         "transitions_per_imitator": hp.transitions,
         "return_threshold": RETURN_THRESHOLD,
+        "return_rule": "every seed of this project (final_return_min) and the imitation "
+                       "imitator reach the threshold",
         "eval_episodes": args.eval_episodes,
         "evaluation": "mean true return of sampled (not greedy) actions",
         "settings": [dataclasses.asdict(s) for s in settings],
@@ -886,6 +1026,36 @@ def run(args: argparse.Namespace, log=print) -> dict:
     return perf
 
 
+def format_summary(perf: dict) -> str:
+    """The table printed at the end of a run: both settings, both ratios, the target.
+
+    Args:
+      perf: :func:`run`'s result.
+
+    Returns:
+      The lines, joined: one per setting (rates, ratio, ratio including this side's
+      compilation, final returns as worst seed / mean here / there, counts), then
+      :func:`target_summary`'s.
+    """
+    nan = float("nan")
+    summary = [f"{'setting':<10} {'project t/s':>12} {'imitation t/s':>14} {'ratio':>7} "
+               f"{'w/ compile':>10} {'returns (min/mean/there)':>25} counts"]
+    for name in ("matched", "idiomatic"):
+        entry = perf[name]
+        imitation = entry["imitation"]
+        ratio, including = entry["ratio"], entry["ratio_including_compile"]
+        returns = (f"{entry['project']['final_return_min']:.1f}/"
+                   f"{entry['project']['final_return']:.1f}/"
+                   f"{imitation['final_return'] if imitation else nan:.1f}")
+        summary.append(
+            f"{name:<10} {entry['project']['transitions_per_second']:>12,.0f} "
+            f"{imitation['transitions_per_second'] if imitation else nan:>14,.0f} "
+            f"{ratio if ratio is not None else nan:>6.1f}x "
+            f"{including if including is not None else nan:>9.1f}x "
+            f"{returns:>25} {entry['counts']}")
+    return "\n".join([*summary, target_summary(perf["target"])])
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -897,21 +1067,7 @@ def main(argv=None) -> int:
         if error.hint:
             print(error.hint, file=sys.stderr)
         return 2
-    summary = [f"{'setting':<10} {'project t/s':>14} {'imitation t/s':>14} {'ratio':>8} "
-               f"{'returns':>15} counts"]
-    for name in ("matched", "idiomatic"):
-        entry = perf[name]
-        imitation = entry["imitation"]
-        summary.append(
-            f"{name:<10} {entry['project']['transitions_per_second']:>14,.0f} "
-            f"{imitation['transitions_per_second'] if imitation else float('nan'):>14,.0f} "
-            f"{entry['ratio'] if entry['ratio'] is not None else float('nan'):>7.1f}x "
-            f"{entry['project']['final_return']:>7.1f}/"
-            f"{imitation['final_return'] if imitation else float('nan'):<7.1f} "
-            f"{entry['counts']}")
-    print("\n".join(summary))
-    print(f"target {TARGET_RATIO:g}x in idiomatic: "
-          f"{'met' if perf['target']['met'] else 'not met'}")
+    print(format_summary(perf))
     return 0
 
 
