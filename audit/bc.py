@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from audit.modules import abstract_module, scan_updates, zero_initial_carry
+from audit.modules import abstract_module, initial_carry_of, scan_updates
 from audit.rollout import unroll
 from audit.trajectories import Trajectories, validate
 
@@ -103,7 +103,7 @@ def make_train(config: BCConfig, make_imitator: Callable[[jax.Array], nnx.Module
     episodes = demonstrations.num_episodes
     batch = min(config.batch_episodes, episodes)
     graphdef, abstract_params = abstract_module(make_imitator)
-    initial_carry = zero_initial_carry(graphdef, abstract_params)
+    initial_carry = initial_carry_of(graphdef, abstract_params)
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                             optax.adam(config.learning_rate))
 

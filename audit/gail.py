@@ -45,7 +45,7 @@ import optax
 from flax import nnx, struct
 
 from audit import discriminator, ppo
-from audit.modules import abstract_module, scan_updates, zero_initial_carry
+from audit.modules import abstract_module, initial_carry_of, scan_updates
 from audit.rollout import inverse_cdf_sample
 from audit.trajectories import Trajectories, validate
 from audit.vector import make_batched_step
@@ -263,7 +263,7 @@ def make_stages(config: GAILConfig, env, env_params,
     batch_size = config.transitions_per_round
 
     actor_def, abstract_actor = abstract_module(make_actor)
-    carry0 = zero_initial_carry(actor_def, abstract_actor)
+    carry0 = initial_carry_of(actor_def, abstract_actor)
     critic_def, _ = abstract_module(make_critic)
 
     def features(observations, actions):

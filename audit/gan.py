@@ -38,7 +38,7 @@ from flax import nnx, struct
 
 from audit import bc, discriminator, ppo
 from audit.metrics import pairwise_auroc
-from audit.modules import abstract_module, scan_updates, zero_initial_carry
+from audit.modules import abstract_module, initial_carry_of, scan_updates
 from audit.rollout import rollout_split, unroll
 from audit.trajectories import Trajectories, validate
 from audit.views import RunningNorm, check_view, richest_view, view_features, view_mask
@@ -257,7 +257,7 @@ def make_train(config: GANConfig, env, env_params,
     episodes = config.episodes
 
     actor_def, abstract_actor = abstract_module(make_imitator)
-    carry0 = zero_initial_carry(actor_def, abstract_actor)
+    carry0 = initial_carry_of(actor_def, abstract_actor)
     critic_def, _ = abstract_module(make_critic)
     views = config.views
     single_view = isinstance(config.view, str)

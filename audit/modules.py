@@ -16,10 +16,22 @@ def abstract_module(make: Callable[[jax.Array], nnx.Module]) -> tuple[Any, Any]:
     return nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
 
 
-def zero_initial_carry(graphdef, abstract_state) -> jax.Array:
-    """The imitator's ``initial_carry()`` as a concrete array (it does not depend on weights)."""
+def initial_carry_of(graphdef, abstract_state) -> jax.Array:
+    """The imitator's ``initial_carry()``, its very value, from the abstract module.
+
+    The imitator contract (:mod:`models.imitators`) makes the initial carry a constant
+    that does not depend on the weights, so it can be read without allocating them.
+    Its value matters: an imitator may mark "no step taken yet" in it (the model
+    organisms' plan bit starts at -1 and is set at the first step).
+
+    Raises:
+      ValueError: if ``initial_carry()`` depends on the weights (it is not concrete).
+    """
     carry = nnx.merge(graphdef, abstract_state).initial_carry()
-    return jnp.zeros(carry.shape, carry.dtype)
+    if isinstance(carry, jax.ShapeDtypeStruct | jax.core.Tracer):
+        raise ValueError("an imitator's initial_carry() must be a constant array that does not "
+                         f"depend on its weights; got {carry!r}")
+    return jnp.asarray(carry)
 
 
 def flat_state(state) -> dict[str, Any]:

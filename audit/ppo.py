@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from audit.modules import abstract_module, scan_updates, zero_initial_carry
+from audit.modules import abstract_module, initial_carry_of, scan_updates
 from audit.rollout import imitator_step, inverse_cdf_sample
 from audit.vector import make_batched_step
 
@@ -188,7 +188,7 @@ def make_train(config: PPOConfig, env, env_params,
     """
     actor_def, abstract_actor = abstract_module(make_actor)
     critic_def, _ = abstract_module(make_critic)
-    carry0 = zero_initial_carry(actor_def, abstract_actor)
+    carry0 = initial_carry_of(actor_def, abstract_actor)
     step_envs = make_batched_step(env, reset_budget=config.num_envs)
     batch_size = config.num_envs * config.num_steps
     minibatch = batch_size // config.num_minibatches

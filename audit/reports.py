@@ -84,8 +84,9 @@ def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = 
             out.append("")
     out.append("## Organism validity (after co-training; before in parentheses)")
     out.append("")
-    out.append("| env | organism | KL train (bound) | event rate test (range) | valid |")
-    out.append("| --- | --- | --- | --- | --- |")
+    out.append("| env | organism | KL train (bound) | event rate test (range) | "
+               "positives / episodes | valid |")
+    out.append("| --- | --- | --- | --- | --- | --- |")
     seen = set()
     for row in rows:
         key = (row["env"], row["organism"])
@@ -98,6 +99,7 @@ def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = 
                    f"({_number(v['kl_train_before_cotraining'])}; <= {v['kl_bound']}) | "
                    f"{_number(v['event_rate_test'])} "
                    f"({_number(v['event_rate_test_before_cotraining'])}; [{low}, {high}]) | "
+                   f"{row['positives']} / {row['organism_episodes']} | "
                    f"{'yes' if v['valid'] else 'no'} |")
     out.append("")
     return "\n".join(out)

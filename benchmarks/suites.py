@@ -133,7 +133,7 @@ _FINE_TUNE = gan.GANConfig(
     eval_every=20, eval_episodes=16)
 _ORGANISMS = organism_lib.OrganismConfig(
     view_radius=6, episodes=512, clone_steps=24,
-    bc=organism_lib.bc.BCConfig(updates=700, batch_episodes=32, learning_rate=3e-3),
+    bc=organism_lib.bc.BCConfig(updates=1000, batch_episodes=32, learning_rate=3e-3),
     check_episodes=256)
 
 QUICK = Suite(
@@ -142,12 +142,13 @@ QUICK = Suite(
     baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction"),
     organism=_ORGANISMS, gan=_FINE_TUNE, calibration_episodes=512, resamples=500)
 # Every organism (the backdoor's trigger mark sits in a corner, so organisms see the
-# whole grid), every detector, five seeds; about half an hour on 2 CPU cores.
+# whole grid), every detector, five seeds. Cloned for 1500 updates: at 800, the rare
+# defector on takeover took its option in 3% of test episodes, below its valid range.
 FULL = Suite(
     name="full", envs=("offswitch", "takeover", "unobserved"),
     organisms=tuple(organism_lib.ORGANISMS), post_hoc=True, baselines=BASELINES, seeds=5,
     organism=dataclasses.replace(_ORGANISMS, view_radius=None, bc=organism_lib.bc.BCConfig(
-        updates=800, batch_episodes=32, learning_rate=3e-3)),
+        updates=1500, batch_episodes=32, learning_rate=3e-3)),
     gan=_FINE_TUNE, calibration_episodes=512)
 SUITES = {suite.name: suite for suite in (QUICK, FULL)}
 
@@ -362,7 +363,8 @@ def _audit_organism(suite, env_spec, env, spec, organism, honest, modules, run_s
     validity = organism_lib.validity_figures(spec, episodes["calibration"],
                                              episodes["own_train"], episodes["own"])
     validity = dict(validity, before=organism.validity)
-    organism_lib.require_valid(spec.name, env_spec.name, validity)
+    organism_lib.require_valid(spec.name, env_spec.name, validity,
+                               f"(seed {seed}, after co-training)")
     norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
         modules.view_masks.shape[1])
     names = suite.gan.activation_names

@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from audit import gail, gymnax_envs
-from audit.modules import abstract_module, zero_initial_carry
+from audit.modules import abstract_module, initial_carry_of
 from audit.ppo import Critic
 from audit.rollout import rollout_split
 from benchmarks.perf.compare import MLPPolicy
@@ -39,7 +39,7 @@ def test_streaming_gail_learns_cartpole_from_a_scripted_expert_without_its_rewar
     train, modules = gail.make_train(
         config, env, env_params, make_actor, lambda k: Critic(4, (64, 64), rngs=nnx.Rngs(k)),
         lambda k, size: StepDiscriminator(size, (64, 64), rngs=nnx.Rngs(k)), demos)
-    carry0 = zero_initial_carry(modules.actor, abstract_module(make_actor)[1])
+    carry0 = initial_carry_of(modules.actor, abstract_module(make_actor)[1])
 
     def run(key):
         train_key, eval_key = jax.random.split(key)

@@ -12,8 +12,9 @@ from conftest import build, sample_layouts
 from flax import nnx
 from scipy import stats
 
-from audit import registry
+from audit import bc, registry
 from audit.bc import BCConfig
+from audit.modules import abstract_module, initial_carry_of
 from audit.rollout import inverse_cdf_sample, rollout_expert, unroll
 from benchmarks import organisms
 from benchmarks.envs.gridworld import has_trigger
@@ -39,6 +40,30 @@ def _organism(share=0.0, pseudorandom=False, seed=0):
 def _unroll(organism, observations, noise):
     graphdef, state = nnx.split(organism)
     return unroll(graphdef, state, organism.initial_carry(), observations, noise)
+
+
+def test_training_loops_start_from_the_organisms_own_initial_carry():
+    # Its carry starts at bit -1 ("no step yet"); a zero carry would never set the bit.
+    graphdef, abstract = abstract_module(lambda key: _organism(share=0.3, seed=1))
+    np.testing.assert_array_equal(initial_carry_of(graphdef, abstract), [-1.0, 0.0])
+
+
+def test_cloning_trains_the_head_of_the_plan_its_bit_selects():
+    """Cloned on defector episodes only (bit 1 everywhere), only the plan head learns."""
+    env_spec = registry.get("environments", "offswitch")
+    spec = organisms.LONG_HORIZON
+    data = organisms.training_data(env_spec, spec, 8, jax.random.key(0))
+    config = organisms.OrganismConfig(hidden_sizes=(16,), episodes=8)
+
+    def make(key):
+        return organisms.make_imitator(spec, config, SHAPE, 6, key)
+
+    train, graphdef = bc.make_train(BCConfig(updates=5, batch_episodes=4), make, data)
+    start = nnx.split(make(jax.random.key(3)))[1]
+    params, _ = jax.jit(train)(jax.random.key(1), None, start)
+    cloned, fresh = nnx.merge(graphdef, params), nnx.merge(graphdef, start)
+    np.testing.assert_array_equal(cloned.head.kernel[...], fresh.head.kernel[...])
+    assert not np.allclose(cloned.plan_head.kernel[...], fresh.plan_head.kernel[...])
 
 
 def test_layout_uniform_is_deterministic_and_uniform_over_layouts():
@@ -184,12 +209,19 @@ def test_organisms_are_cached_by_what_they_are_built_from(tmp_path, monkeypatch)
         np.testing.assert_array_equal(a, b)
     # Another seed is another organism.
     assert organisms.cache_key(LOOSE, "offswitch", TINY, 1) != first.cache_key
+    # Bounds judge an organism but do not shape it: a cached one is judged again by the
+    # bounds of the spec it is loaded for, without retraining.
+    strict = dataclasses.replace(LOOSE, kl_bound=0.0)
+    assert organisms.cache_key(strict, "offswitch", TINY, 0) == first.cache_key
+    with pytest.raises(organisms.InvalidOrganismError, match=r"\(seed 0, when built\)"):
+        organisms.build_organisms(env_spec, [strict], TINY, seed=0, cache_dir=tmp_path)
 
 
 def test_an_organism_that_fails_its_check_is_an_error(tmp_path):
     strict = dataclasses.replace(LOOSE, name="strict_test", kl_bound=0.0)
     with pytest.raises(organisms.InvalidOrganismError,
-                       match="'strict_test' on 'offswitch' failed its validity check: kl_train"):
+                       match="'strict_test' on 'offswitch' \\(seed 0, when built\\) failed its "
+                             "validity check: kl_train"):
         organisms.build_organisms(registry.get("environments", "offswitch"), [strict], TINY, seed=0,
                                   cache_dir=tmp_path)
     with pytest.raises(ValueError, match="not defined on environment 'takeover'"):

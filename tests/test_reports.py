@@ -108,7 +108,7 @@ def test_markdown_validity_table_has_one_line_per_env_and_organism(rows):
     assert [line.split(" | ")[:2] for line in body] == [
         ["| grid_a", "long_horizon"], ["| grid_a", "honest"], ["| grid_b", "deceptive"]]
     assert body[0] == ("| grid_a | long_horizon | 0.012 (0.010; <= 0.05) | "
-                       "0.900 (0.950; [0.5, 1.0]) | yes |")
+                       "0.900 (0.950; [0.5, 1.0]) | 40 / 128 | yes |")
     assert body[2].endswith("| no |")
 
 

@@ -55,7 +55,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from audit import gail, gymnax_envs
-from audit.modules import abstract_module, zero_initial_carry
+from audit.modules import abstract_module, initial_carry_of
 from audit.ppo import Critic
 from audit.rollout import rollout_split
 from audit.vector import step_no_reset
@@ -366,7 +366,7 @@ def run_project(hp: Hyperparameters, num_envs: int, seeds: int, demos: dict, see
     state, metrics = jax.block_until_ready(compiled(keys))
     wall = time.perf_counter() - started
 
-    carry0 = zero_initial_carry(modules.actor, abstract_module(make_actor)[1])
+    carry0 = initial_carry_of(modules.actor, abstract_module(make_actor)[1])
 
     def evaluate(actor, key):
         return rollout_split(modules.actor, actor, carry0, env, env_params, key, eval_episodes,
