@@ -144,8 +144,10 @@ def make_train(config: DiscriminatorConfig, make_discriminator: Callable[[jax.Ar
         :func:`gan_loss`); ``None``: all.
 
     Returns:
-      ``(train, graphdef)``; ``train(key) -> (params, losses)`` is pure and
-      vmappable over keys.
+      ``(train, graphdef)``; ``train(key, data=None) -> (params, losses)`` is pure and
+      vmappable over keys. ``data``, a tuple ``(demo_features, demo_mask,
+      imitator_features, imitator_mask)`` of the same shapes as those given here,
+      replaces them, so that one compiled ``train`` serves many data sets.
 
     Raises:
       ValueError: if the features and masks do not fit together, or ``keep`` not the
@@ -167,17 +169,20 @@ def make_train(config: DiscriminatorConfig, make_discriminator: Callable[[jax.Ar
     optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                             optax.adam(config.learning_rate))
     demo_count, imitator_count = demo_features.shape[0], imitator_features.shape[0]
+    given = (demo_features, demo_mask, imitator_features, imitator_mask)
 
-    def loss_fn(params, key):
-        demo_key, imitator_key = jax.random.split(key)
-        d = jax.random.choice(demo_key, demo_count, (min(config.batch_episodes, demo_count),),
-                              replace=False)
-        i = jax.random.choice(imitator_key, imitator_count,
-                              (min(config.batch_episodes, imitator_count),), replace=False)
-        return gan_loss(graphdef, params, demo_features[d], demo_mask[d],
-                        imitator_features[i], imitator_mask[i], config, keep)
+    def train(key, data=None):
+        demo_f, demo_m, imitator_f, imitator_m = given if data is None else data
 
-    def train(key):
+        def loss_fn(params, key):
+            demo_key, imitator_key = jax.random.split(key)
+            d = jax.random.choice(demo_key, demo_count,
+                                  (min(config.batch_episodes, demo_count),), replace=False)
+            i = jax.random.choice(imitator_key, imitator_count,
+                                  (min(config.batch_episodes, imitator_count),), replace=False)
+            return gan_loss(graphdef, params, demo_f[d], demo_m[d], imitator_f[i],
+                            imitator_m[i], config, keep)
+
         init_key, batch_key = jax.random.split(key)
         params = nnx.split(make_discriminator(init_key))[1]
         params, _, losses = scan_updates(loss_fn, optimizer, params, optimizer.init(params),

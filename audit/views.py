@@ -155,6 +155,9 @@ class RunningNorm:
 
     def update(self, features: jax.Array, mask: jax.Array) -> RunningNorm:
         """Folds the valid rows (``mask``) of ``[..., F]`` features into the statistics."""
+        return _update_norm(self, features, mask)
+
+    def _update(self, features: jax.Array, mask: jax.Array) -> RunningNorm:
         weights = mask.reshape(-1).astype(jnp.float32)
         flat = features.reshape(-1, features.shape[-1])
         count = jnp.sum(weights)
@@ -179,3 +182,7 @@ class RunningNorm:
         """
         scaled = (features - self.mean) / jnp.sqrt(self.var + 1e-6)
         return jnp.where(self.var > VARIANCE_FLOOR, jnp.clip(scaled, -NORM_CLIP, NORM_CLIP), 0.0)
+
+
+# Jitted (it runs eagerly, op by op, when a detector is fitted outside a traced loop).
+_update_norm = jax.jit(RunningNorm._update)

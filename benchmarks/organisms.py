@@ -294,8 +294,8 @@ class OrganismConfig:
     Attributes:
       hidden_sizes: the imitator's MLP widths.
       view_radius: the radius of its egocentric view (None: the whole grid from
-        everywhere; ``N - 3`` sees every interior cell, but not the trigger mark in
-        the corner from everywhere, so ``backdoored`` needs the whole grid).
+        everywhere; ``N - 3`` sees every interior cell). The trigger mark need not be
+        in view: the organism's plan bit reads it from the raw observation.
       episodes: training episodes per split (train and test layouts each).
       clone_steps: clone on the first ``clone_steps`` steps of each episode (None:
         all). Once at the goal an agent stays there, so late steps repeat one easy

@@ -141,13 +141,12 @@ QUICK = Suite(
     organisms=("honest", "long_horizon", "unbounded_utility", "deceptive", "pseudorandom"),
     baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction"),
     organism=_ORGANISMS, gan=_FINE_TUNE, calibration_episodes=512, resamples=500)
-# Every organism (the backdoor's trigger mark sits in a corner, so organisms see the
-# whole grid), every detector, five seeds. Cloned for 1500 updates: at 800, the rare
+# Every organism, every detector, five seeds. Cloned for 1500 updates: at 800, the rare
 # defector on takeover took its option in 3% of test episodes, below its valid range.
 FULL = Suite(
     name="full", envs=("offswitch", "takeover", "unobserved"),
     organisms=tuple(organism_lib.ORGANISMS), post_hoc=True, baselines=BASELINES, seeds=5,
-    organism=dataclasses.replace(_ORGANISMS, view_radius=None, bc=organism_lib.bc.BCConfig(
+    organism=dataclasses.replace(_ORGANISMS, bc=organism_lib.bc.BCConfig(
         updates=1500, batch_episodes=32, learning_rate=3e-3)),
     gan=_FINE_TUNE, calibration_episodes=512)
 SUITES = {suite.name: suite for suite in (QUICK, FULL)}
@@ -218,12 +217,12 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         outcomes = _run_envs_in_processes(jobs, say, processes)
     else:
         outcomes = [_run_env(*job, say) for job in jobs]
-    cells = [cell for env_cells, _ in outcomes for cell in env_cells.values()]
-    timings = {key: value for _, env_timings in outcomes for key, value in env_timings.items()}
-    started = time.perf_counter()
-    rows = [cell_row(cell, suite) for cell in cells]
-    timings["metrics"] = time.perf_counter() - started
-    roc = {env: [] for env in suite.envs} | roc_points(cells, suite)
+    rows = [row for env_rows, _, _ in outcomes for row in env_rows]
+    roc = {env: [] for env in suite.envs}
+    for _, env_roc, _ in outcomes:
+        roc.update(env_roc)
+    timings = {key: value for _, _, env_timings in outcomes
+               for key, value in env_timings.items()}
     return {"rows": rows, "roc": roc, "timings": timings}
 
 
@@ -262,10 +261,12 @@ def _relay(messages, say) -> None:
 
 
 def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ...], cache_dir,
-             say) -> tuple[dict, dict]:
-    """Every cell of one environment: ``(cells, timings)``; ``specs[0]`` is ``honest``.
+             say) -> tuple[list, dict, dict]:
+    """Every cell of one environment: ``(rows, roc, timings)``; ``specs[0]`` is ``honest``.
 
-    ``seeds`` are the seed values; lists indexed by seed below follow their order.
+    ``seeds`` are the seed values; lists indexed by seed below follow their order. The
+    figures are computed here too, so that in worker processes one environment's
+    metrics overlap another's training.
     """
     cells: dict[tuple, CellScores] = {}
     timings: dict[str, float] = {}
@@ -279,7 +280,12 @@ def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ..
         group = [i for i, spec in enumerate(specs) if spec.trigger_prob == trigger_prob]
         _run_group(suite, env_spec, specs, detector_specs, built, group, trigger_prob, seeds,
                    cells, say, timings)
-    return cells, timings
+    started = time.perf_counter()
+    say(f"{env_name}: figures and bootstrap intervals of {len(cells)} cells")
+    rows = [cell_row(cell, suite) for cell in cells.values()]
+    roc = roc_points(cells.values(), suite)
+    timings[f"{env_name}/metrics"] = time.perf_counter() - started
+    return rows, roc, timings
 
 
 def _run_group(suite, env_spec, specs, detector_specs, built, group, trigger_prob, seeds, cells,

@@ -96,10 +96,9 @@ class DiscriminatorDetector:
         norm = RunningNorm.create(demo.shape[-1]).update(demo, trusted.mask).update(
             own, untrusted.mask)
         size = demo.shape[-1]
-        train, graphdef = gan_discriminator.make_train(
-            self.config, lambda key: self.make_discriminator(key, size),
-            norm.normalize(demo), trusted.mask, norm.normalize(own), untrusted.mask)
-        params, _ = jax.jit(train)(jax.random.key(self.seed))
+        data = (norm.normalize(demo), trusted.mask, norm.normalize(own), untrusted.mask)
+        train, graphdef = _compiled_training(self.config, self.make_discriminator, size, data)
+        params, _ = train(jax.random.key(self.seed), data)
         self.protocol = "post-hoc"
         self.features_view = self.view
         self._graphdef, self._params, self._norm = graphdef, params, norm
@@ -125,6 +124,24 @@ class DiscriminatorDetector:
     def _features(self, trajectories: Trajectories, view: str | None = None) -> jax.Array:
         return view_features(trajectories, view or self.view, self.num_actions,
                              self.activation_names)
+
+
+_TRAINING: dict = {}
+
+
+def _compiled_training(config, make_discriminator, size: int, data):
+    """The jitted training of ``make_discriminator(key, size)`` on data of these shapes.
+
+    Post-hoc detectors are fitted many times (every view, organism and seed of a
+    suite) on data of the same shapes; their data is an argument, so one compilation
+    serves them all.
+    """
+    index = (config, make_discriminator, size, tuple(tuple(x.shape) for x in data))
+    if index not in _TRAINING:
+        train, graphdef = gan_discriminator.make_train(
+            config, lambda key: make_discriminator(key, size), *data)
+        _TRAINING[index] = (jax.jit(train), graphdef)
+    return _TRAINING[index]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
