@@ -365,7 +365,9 @@ def bootstrap_ci(statistic: Callable[..., float], samples, *, groups=None,
     episode) is cluster-resampled instead: as many groups as it has are drawn with
     replacement and all members of each drawn group are taken (so its size can vary),
     which resamples "over seeds and episodes". Each array's groups are drawn
-    independently of the other arrays' groups, even if the ids coincide.
+    independently of the other arrays' groups, even if the ids coincide, and the
+    statistic sees the rows of all groups pooled: right for groups on one scale, not
+    for figures of per-seed detectors (use :func:`nested_bootstrap_ci` there).
 
     ``statistic`` may return a scalar or an array of several statistics (one pass of
     resampling for all of them; the bounds are then arrays, computed per entry).
