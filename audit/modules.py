@@ -27,10 +27,17 @@ def initial_carry_of(graphdef, abstract_state) -> jax.Array:
     Raises:
       ValueError: if ``initial_carry()`` depends on the weights (it is not concrete).
     """
-    carry = nnx.merge(graphdef, abstract_state).initial_carry()
+    message = ("an imitator's initial_carry() must be a constant array that does not depend "
+               "on its weights; got {}")
+    # Trainers build their loops inside jax.jit (a warm start inside the GAN's train),
+    # where jnp.zeros would be a tracer: a constant is evaluated here, not traced.
+    with jax.ensure_compile_time_eval():
+        try:
+            carry = nnx.merge(graphdef, abstract_state).initial_carry()
+        except TypeError as error:  # arithmetic on an abstract (weightless) parameter
+            raise ValueError(message.format(f"an error computing it: {error}")) from error
     if isinstance(carry, jax.ShapeDtypeStruct | jax.core.Tracer):
-        raise ValueError("an imitator's initial_carry() must be a constant array that does not "
-                         f"depend on its weights; got {carry!r}")
+        raise ValueError(message.format(repr(carry)))
     return jnp.asarray(carry)
 
 

@@ -12,15 +12,15 @@ from conftest import build
 from flax import nnx
 from matplotlib import pyplot as plt
 
-from audit import gan, ppo
+from audit import bc, gan, ppo
 from audit.cli import main
 from audit.discriminator import DiscriminatorConfig
 from audit.plots import training_curves
 from audit.rollout import rollout_expert
 from benchmarks.perf.gan import transition_counts
 from benchmarks.planners.presets import DEMONSTRATOR
-from models.discriminators import AttentionDiscriminator, GRUDiscriminator
-from models.imitators import GRUImitator
+from models.discriminators import AttentionDiscriminator, GRUDiscriminator, StepDiscriminator
+from models.imitators import EgocentricImitator, GRUImitator
 
 
 def _offswitch_demos(episodes: int, seed: int = 0):
@@ -63,6 +63,25 @@ def test_sequence_discriminator_on_activations_with_a_recurrent_imitator_vmaps_o
     assert discriminator(np.zeros((48, features), np.float32), np.ones(48, bool)).shape == (48,)
     # The two seeds really are different runs.
     assert not np.allclose(metrics["discriminator_loss"][0], metrics["discriminator_loss"][1])
+
+
+def test_bc_warm_start_inside_the_jitted_train_brings_the_imitator_to_the_demonstrator():
+    # The warm start is built inside the jitted train (where constants are tracers).
+    env, params, demos = _offswitch_demos(32)
+    kls = {}
+    for updates in (None, 300):
+        warm_start = None if updates is None else bc.BCConfig(updates=updates, batch_episodes=8,
+                                                                learning_rate=3e-3)
+        config = gan.GANConfig(iterations=1, episodes=8, ppo_minibatches=2, view="actions",
+                               eval_every=1, eval_episodes=16, bc_warm_start=warm_start,
+                               discriminator=DiscriminatorConfig(updates=1, batch_episodes=4))
+        train, _ = gan.make_train(
+            config, env, params, lambda k: EgocentricImitator((9, 9, 8), 6, (32,),
+                                                              rngs=nnx.Rngs(k)),
+            lambda k: ppo.Critic(9 * 9 * 8, (32,), rngs=nnx.Rngs(k)),
+            lambda k, f: StepDiscriminator(f, (16,), rngs=nnx.Rngs(k)), demos)
+        kls[updates] = float(jax.jit(train)(jax.random.key(0))[2]["kl_train"][0])
+    assert kls[300] < 0.5 * kls[None], kls
 
 
 def test_same_key_same_numbers():

@@ -48,6 +48,27 @@ def test_training_loops_start_from_the_organisms_own_initial_carry():
     np.testing.assert_array_equal(initial_carry_of(graphdef, abstract), [-1.0, 0.0])
 
 
+def test_initial_carry_is_read_inside_a_jitted_trainer():
+    # The GAN's train builds its BC warm start under jax.jit, where a constant is a tracer.
+    graphdef, abstract = abstract_module(lambda key: _organism(share=0.3, seed=1))
+    carry = jax.jit(lambda: initial_carry_of(graphdef, abstract) + 0.0)()
+    np.testing.assert_array_equal(carry, [-1.0, 0.0])
+
+
+class _CarryFromWeights(nnx.Module):
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(2, 2, rngs=rngs)
+
+    def initial_carry(self):
+        return self.layer.bias[...] * 0.0
+
+
+def test_an_initial_carry_that_depends_on_the_weights_is_refused():
+    graphdef, abstract = abstract_module(lambda key: _CarryFromWeights(nnx.Rngs(key)))
+    with pytest.raises(ValueError, match="must be a constant array"):
+        initial_carry_of(graphdef, abstract)
+
+
 def test_cloning_trains_the_head_of_the_plan_its_bit_selects():
     """Cloned on defector episodes only (bit 1 everywhere), only the plan head learns."""
     env_spec = registry.get("environments", "offswitch")
