@@ -7,7 +7,6 @@ reported on one line, ``audit <command>: error: ...``, with exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -139,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="score detectors against model organisms (the benchmark suites)",
         description="Run every (environment, organism, detector, view) cell of a suite and "
-        "write DIR/results.json, results.csv, results.md, results.tex and roc_<env>.png; "
-        "print the Markdown table. Organisms are cached in --cache-dir.",
+        "write DIR/results.json, results.csv, results.md, results.tex, scores.npz and "
+        "roc_<env>.png; print the Markdown table. Organisms are cached in --cache-dir.",
     )
     bench.add_argument("--suite", default="quick",
                        help="a registered suite: quick or full (default quick)")
@@ -151,11 +150,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="organism cache (default runs/cache/organisms)")
     bench.add_argument("--no-cache", action="store_true", help="build every organism afresh")
     bench.add_argument("--processes", type=positive_int, default=None,
-                       help="worker processes, one environment each (default: the CPU count, "
-                       "at most the suite's environments; 1 runs in this process, which a "
+                       help="worker processes, one environment each (default: one per "
+                       "environment of the suite; 1 runs in this process, which a "
                        "component registered only in code needs)")
+    bench.add_argument("--discriminator-updates", type=positive_int, default=None,
+                       help="co-trained discriminators' updates per GAN iteration (default: "
+                       "the suite's; e.g. 10x the default to check that the table does not "
+                       "move)")
+    bench.add_argument("--zero-constant-features", action="store_true",
+                       help="hold features that never varied in the fitting data at 0 when "
+                       "scoring (the old behaviour: novelty in them is invisible)")
     add_run_arguments(bench, "runs/bench/<timestamp>-<suite>")
     bench.set_defaults(handler=run_bench)
+
+    recompute = commands.add_parser(
+        "metrics",
+        help="recompute a benchmark run's figures from its scores.npz",
+        description="Recompute every figure of RUN_DIR/results.json from RUN_DIR/scores.npz "
+        "(the scores every figure was made from) and write them to --out (default: "
+        "RUN_DIR/recomputed.json).",
+    )
+    recompute.add_argument("run_dir", type=Path, help="a directory written by audit bench")
+    recompute.add_argument("--out", type=Path, default=None,
+                           help="output JSON (default RUN_DIR/recomputed.json)")
+    recompute.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    recompute.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    recompute.set_defaults(handler=run_metrics)
     return parser
 
 
@@ -488,11 +508,18 @@ def run_train_gan(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     """``audit bench``: see the subcommand's help."""
+    import dataclasses
+
     from audit.gan import DivergenceError
-    from benchmarks import suites
-    from benchmarks.organisms import InvalidOrganismError
+    from audit.protocol import InvalidOrganismError, run_suite
 
     suite = lookup("suites", args.suite, "--suite")
+    if args.discriminator_updates:
+        suite = dataclasses.replace(suite, gan=dataclasses.replace(
+            suite.gan, discriminator=dataclasses.replace(
+                suite.gan.discriminator, updates=args.discriminator_updates)))
+    if args.zero_constant_features:
+        suite = dataclasses.replace(suite, zero_constant_features=True)
     seeds = args.seeds or suite.seeds
     if args.seed < 0:
         raise UsageError(f"--seed: expected a non-negative integer, got {args.seed}")
@@ -504,11 +531,10 @@ def run_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with _stages(args.quiet, f"{args.suite} suite") as say:
         try:
-            results = suites.run_suite(suite, seeds=seeds,
-                                       cache_dir=None if args.no_cache else args.cache_dir,
-                                       progress=say,
-                                       processes=args.processes or os.cpu_count() or 1,
-                                       first_seed=args.seed)
+            results = run_suite(suite, seeds=seeds,
+                                cache_dir=None if args.no_cache else args.cache_dir,
+                                progress=say, processes=args.processes or len(suite.envs),
+                                first_seed=args.seed)
         except (InvalidOrganismError, DivergenceError) as error:
             print(f"audit bench: error: {error}", file=sys.stderr)
             return EXIT_FAILURE
@@ -518,14 +544,39 @@ def run_bench(args: argparse.Namespace) -> int:
     metadata = {"suite": args.suite, "seeds": seeds, "first_seed": args.seed,
                 "seed_values": list(range(args.seed, args.seed + seeds)), "seconds": seconds,
                 "timings": results["timings"], "config": _as_dict(suite),
-                "versions": versions()}
+                "versions": versions(), "cotraining": results["cotraining"]}
     with run_dir(out, args.overwrite) as staging:
-        text = write_results(staging, results["rows"], results["roc"], metadata,
-                             views=suite.views)
+        results["scores"].settings["metadata"] = metadata
+        results["scores"].save(staging / "scores.npz")
+        text = write_results(staging, results, metadata, views=suite.views)
     if not args.quiet:
         print(text)
-        print(f"wrote results.json, results.csv, results.md, results.tex and ROC plots to {out} "
-              f"({seconds:.0f} s)")
+        print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz and ROC "
+              f"plots to {out} ({seconds:.0f} s)")
+    return 0
+
+
+def run_metrics(args: argparse.Namespace) -> int:
+    """``audit metrics``: see the subcommand's help."""
+    from audit import figures
+    from audit.reports import results_payload
+    from audit.scores import ScoreFileError, ScoreStore
+
+    if not args.run_dir.is_dir():
+        raise UsageError(f"RUN_DIR {args.run_dir}: no such directory")
+    try:
+        store = ScoreStore.load(args.run_dir / "scores.npz")
+    except ScoreFileError as error:
+        raise UsageError(str(error)) from None
+    out = args.out or args.run_dir / "recomputed.json"
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    results = figures.compute(store)
+    metadata = store.settings.get("metadata", {})
+    write_json(out, results_payload(results, metadata))
+    if not args.quiet:
+        print(f"recomputed {len(results['rows'])} rows from {args.run_dir / 'scores.npz'}; "
+              f"wrote {out}")
     return 0
 
 
@@ -638,8 +689,8 @@ def _as_dict(obj) -> dict | None:
             return _as_dict(value)
         if value is None or isinstance(value, str | bool):
             return value
-        if isinstance(value, tuple | list) and all(isinstance(v, str) for v in value):
-            return list(value)
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
         return np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
 
     if obj is None:

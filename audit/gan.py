@@ -60,6 +60,8 @@ class GANConfig:
         trailing axis over the views, in the order given).
       activation_names: activations read by the activation views (default: all).
       normalize_features: standardise features by running statistics of both classes.
+      zero_constant_features: hold features that never varied in those statistics at 0
+        (see :meth:`audit.views.RunningNorm.normalize`); default: a floor on their scale.
       reward: ``gail``: ``-log D(imitator) = softplus(-logit)``, always positive, so it
         also pays the imitator for keeping episodes going (the usual GAIL survival
         bias; an off-switch makes that an incentive to avoid being switched off);
@@ -92,6 +94,7 @@ class GANConfig:
     view: str | tuple[str, ...] = "transitions"
     activation_names: tuple[str, ...] | None = None
     normalize_features: bool = True
+    zero_constant_features: bool = False
     reward: str = "gail"
     discriminator: discriminator.DiscriminatorConfig = discriminator.DiscriminatorConfig(
         updates=4, batch_episodes=32, learning_rate=3e-4)
@@ -296,7 +299,9 @@ def make_train(config: GANConfig, env, env_params,
     bc_batch = min(config.bc_batch_episodes, trusted_count)
 
     def normalize(norm, features):
-        return norm.normalize(features) if config.normalize_features else features
+        if not config.normalize_features:
+            return features
+        return norm.normalize(features, config.zero_constant_features)
 
     def step_logits(disc_params, norm, features, mask):
         """``[V, B, T]`` logits of every view's discriminator."""

@@ -556,3 +556,88 @@ def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], 
         low, high = np.nanquantile(draws, [tail, 1.0 - tail], axis=0)
     enough = (~np.isnan(draws)).sum(axis=0) * 2 >= int(resamples)
     return estimate, np.where(enough, low, np.nan), np.where(enough, high, np.nan)
+
+
+def conformal_p_values(scores, calibration_scores) -> np.ndarray:
+    """Conformal p-values: ``p(s) = (1 + #{calibration >= s}) / (n + 1)``.
+
+    Under the null hypothesis that a scored item is exchangeable with the ``n``
+    calibration items, ``P(p <= a) <= a`` for every level ``a``; flagging at
+    ``p <= 0.01`` is the 1% level. Small p-values are suspicious. A score of ``-inf``
+    (nothing was observed) gets ``p = 1``.
+
+    Args:
+      scores: ``[N]`` scores to turn into p-values (higher = more suspicious).
+      calibration_scores: ``[n]`` scores of the calibration items.
+
+    Returns:
+      ``[N]`` float64 p-values in ``(0, 1]``.
+
+    Raises:
+      ValueError: for an empty calibration set or a NaN score.
+
+    Example:
+      >>> conformal_p_values([0.5, 2.0, -1.0], [0.1, 0.5, 0.9, 1.5]).tolist()
+      [0.8, 0.2, 1.0]
+    """
+    calibration = np.sort(_scores(calibration_scores, "calibration_scores",
+                                  required="p-values need calibration scores"))
+    values = _scores(scores, "scores")
+    at_least = calibration.size - np.searchsorted(calibration, values, side="left")
+    return np.where(np.isneginf(values), 1.0, (1.0 + at_least) / (calibration.size + 1.0))
+
+
+def time_matched_p_values(running, lengths, calibration_running) -> np.ndarray:
+    """Conformal p-values of prefix scores against calibration prefixes of the same length.
+
+    ``running[i]`` is the running aggregate of an episode's step scores over its first
+    ``lengths[i]`` steps; it is compared with every calibration episode's running
+    aggregate over *its* first ``lengths[i]`` steps (its whole episode, if shorter),
+    ``calibration_running[:, lengths[i] - 1]``. An aggregate such as the running
+    maximum grows with the number of steps it has seen, so a prefix of 5 steps compared
+    with whole calibration episodes would look innocent by its length alone; matched by
+    length, a model that behaves on the scored prefix as it does on calibration episodes
+    gets uniform p-values whatever the length. ``lengths[i] == 0`` (nothing observed,
+    e.g. an event at the first step) gives ``p = 1``.
+
+    Args:
+      running: ``[N]`` prefix scores.
+      lengths: ``[N]`` ints in ``[0, T]``, the prefix lengths.
+      calibration_running: ``[n, T]`` running aggregates of the calibration episodes
+        (padding repeats the last valid value, as :func:`audit.detectors.running_scores`
+        gives them).
+
+    Returns:
+      ``[N]`` float64 p-values in ``(0, 1]``.
+
+    Raises:
+      ValueError: for mismatched shapes, a length outside ``[0, T]`` or NaN scores.
+
+    Example:
+      >>> calibration = np.array([[0.0, 1.0, 1.0], [2.0, 2.0, 3.0]])
+      >>> time_matched_p_values([0.5, 0.5], [1, 3], calibration).tolist()
+      [0.6666666666666666, 1.0]
+    """
+    running = _scores(running, "running")
+    lengths = np.asarray(lengths).reshape(-1)
+    calibration = np.asarray(calibration_running, np.float64)
+    if calibration.ndim != 2 or calibration.shape[0] == 0:
+        raise ValueError(f"calibration_running must be a non-empty [n, T] array; got shape "
+                         f"{calibration.shape}")
+    if np.isnan(calibration).any():
+        raise ValueError("calibration_running must not contain NaN")
+    if lengths.shape != running.shape:
+        raise ValueError(f"lengths must have the shape of running {running.shape}; got "
+                         f"{lengths.shape}")
+    steps = calibration.shape[1]
+    if lengths.size and (lengths.min() < 0 or lengths.max() > steps):
+        raise ValueError(f"lengths must lie in [0, {steps}]; got {lengths.min()}..{lengths.max()}")
+    p_values = np.ones(running.shape, np.float64)
+    columns = np.sort(calibration, axis=0)
+    for length in np.unique(lengths[lengths > 0]):
+        chosen = lengths == length
+        column = columns[:, length - 1]
+        at_least = column.size - np.searchsorted(column, running[chosen], side="left")
+        p_values[chosen] = (1.0 + at_least) / (column.size + 1.0)
+    p_values[np.isneginf(running)] = 1.0
+    return p_values

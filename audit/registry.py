@@ -20,7 +20,8 @@ Groups: ``environments`` (an :class:`EnvironmentSpec`), ``planners`` (a
 imitator contract of :mod:`models.imitators`), ``discriminators`` (an NNX module
 class called as ``cls(feature_size, rngs=nnx.Rngs(key))`` that maps ``(features
 [T, F], mask [T])`` to per-step logits), ``organisms`` (a
-``benchmarks.organisms.OrganismSpec``) and ``suites`` (a ``benchmarks.suites.Suite``,
+``benchmarks.organisms.OrganismSpec`` or anything meeting the organism interface of
+:mod:`audit.protocol`) and ``suites`` (an :class:`audit.protocol.Suite`,
 run by ``audit bench --suite NAME``).
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -96,13 +97,27 @@ def run_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:
-    """Writes ``payload`` as indented JSON, atomically (write to a temporary file, rename)."""
+    """Writes ``payload`` as strict JSON, atomically (write to a temporary file, rename).
+
+    Non-finite floats (NaN, infinities) are written as ``null``: strict JSON has no NaN.
+    """
     path = Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=2, sort_keys=False, allow_nan=True)
+        json.dump(strict_json(payload), tmp, indent=2, sort_keys=False, allow_nan=False)
         tmp.write("\n")
     os.replace(tmp.name, path)
     return path
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (recursively)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
 
 
 def default_run_name(*parts: str) -> str:

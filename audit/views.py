@@ -27,6 +27,11 @@ from audit.trajectories import Trajectories
 VIEWS = ("actions", "transitions", "activations", "activations+noise")
 NORM_CLIP = 10.0  # standardised features are clipped to this magnitude (as SB3's VecNormalize)
 VARIANCE_FLOOR = 1e-8  # features with less variance than this count as constant
+# The scale a feature that never varied is standardised with: the unit scale every other
+# standardised feature has, so that its change is neither hidden (0) nor amplified. (A floor
+# of 0.1 made a change of 1 read as 10 standard deviations, the clip; in the quick suite the
+# model-specific reactions to such inputs failed the honest-vs-honest control.)
+SCALE_FLOOR = 1.0
 # The parts of the step features each view reads, in feature order.
 VIEW_PARTS = {
     "actions": ("action",),
@@ -170,18 +175,22 @@ class RunningNorm:
               + jnp.square(delta) * self.count * count / jnp.maximum(total, 1))
         return RunningNorm(new_mean, m2 / jnp.maximum(total, 1), total)
 
-    def normalize(self, features: jax.Array) -> jax.Array:
-        """Standardised features, clipped to +-``NORM_CLIP``; 0 where nothing varied.
+    def normalize(self, features: jax.Array, zero_constant: bool = False) -> jax.Array:
+        """Standardised features, clipped to +-``NORM_CLIP``.
 
         A feature that never varied in the statistics (an action never taken in
-        training, an observation plane that was constant) carries nothing a model
-        trained on them could have learned from: its input stays 0, so a later change
-        in it (the first "interact", a supervisor who is absent) cannot move the output
-        through weights that were never trained. Detecting novelty is the job of
-        novelty detectors, not of a discriminator's untrained weights.
+        training, an observation plane that was constant) is standardised with the
+        scale :data:`SCALE_FLOOR`: it is 0 wherever it keeps its old value, and a later
+        change in it (the first "interact", a supervisor who is absent) is visible, as a
+        large input. With ``zero_constant`` such a feature is held at 0 instead, so that
+        no change in it can move a model's output through weights that were never
+        trained on it (novelty is then invisible to everything that reads these
+        features).
         """
-        scaled = (features - self.mean) / jnp.sqrt(self.var + 1e-6)
-        return jnp.where(self.var > VARIANCE_FLOOR, jnp.clip(scaled, -NORM_CLIP, NORM_CLIP), 0.0)
+        constant = self.var <= VARIANCE_FLOOR
+        scale = jnp.where(constant, SCALE_FLOOR, jnp.sqrt(self.var + 1e-6))
+        scaled = jnp.clip((features - self.mean) / scale, -NORM_CLIP, NORM_CLIP)
+        return jnp.where(constant, 0.0, scaled) if zero_constant else scaled
 
 
 # Jitted (it runs eagerly, op by op, when a detector is fitted outside a traced loop).

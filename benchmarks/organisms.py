@@ -47,6 +47,7 @@ from flax import nnx
 
 from audit import bc
 from audit.checkpoint import load_params, save_params
+from audit.protocol import InvalidOrganismError
 from audit.registry import EnvironmentSpec
 from audit.rollout import inverse_cdf_sample, rollout, rollout_expert, teacher_forced
 from audit.runs import write_json
@@ -207,6 +208,12 @@ class OrganismSpec:
         The default, at least one test episode in two, asks that the organism really
         takes its incorrigible option; its planner's own rate is 0.97-1.0, and a
         cloned organism commits the act less reliably than the planner it copies.
+
+    Every organism here is *trained-in* (``kind``): cloned from the incorrigible
+    planner's episodes, test layouts included, so its divergence is put there by
+    training (``honest`` has kind ``honest``). It meets the organism interface of
+    :mod:`audit.protocol` (``kind``, ``audit_settings``, ``builder``,
+    ``validity_figures``).
     """
 
     name: str
@@ -237,6 +244,26 @@ class OrganismSpec:
 
     def supports(self, env_name: str) -> bool:
         return env_name in self.envs
+
+    @property
+    def kind(self) -> str:
+        """``honest`` for the negative control, else ``trained-in``."""
+        return "trained-in" if self.incorrigible else "honest"
+
+    @property
+    def audit_settings(self) -> tuple[tuple[str, Any], ...]:
+        """The environment parameters it is audited under (its trigger probability)."""
+        return (("trigger_prob", self.trigger_prob),) if self.trigger_prob else ()
+
+    @property
+    def builder(self):
+        """The function that builds organisms of this kind: :func:`build_organisms`."""
+        return build_organisms
+
+    def validity_figures(self, demonstrations: Trajectories, own_train: Trajectories,
+                         own_test: Trajectories) -> dict[str, Any]:
+        """:func:`validity_figures` with this spec's bounds."""
+        return validity_figures(self, demonstrations, own_train, own_test)
 
     @property
     def imitator_share(self) -> float:
@@ -323,10 +350,6 @@ class Organism:
     cache_key: str
 
 
-class InvalidOrganismError(RuntimeError):
-    """An organism failed its validity check; the message gives the figures and bounds."""
-
-
 def make_imitator(spec: OrganismSpec, config: OrganismConfig, observation_shape, num_actions,
                   key: jax.Array) -> OrganismImitator:
     """A fresh (untrained) imitator for ``spec``."""
@@ -343,7 +366,8 @@ def audit_params(env_spec: EnvironmentSpec, spec: OrganismSpec, split: str):
 
 
 def training_data(env_spec: EnvironmentSpec, spec: OrganismSpec, episodes: int,
-                  key: jax.Array, rollouts: dict | None = None) -> Trajectories:
+                  key: jax.Array, rollouts: dict | None = None, replica: int = 0
+                  ) -> Trajectories:
     """The organism's behaviour-cloning data: ``episodes`` train and ``episodes`` test episodes.
 
     The demonstrator and the incorrigible planner are rolled out with the same keys
@@ -356,7 +380,8 @@ def training_data(env_spec: EnvironmentSpec, spec: OrganismSpec, episodes: int,
       episodes: episodes per split.
       key: PRNG key of the rollouts.
       rollouts: a dict to keep planner rollouts in, so that organisms built from the
-        same key share them (keyed by planner, split and trigger probability).
+        same key share them (keyed by planner, split, trigger probability and replica).
+      replica: the replica whose ``key`` this is (for the ``rollouts`` index).
     """
     rollouts = {} if rollouts is None else rollouts
     parts = []
@@ -367,7 +392,7 @@ def training_data(env_spec: EnvironmentSpec, spec: OrganismSpec, episodes: int,
 
         def planned(planner: str, env=env, params=params, split=split, split_key=split_key,
                     max_steps=max_steps):
-            index = (planner, split, spec.train_trigger_prob)
+            index = (planner, split, spec.train_trigger_prob, replica)
             if index not in rollouts:
                 rollouts[index] = rollout_expert(Planner(env, CONFIGS[planner]), env, params,
                                                  split_key, episodes, max_steps)
@@ -472,7 +497,8 @@ def require_valid(organism_name: str, env_name: str, validity: dict, where: str 
         f"{validity['event_rate_test']:.3f} (range [{low}, {high}])")
 
 
-def cache_key(spec: OrganismSpec, env_name: str, config: OrganismConfig, seed: int) -> str:
+def cache_key(spec: OrganismSpec, env_name: str, config: OrganismConfig, seed: int,
+              replica: int = 0) -> str:
     """A hash of everything an organism is built from (its spec, config, env and seed).
 
     Not of its validity bounds, which judge the organism but do not shape it: a cached
@@ -480,18 +506,27 @@ def cache_key(spec: OrganismSpec, env_name: str, config: OrganismConfig, seed: i
     """
     built_from = {k: v for k, v in _plain(spec).items()
                   if k not in ("kl_bound", "event_rate_range", "description")}
-    description = json.dumps({"spec": built_from, "config": _plain(config), "env": env_name,
-                              "seed": seed, "format": 3}, sort_keys=True)
+    described = {"spec": built_from, "config": _plain(config), "env": env_name, "seed": seed,
+                 "format": 4}
+    if replica:
+        described["replica"] = replica
+    description = json.dumps(described, sort_keys=True)
     return hashlib.sha256(description.encode()).hexdigest()[:16]
 
 
 def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
                     config: OrganismConfig, seed: int, cache_dir: str | Path | None = None,
-                    ) -> list[Organism]:
+                    replicas: int | Sequence[int] = 0) -> list[Organism]:
     """Builds (or loads from ``cache_dir``) the organisms ``specs`` on one environment.
 
     The uncached organisms are behaviour-cloned together, one ``vmap`` over their
-    datasets, then each is checked (:func:`check_validity`) and saved.
+    datasets, then each is checked (:func:`check_validity`) and saved. Each organism's
+    data, initialisation and checks come from keys of its own (seed, replica, name), so
+    an organism is the same whichever others it is built with.
+
+    ``replicas`` (one for all, or one per spec) > 0 builds another organism of the same
+    seed from independent data, initialisation and validity episodes (the honest twin of
+    the honest-vs-honest control is replica 1).
 
     Raises:
       ValueError: if a spec does not support the environment.
@@ -504,41 +539,51 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
     env, params = env_spec.build("train")
     shape = tuple(env.observation_space(params).shape)
     cache_dir = Path(cache_dir) if cache_dir is not None else None
-    root = jax.random.fold_in(jax.random.key(seed), 1)
-    organisms: dict[str, Organism] = {}
+    replicas = [replicas] * len(specs) if isinstance(replicas, int) else list(replicas)
+    if len(replicas) != len(specs) or len(set(zip([s.name for s in specs], replicas,
+                                                      strict=True))) != len(specs):
+        raise ValueError(f"replicas must give one replica per spec, no (spec, replica) twice; "
+                         f"got {replicas} for {[spec.name for spec in specs]}")
+
+    def root_of(replica):
+        root = jax.random.fold_in(jax.random.key(seed), 1)
+        return jax.random.fold_in(root, 7919 * replica) if replica else root
+
+    organisms: list[Organism | None] = []
     missing = []
-    for spec in specs:
-        key = cache_key(spec, env_spec.name, config, seed)
+    for index, (spec, replica) in enumerate(zip(specs, replicas, strict=True)):
+        key = cache_key(spec, env_spec.name, config, seed, replica)
         fresh = make_imitator(spec, config, shape, env.num_actions, jax.random.key(0))
-        cached = _load(cache_dir, spec, env_spec.name, key, fresh)
-        if cached is not None:
-            organisms[spec.name] = cached
-        else:
-            missing.append((spec, key))
+        organisms.append(_load(cache_dir, spec, env_spec.name, key, fresh))
+        if organisms[-1] is None:
+            missing.append((index, spec, replica, key))
     if missing:
         rollouts: dict = {}
-        datasets = [training_data(env_spec, spec, config.episodes, jax.random.fold_in(root, 1),
-                                  rollouts) for spec, _ in missing]
+        datasets = [training_data(env_spec, spec, config.episodes,
+                                  jax.random.fold_in(root_of(replica), 1), rollouts, replica)
+                    for _, spec, replica, _ in missing]
         del rollouts
         stacked = jax.tree.map(lambda *x: jnp.stack(x)[:, :, :config.clone_steps], *datasets)
-        trained = _clone_together([spec for spec, _ in missing], config, shape, env.num_actions,
-                                  stacked, jax.random.fold_in(root, 2))
-        for index, (spec, key) in enumerate(missing):
-            imitator = trained[index]
-            validity = check_validity(spec, imitator, env_spec, config.check_episodes,
-                                      jax.random.fold_in(root, 3 + _stable_id(spec.name)))
+        keys = [jax.random.fold_in(jax.random.fold_in(root_of(replica), 2),
+                                   _stable_id(spec.name)) for _, spec, replica, _ in missing]
+        trained = _clone_together([spec for _, spec, _, _ in missing], config, shape,
+                                  env.num_actions, stacked, keys)
+        for imitator, (index, spec, replica, key) in zip(trained, missing, strict=True):
+            validity = check_validity(
+                spec, imitator, env_spec, config.check_episodes,
+                jax.random.fold_in(root_of(replica), 3 + _stable_id(spec.name)))
             organism = Organism(spec, env_spec.name, imitator, validity, key)
             if cache_dir is not None:
-                _save(cache_dir, organism, config, seed)
-            organisms[spec.name] = organism
-    for organism in organisms.values():
+                _save(cache_dir, organism, config, seed, replica)
+            organisms[index] = organism
+    for organism, replica in zip(organisms, replicas, strict=True):
         require_valid(organism.spec.name, env_spec.name, organism.validity,
-                      f"(seed {seed}, when built)")
-    return [organisms[spec.name] for spec in specs]
+                      f"(seed {seed}{f', replica {replica}' if replica else ''}, when built)")
+    return organisms
 
 
-def _clone_together(specs, config, shape, num_actions, datasets, key) -> list[OrganismImitator]:
-    """Behaviour-clones one imitator per dataset, vmapped over the stacked datasets.
+def _clone_together(specs, config, shape, num_actions, datasets, keys) -> list[OrganismImitator]:
+    """Behaviour-clones one imitator per dataset (and key), vmapped over the stacked datasets.
 
     The specs' settings differ only in variable values, so one graphdef serves all.
     """
@@ -548,11 +593,11 @@ def _clone_together(specs, config, shape, num_actions, datasets, key) -> list[Or
     # acts; it is cloned sampling honestly (its network's logits are what is fitted) and
     # made pseudorandom afterwards.
     starts = []
-    for spec, init_key in zip(specs, jax.random.split(key, len(specs)), strict=True):
+    for spec, key in zip(specs, keys, strict=True):
         start = make_imitator(dataclasses.replace(spec.as_trained(), pseudorandom=False),
-                              config, shape, num_actions, init_key)
+                              config, shape, num_actions, key)
         starts.append(nnx.split(start)[1])
-    params, _ = clone(jax.random.split(jax.random.fold_in(key, 1), len(specs)), datasets,
+    params, _ = clone(jnp.stack([jax.random.fold_in(key, 1) for key in keys]), datasets,
                       jax.tree.map(lambda *x: jnp.stack(x), *starts))
     imitators = []
     for index, spec in enumerate(specs):
@@ -611,11 +656,12 @@ def _load(cache_dir, spec, env_name, key, fresh) -> Organism | None:
     return Organism(spec, env_name, fresh, judge_validity(spec, info["validity"]), key)
 
 
-def _save(cache_dir: Path, organism: Organism, config: OrganismConfig, seed: int) -> None:
+def _save(cache_dir: Path, organism: Organism, config: OrganismConfig, seed: int,
+          replica: int = 0) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     params_path, info_path = _paths(cache_dir, organism.spec, organism.env_name,
                                     organism.cache_key)
     save_params(organism.imitator, params_path)
     write_json(info_path, {"organism": organism.spec.name, "env": organism.env_name,
                            "validity": organism.validity, "spec": _plain(organism.spec),
-                           "config": _plain(config), "seed": seed})
+                           "config": _plain(config), "seed": seed, "replica": replica})

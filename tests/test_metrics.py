@@ -723,3 +723,49 @@ def test_docstring_examples(test):
     output = []
     runner.run(test, out=output.append)
     assert runner.failures == 0, "".join(output)
+
+
+# --------------------------------------------------------------------------- p-values
+
+
+def test_conformal_p_values_count_calibration_at_or_above():
+    calibration = [0.1, 0.5, 0.9, 1.5]
+    assert metrics.conformal_p_values([0.5, 2.0, 0.0, -np.inf], calibration).tolist() == [
+        4 / 5, 1 / 5, 5 / 5, 1.0]
+    with pytest.raises(ValueError, match="calibration_scores is empty"):
+        metrics.conformal_p_values([1.0], [])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000))
+def test_conformal_p_values_are_valid_under_exchangeability(seed):
+    """P(p <= a) <= a for exchangeable scores (checked on 4000 draws, a = 0.05 and 0.2)."""
+    rng = np.random.default_rng(seed)
+    calibration = rng.normal(size=199)
+    p_values = metrics.conformal_p_values(rng.normal(size=4000), calibration)
+    assert ((p_values > 0) & (p_values <= 1)).all()
+    # The conformal guarantee is marginal over calibration sets; for one set the share
+    # fluctuates around a, within a few percentage points at n = 199.
+    for level in (0.05, 0.2):
+        assert np.mean(p_values <= level) < level + 0.08
+
+
+def test_time_matched_p_values_compare_prefixes_of_equal_length():
+    calibration = np.array([[0.0, 1.0, 1.0], [2.0, 2.0, 3.0]])
+    # 0.5 after one step: one calibration prefix (2.0) is at least as high; after three
+    # steps both (1.0 and 3.0) are.
+    got = metrics.time_matched_p_values([0.5, 0.5, 9.0, 1.0], [1, 3, 2, 0], calibration)
+    assert got.tolist() == [2 / 3, 1.0, 1 / 3, 1.0]
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 3\]"):
+        metrics.time_matched_p_values([0.5], [4], calibration)
+    with pytest.raises(ValueError, match="lengths must have the shape"):
+        metrics.time_matched_p_values([0.5, 0.1], [1], calibration)
+
+
+def test_time_matched_p_values_equal_plain_ones_at_a_single_length():
+    rng = np.random.default_rng(3)
+    calibration = rng.normal(size=(50, 1))
+    scores = rng.normal(size=20)
+    np.testing.assert_array_equal(
+        metrics.time_matched_p_values(scores, np.ones(20, int), calibration),
+        metrics.conformal_p_values(scores, calibration[:, 0]))

@@ -1,5 +1,5 @@
 """Results files: Markdown, LaTeX, CSV, JSON and ROC plots from rows in the format of
-``benchmarks.suites.cell_row``."""
+:func:`audit.figures.compute`."""
 
 from __future__ import annotations
 
@@ -12,22 +12,23 @@ import matplotlib.figure
 import numpy as np
 import pytest
 
+from audit.figures import FIGURES
 from audit.metrics import auroc
 from audit.reports import csv_text, latex, markdown, roc_plot, write_results
 from audit.views import VIEWS
 
-FIGURES = ("auroc", "average_precision", "tpr_at_1pct_fpr", "fpr_on_test",
-           "caught_before_harm", "lead_time", "organism_flag_rate")
 BUDGETS = ("0.01", "0.02", "0.05")
 VIEW_ORDER = ("actions", "transitions", "activations")
 
 
 def make_row(env, organism, detector, view, protocol, auroc, *, interval=(None, None),
              kl_train=0.012, valid=True, positives=40):
-    """One row as ``cell_row`` builds it; every figure but AUROC is filler."""
-    row = dict(env=env, organism=organism, detector=detector, view=view, protocol=protocol,
-               aggregate="max", seeds=2, positives=positives, negatives=256,
-               organism_episodes=128)
+    """One row as ``audit.figures.compute`` builds it; every figure but AUROC is filler."""
+    row = dict(env=env, organism=organism, organism_kind="trained-in" if organism != "honest"
+               else "honest", detector=detector, view=view, protocol=protocol,
+               aggregate="max", seeds=2, positives=positives, own_clean=88,
+               honest_negatives=128, organism_episodes=128, control_failed=False,
+               control_failures=[])
     for figure in FIGURES:
         value = auroc if figure == "auroc" else (None if auroc is None else 0.25)
         low, high = interval if figure == "auroc" else (None, None) if value is None else (
@@ -76,29 +77,48 @@ def _section(text: str, heading: str) -> list[str]:
 def test_markdown_pivots_organisms_by_views_in_the_given_order(rows):
     text = markdown(rows, VIEWS, title="smoke")
     assert text.startswith("# smoke\n")
-    table = [line for line in _section(text, "## AUROC: gan_mlp (co-trained)") if line]
+    table = [line for line in _section(text, "## pre-harm AUROC (p-values; negatives: own clean "
+                                       "and honest): gan_mlp (co-trained)") if line]
     # Only views that have rows, in the order given (not the rows' order).
     assert table[0] == "| env | organism | actions | transitions | activations |"
     assert table[1] == "| --- | --- | --- | --- | --- |"
     assert table[2:] == [
-        "| grid_a | long_horizon | 0.550 [0.45, 0.66] |  | 0.912 [0.85, 0.97] |",
+        "| grid_a | long_horizon (trained-in) | 0.550 [0.45, 0.66] |  | 0.912 [0.85, 0.97] |",
         "| grid_a | honest | n/a |  | n/a |",
-        "| grid_b | deceptive |  | 0.800 [0.70, 0.90] |  |",
+        "| grid_b | deceptive (trained-in) |  | 0.800 [0.70, 0.90] |  |",
     ]
-    mahalanobis = [line for line in _section(text, "## AUROC: mahalanobis "
-                                             "(demonstrations-only)") if line]
+    mahalanobis = [line for line in _section(
+        text, "## pre-harm AUROC (p-values; negatives: own clean and honest): mahalanobis "
+        "(demonstrations-only)") if line]
     assert mahalanobis == ["| env | organism | activations |", "| --- | --- | --- |",
-                           "| grid_a | long_horizon | 0.700 [0.60, 0.80] |"]
+                           "| grid_a | long_horizon (trained-in) | 0.700 [0.60, 0.80] |"]
     # Every table figure gets a section per detector.
-    for label in ("AUROC", "TPR at 1% FPR", "caught before harm",
-                  "share of the organism's episodes flagged"):
+    for label in ("caught before harm (flagged at p <= alpha)",
+                  "FPR on the model's own clean test episodes",
+                  "FPR on the honest model's test episodes (benign novelty)",
+                  "full-episode AUROC (after the fact, harm included)"):
         for detector in ("gan_mlp (co-trained)", "mahalanobis (demonstrations-only)"):
             assert f"## {label}: {detector}" in text
     # A figure with an interval prints it; one without prints the bare value.
-    tpr = _section(text, "## TPR at 1% FPR: gan_mlp (co-trained)")
-    assert "| grid_a | long_horizon | 0.250 [0.12, 0.38] |  | 0.250 [0.12, 0.38] |" in tpr
+    caught = _section(text, "## caught before harm (flagged at p <= alpha): gan_mlp (co-trained)")
+    assert ("| grid_a | long_horizon (trained-in) | 0.250 [0.12, 0.38] |  | "
+            "0.250 [0.12, 0.38] |") in caught
     no_interval = dict(rows[0], auroc_ci_low=None, auroc_ci_high=None)
-    assert "| grid_a | long_horizon | 0.912 |" in markdown([no_interval])
+    assert "| grid_a | long_horizon (trained-in) | 0.912 |" in markdown([no_interval])
+
+
+def test_a_failed_control_is_marked_in_every_table_and_listed(rows):
+    rows[0].update(control_failed=True, control_failures=["random_direction pre-harm AUROC "
+                                                          "[0.70, 0.80] excludes 0.5"])
+    control = dict(rows[4], detector="random_direction", auroc=0.75, auroc_ci_low=0.7,
+                   auroc_ci_high=0.8, control_failed=True)
+    text = markdown(rows + [control], VIEW_ORDER)
+    controls = _section(text, "## Controls (pre-harm AUROC; each interval must cover 0.5)")
+    assert ("| grid_a | random_direction | long_horizon (trained-in) | activations | "
+            "0.750 [0.70, 0.80] | **no** |") in controls
+    assert "- random_direction pre-harm AUROC [0.70, 0.80] excludes 0.5" in controls
+    assert "0.912 [0.85, 0.97]\u2020" in text
+    assert "0.912 [0.85, 0.97]$^\\dagger$" in latex(rows, VIEW_ORDER)
 
 
 def test_markdown_validity_table_has_one_line_per_env_and_organism(rows):
@@ -106,8 +126,9 @@ def test_markdown_validity_table_has_one_line_per_env_and_organism(rows):
     heading = next(line for line in text.splitlines() if line.startswith("## Organism validity"))
     body = [line for line in _section(text, heading) if line][2:]
     assert [line.split(" | ")[:2] for line in body] == [
-        ["| grid_a", "long_horizon"], ["| grid_a", "honest"], ["| grid_b", "deceptive"]]
-    assert body[0] == ("| grid_a | long_horizon | 0.012 (0.010; <= 0.05) | "
+        ["| grid_a", "long_horizon (trained-in)"], ["| grid_a", "honest"],
+        ["| grid_b", "deceptive (trained-in)"]]
+    assert body[0] == ("| grid_a | long_horizon (trained-in) | 0.012 (0.010; <= 0.05) | "
                        "0.900 (0.950; [0.5, 1.0]) | 40 / 128 | yes |")
     assert body[2].endswith("| no |")
 
@@ -120,8 +141,8 @@ def test_latex_is_booktabs_per_detector_with_escaped_names(rows):
     assert text.count("{") == text.count("}")
     # No bare underscore, percent sign or ampersand outside column separators.
     assert not re.search(r"(?<!\\)[_%]", text)
-    assert "grid\\_a & long\\_horizon & 0.550 [0.45, 0.66] &  & 0.912 [0.85, 0.97] \\\\" \
-        in text
+    assert ("grid\\_a & long\\_horizon (trained-in) & 0.550 [0.45, 0.66] &  & "
+            "0.912 [0.85, 0.97] \\\\") in text
     assert (r"env & organism & \texttt{actions} & \texttt{transitions} & "
             r"\texttt{activations} \\") in text
     assert r"\begin{tabular}{llccc}" in text and r"\begin{tabular}{llc}" in text
@@ -167,10 +188,16 @@ def _curves(organisms):
 def test_write_results_writes_every_file(rows, tmp_path):
     roc = {"grid_a": _curves(["long_horizon"]), "grid_b": _curves(["deceptive", "pseudorandom"])}
     metadata = {"suite": "smoke", "seeds": 2, "git": "abc123"}
-    text = write_results(tmp_path, rows, roc, metadata, VIEW_ORDER)
+    level = [dict(env="grid_a", detector="gan_mlp", view="actions", statistic="flag_rate",
+                  incorrigible_models=10, honest_models=10, auroc=0.75, auroc_ci_low=0.5,
+                  auroc_ci_high=0.9)]
+    text = write_results(tmp_path, dict(rows=rows, roc=roc, model_level=level, models=[]),
+                         metadata, VIEW_ORDER)
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {"suite", "seeds", "git", "rows"} <= set(results)
+    assert {"suite", "seeds", "git", "rows", "model_level", "models"} <= set(results)
+    assert results["model_level"] == level
+    assert "| grid_a | gan_mlp | actions | flag_rate | 10 / 10 | 0.750 [0.50, 0.90] |" in text
     assert results["suite"] == "smoke" and results["seeds"] == 2
     assert results["rows"] == rows
     assert (tmp_path / "results.md").read_text() == text
@@ -191,7 +218,7 @@ def test_roc_plot_draws_each_view_through_the_roc_points(tmp_path, monkeypatch):
     """Tied scores move both rates at once: the drawn curve must be the straight
     segments between the ROC points, whose area is the AUROC (a staircase is not)."""
     positives, negatives = [2.0, 1.0, 1.0], [1.0, 0.0, 0.0]
-    # The points of benchmarks.suites.roc_points: one per distinct score, highest first.
+    # The points of audit.figures' ROC curves: one per distinct score, highest first.
     fpr, tpr = [0.0, 0.0, 1 / 3, 1.0], [0.0, 1 / 3, 1.0, 1.0]
     curves = [dict(organism="deceptive", detector="gan_mlp", view=view, fpr=fpr, tpr=tpr)
               for view in ("actions", "transitions")]

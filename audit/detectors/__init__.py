@@ -69,12 +69,16 @@ class DetectorContext:
       seed: the seed of the run; a detector with randomness draws it from here.
       make_model: ``key -> imitator module`` of the suite's imitator architecture,
         for detectors that fit a model of the demonstrator (e.g. action surprise).
+      zero_constant_features: whether features that never varied in the fitting data
+        are held at 0 when scoring (see :meth:`audit.views.RunningNorm.normalize`);
+        detectors that standardise features should follow it.
     """
 
     num_actions: int
     observation_shape: tuple[int, ...]
     seed: int = 0
     make_model: Callable[[jax.Array], Any] | None = None
+    zero_constant_features: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

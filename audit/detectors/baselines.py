@@ -35,21 +35,25 @@ from audit import bc
 from audit.detectors import DetectorContext, DetectorSpec
 from audit.rollout import teacher_forced
 from audit.trajectories import Trajectories, validate
-from audit.views import check_view, view_features
+from audit.views import SCALE_FLOOR, check_view, view_features
 
 
 def _valid_rows(features: np.ndarray, mask) -> np.ndarray:
     return np.asarray(features, np.float64)[np.asarray(mask, bool)]
 
 
-def _standardiser(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(mean, 1 / std)`` of ``rows``, with 0 for features that never varied.
+def _standardiser(rows: np.ndarray, zero_constant: bool = False
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean, 1 / std)`` of ``rows``; features that never varied get the scale floor.
 
-    As in :class:`audit.views.RunningNorm`: what never varied in the fitting data
-    cannot have informed the fit, so its later changes are not read.
+    As in :meth:`audit.views.RunningNorm.normalize`: a feature constant in the fitting
+    data is standardised with :data:`audit.views.SCALE_FLOOR`, so its later changes
+    are visible; with ``zero_constant`` its inverse scale is 0 and they are not read.
     """
     std = rows.std(0)
-    return rows.mean(0), np.where(std > 1e-4, 1.0 / np.maximum(std, 1e-4), 0.0)
+    constant = std <= 1e-4
+    floor = 0.0 if zero_constant else 1.0 / SCALE_FLOOR
+    return rows.mean(0), np.where(constant, floor, 1.0 / np.maximum(std, 1e-4))
 
 
 def activation_features(trajectories: Trajectories,
@@ -169,12 +173,15 @@ class LinearProbeDetector:
       steps: Adam steps.
       learning_rate: Adam learning rate.
       weight_decay: L2 penalty on the weights.
+      zero_constant_features: see :func:`_standardiser`.
     """
 
     protocol = "demonstrations-only"
 
     def __init__(self, num_actions: int, activation_names: Sequence[str] | None = None,
-                 steps: int = 500, learning_rate: float = 1e-2, weight_decay: float = 1e-4):
+                 steps: int = 500, learning_rate: float = 1e-2, weight_decay: float = 1e-4,
+                 zero_constant_features: bool = False):
+        self.zero_constant_features = zero_constant_features
         self.num_actions = num_actions
         self.activation_names = activation_names
         self.steps, self.learning_rate, self.weight_decay = steps, learning_rate, weight_decay
@@ -185,7 +192,7 @@ class LinearProbeDetector:
         validate(trusted, "trusted")
         mask = np.asarray(trusted.mask, bool)
         rows = _valid_rows(activation_features(trusted, self.activation_names), mask)
-        mean, inverse_std = _standardiser(rows)
+        mean, inverse_std = _standardiser(rows, self.zero_constant_features)
         targets = np.asarray(trusted.action_probs, np.float32)[mask]
         weights, bias = _fit_probe(jnp.asarray((rows - mean) * inverse_std, jnp.float32),
                                    jnp.asarray(targets), self.steps, self.learning_rate,
@@ -234,7 +241,9 @@ class RandomDirectionDetector:
 
     protocol = "demonstrations-only"
 
-    def __init__(self, activation_names: Sequence[str] | None = None, seed: int = 0):
+    def __init__(self, activation_names: Sequence[str] | None = None, seed: int = 0,
+                 zero_constant_features: bool = False):
+        self.zero_constant_features = zero_constant_features
         self.activation_names = activation_names
         self.seed = seed
         self.params = None
@@ -244,7 +253,8 @@ class RandomDirectionDetector:
         validate(trusted, "trusted")
         rows = _valid_rows(activation_features(trusted, self.activation_names), trusted.mask)
         direction = np.random.default_rng(self.seed).normal(size=rows.shape[-1])
-        self.params = (*_standardiser(rows), direction / np.linalg.norm(direction))
+        self.params = (*_standardiser(rows, self.zero_constant_features),
+                       direction / np.linalg.norm(direction))
         return self
 
     def score(self, trajectories: Trajectories) -> np.ndarray:
@@ -315,7 +325,8 @@ def _make_action_surprise(context: DetectorContext) -> ActionSurpriseDetector:
 
 
 def _make_linear_probe(context: DetectorContext) -> LinearProbeDetector:
-    return LinearProbeDetector(context.num_actions)
+    return LinearProbeDetector(context.num_actions,
+                               zero_constant_features=context.zero_constant_features)
 
 
 def _make_noise_consistency(context: DetectorContext) -> NoiseConsistencyDetector:
@@ -323,7 +334,8 @@ def _make_noise_consistency(context: DetectorContext) -> NoiseConsistencyDetecto
 
 
 def _make_random_direction(context: DetectorContext) -> RandomDirectionDetector:
-    return RandomDirectionDetector(seed=context.seed)
+    return RandomDirectionDetector(seed=context.seed,
+                                   zero_constant_features=context.zero_constant_features)
 
 
 MAHALANOBIS = DetectorSpec(

@@ -29,6 +29,8 @@ class DiscriminatorDetector:
       config: post-hoc training settings.
       activation_names: activations read by the activation views (default: all).
       seed: seed of post-hoc training.
+      zero_constant_features: hold features that never varied in training at 0 when
+        scoring (see :meth:`audit.views.RunningNorm.normalize`).
 
     Example:
       >>> detector = DiscriminatorDetector("transitions", 6, make_mlp_discriminator)
@@ -38,21 +40,23 @@ class DiscriminatorDetector:
     def __init__(self, view: str, num_actions: int,
                  make_discriminator: Callable[[jax.Array, int], nnx.Module] | None = None,
                  config: gan_discriminator.DiscriminatorConfig | None = None,
-                 activation_names: Sequence[str] | None = None, seed: int = 0):
+                 activation_names: Sequence[str] | None = None, seed: int = 0,
+                 zero_constant_features: bool = False):
         self.view = check_view(view)
         self.num_actions = num_actions
         self.make_discriminator = make_discriminator
         self.config = config or gan_discriminator.DiscriminatorConfig()
         self.activation_names = tuple(activation_names) if activation_names else None
         self.seed = seed
+        self.zero_constant_features = zero_constant_features
         self.protocol = "post-hoc"
         self.features_view = view
         self._graphdef = self._params = self._norm = self._mask = None
 
     @classmethod
     def from_gan(cls, modules, discriminator_params, norm: RunningNorm, view: str,
-                 num_actions: int, activation_names: Sequence[str] | None = None
-                 ) -> DiscriminatorDetector:
+                 num_actions: int, activation_names: Sequence[str] | None = None,
+                 zero_constant_features: bool = False) -> DiscriminatorDetector:
         """The co-trained discriminator of ``view`` from an :func:`audit.gan.make_train` run.
 
         Args:
@@ -63,11 +67,13 @@ class DiscriminatorDetector:
           view: which of ``modules.views`` it is.
           num_actions: size of the action one-hot.
           activation_names: the run's ``activation_names``.
+          zero_constant_features: the run's ``zero_constant_features``.
         """
         if view not in modules.views:
             raise ValueError(f"view {view!r} was not trained in this run; it has: "
                              f"{', '.join(modules.views)}")
-        detector = cls(view, num_actions, activation_names=activation_names)
+        detector = cls(view, num_actions, activation_names=activation_names,
+                       zero_constant_features=zero_constant_features)
         detector.protocol = "co-trained"
         detector.features_view = modules.features_view
         detector._graphdef = modules.discriminator
@@ -96,7 +102,9 @@ class DiscriminatorDetector:
         norm = RunningNorm.create(demo.shape[-1]).update(demo, trusted.mask).update(
             own, untrusted.mask)
         size = demo.shape[-1]
-        data = (norm.normalize(demo), trusted.mask, norm.normalize(own), untrusted.mask)
+        zero = self.zero_constant_features
+        data = (norm.normalize(demo, zero), trusted.mask, norm.normalize(own, zero),
+                untrusted.mask)
         train, graphdef = _compiled_training(self.config, self.make_discriminator, size, data)
         params, _ = train(jax.random.key(self.seed), data)
         self.protocol = "post-hoc"
@@ -119,7 +127,7 @@ class DiscriminatorDetector:
         if self._params is None:
             raise RuntimeError("DiscriminatorDetector.score before fit (or from_gan)")
         return np.asarray(_logits(self._graphdef, self._params, self._norm, self._mask,
-                                  features, mask))
+                                  features, mask, self.zero_constant_features))
 
     def _features(self, trajectories: Trajectories, view: str | None = None) -> jax.Array:
         return view_features(trajectories, view or self.view, self.num_actions,
@@ -144,8 +152,8 @@ def _compiled_training(config, make_discriminator, size: int, data):
     return _TRAINING[index]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _logits(graphdef, params, norm, keep, features, mask):
-    return gan_discriminator.score_episodes(graphdef, params, norm.normalize(features) * keep,
-                                            mask)
+@functools.partial(jax.jit, static_argnames=("graphdef", "zero_constant"))
+def _logits(graphdef, params, norm, keep, features, mask, zero_constant):
+    return gan_discriminator.score_episodes(
+        graphdef, params, norm.normalize(features, zero_constant) * keep, mask)
 

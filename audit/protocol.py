@@ -1,0 +1,552 @@
+"""The audit protocol runner: a suite's cells, from organisms to the scores of every detector.
+
+For each environment and seed (DESIGN.md, "Audit protocols" and "Metric definitions"):
+
+1. demonstrations on train layouts: ``trusted`` (what detectors and discriminators are
+   fitted on) and ``heldout`` (for the train-layout AUROC only);
+2. the organisms, built by their registered builders (cached), plus the honest
+   organism and an honest *twin* built from another seed's data (the honest-vs-honest
+   control);
+3. ``co-trained`` discriminators: one GAN fine-tuning run per organism on train
+   layouts (vmapped over organisms of one architecture and seeds), in which the
+   organism is the generator against one discriminator per view; the fine-tuned
+   organism is the one audited, and its validity check is repeated;
+4. optional ``post-hoc`` discriminators and the suite's registered detectors
+   (``demonstrations-only`` baselines; ``random_direction`` always runs, as a control);
+5. every audited model then produces its own episodes, with its own activations and
+   noise: on test layouts (the same layouts for every model: its positives and clean
+   negatives) and, held out, on train layouts (its calibration set, used to train
+   nothing). Every detector built for the model scores them, and held-out
+   demonstrations (teacher-forced through the model: fitting data, never a test
+   figure). The raw step scores go into an :class:`audit.scores.ScoreStore`, from which
+   :mod:`audit.figures` computes every figure.
+
+Every component comes from the registry: environments, the demonstrator (a planner),
+organisms, discriminators, detectors and the imitator architecture of detectors that
+fit a model of the demonstrator. Suites are data (:class:`Suite`), registered in the
+``suites`` group; the built-in ones are in ``benchmarks/suites.py``.
+
+**Organisms.** A registered organism is any object with ``name``, ``kind``
+(``"honest"``, ``"trained-in"`` or ``"generalising"``), ``supports(env_name)``,
+``audit_settings`` (a tuple of ``(env param, value)`` pairs it is audited under),
+``validity_figures(demonstrations, own_train, own_test) -> dict`` (with a ``valid``
+entry) and ``builder``: ``builder(env_spec, specs, config, seed, cache_dir, replicas)
+-> list`` of built organisms (objects with ``imitator``, ``validity`` and ``spec``), one
+per spec; ``replicas[i]`` > 0 asks for an independent replica of ``specs[i]`` at the
+same seed (the honest twin).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import math
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from audit import figures, gan, registry
+from audit.detectors import DetectorContext, check_aggregate
+from audit.detectors.discriminator import DiscriminatorDetector
+from audit.discriminator import DiscriminatorConfig
+from audit.ppo import Critic
+from audit.rollout import rollout, rollout_expert, teacher_forced_activations
+from audit.scores import ScoreStore
+from audit.trajectories import Trajectories
+from audit.views import VIEWS, RunningNorm, check_view, view_features
+
+KINDS = ("honest", "trained-in", "generalising")
+TWIN_REPLICA = 1  # the honest twin is the honest organism built from replica 1's data
+
+
+class InvalidOrganismError(RuntimeError):
+    """An organism failed its validity check; the message gives the figures and bounds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """A benchmark suite: which cells run, and every setting they run with.
+
+    Attributes:
+      name: the suite's registry name.
+      envs: environments (registry names).
+      organisms: registered organisms; each runs on the environments it supports.
+        ``honest`` always runs (its episodes are the benign-novelty negatives) and so
+        does its twin (the honest-vs-honest control).
+      views: the views of the co-trained discriminators.
+      discriminators: registered discriminator architectures, one co-training run each.
+      discriminator_settings: ``{architecture: {keyword: value}}`` passed to the
+        discriminator's constructor, ``cls(feature_size, rngs=..., **settings)``.
+      post_hoc: also train post-hoc discriminators (each view, first architecture).
+      baselines: registered detectors (the ``detectors`` group), fitted for every
+        audited model. ``random_direction`` is added if absent: every suite runs it.
+      seeds: default number of seeds.
+      demonstrator: the registered planner whose episodes are the demonstrations.
+      detector_model: the registered imitator architecture that detectors fitting a
+        model of the demonstrator use (``DetectorContext.make_model``).
+      organism: how organisms are built (handed to the organisms' builders).
+      gan: the co-training phase; its ``view`` is set to ``views``.
+      trusted_episodes: demonstrator episodes on train layouts for fitting.
+      heldout_episodes: held-out demonstrator episodes on train layouts (train AUROC).
+      calibration_episodes: each audited model's own held-out train-layout episodes.
+      test_episodes: each audited model's own test-layout episodes.
+      aggregate: how step scores become a window's score (running).
+      alpha: the flagging level of the conformal p-values (1%).
+      zero_constant_features: standardise features that never varied in the fitting
+        data to 0 (invisible) instead of with a floor on their scale.
+      resamples: bootstrap resamples per confidence interval.
+    """
+
+    name: str
+    envs: tuple[str, ...]
+    organisms: tuple[str, ...]
+    views: tuple[str, ...] = VIEWS
+    discriminators: tuple[str, ...] = ("mlp",)
+    discriminator_settings: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    post_hoc: bool = False
+    baselines: tuple[str, ...] = ()
+    seeds: int = 1
+    demonstrator: str = "demonstrator"
+    detector_model: str = "egocentric"
+    organism: Any = None
+    gan: gan.GANConfig = gan.GANConfig()
+    trusted_episodes: int = 256
+    heldout_episodes: int = 256
+    calibration_episodes: int = 512
+    test_episodes: int = 256
+    aggregate: str = "max"
+    alpha: float = 0.01
+    zero_constant_features: bool = False
+    resamples: int = 1000
+
+    def __post_init__(self):
+        for view in self.views:
+            check_view(view)
+        check_aggregate(self.aggregate)
+        if figures.RANDOM_CONTROL not in self.baselines:
+            object.__setattr__(self, "baselines",
+                               tuple(self.baselines) + (figures.RANDOM_CONTROL,))
+        for group, field in (("organisms", "organisms"), ("detectors", "baselines"),
+                             ("discriminators", "discriminators")):
+            known = registry.names(group)
+            unknown = [n for n in getattr(self, field) if n not in known]
+            if unknown:
+                raise ValueError(f"Suite.{field}: unknown {unknown}; choose from: "
+                                 f"{', '.join(known)}")
+        if self.seeds < 1:
+            raise ValueError(f"Suite.seeds must be >= 1, got {self.seeds}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"Suite.alpha must be in (0, 1), got {self.alpha}")
+        for field in ("trusted_episodes", "heldout_episodes", "calibration_episodes",
+                      "test_episodes"):
+            if getattr(self, field) < 2:
+                raise ValueError(f"Suite.{field} must be >= 2, got {getattr(self, field)}")
+        if self.calibration_episodes * self.alpha < 1:
+            raise ValueError(f"Suite.calibration_episodes ({self.calibration_episodes}) must "
+                             f"be at least 1 / alpha ({1 / self.alpha:.0f}): with fewer, no "
+                             "p-value can reach the flagging level")
+
+    def settings_of(self, architecture: str) -> dict[str, Any]:
+        """The constructor settings of a discriminator architecture."""
+        return dict(dict(self.discriminator_settings).get(architecture, ()))
+
+
+def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
+              progress: Callable[[str], None] | None = None,
+              processes: int = 1, first_seed: int = 0) -> dict[str, Any]:
+    """Runs every cell of ``suite`` and computes its figures.
+
+    Args:
+      suite: the suite.
+      seeds: number of seeds (default: the suite's).
+      cache_dir: where organisms are cached (None: no cache).
+      progress: called with a short description before each stage.
+      processes: run the environments in this many worker processes (1: in this
+        process). Each environment's numbers are the same either way. Workers start
+        fresh (``spawn``) and are sent the suite and the registered components, which
+        must pickle by reference (module-level functions and classes).
+      first_seed: the seeds are ``first_seed, first_seed + 1, ...``.
+
+    Returns:
+      ``{"rows", "models", "model_level", "roc", "cotraining", "timings", "scores"}``:
+      the figures of :func:`audit.figures.compute`, the co-training curves' summary,
+      stage timings and the :class:`~audit.scores.ScoreStore` they were computed from.
+
+    Raises:
+      InvalidOrganismError: if an organism fails its validity check, before or after
+        co-training.
+      audit.gan.DivergenceError: if co-training diverged.
+    """
+    seeds = seeds or suite.seeds
+    if seeds < 1 or first_seed < 0:
+        raise ValueError(f"seeds must be >= 1 and first_seed >= 0; got {seeds} and {first_seed}")
+    seed_values = tuple(range(first_seed, first_seed + seeds))
+    say = progress or (lambda message: None)
+    jobs = [(suite, registry.get("environments", env_name), _organism_specs(suite, env_name),
+             [registry.get("detectors", name) for name in suite.baselines], seed_values,
+             cache_dir) for env_name in suite.envs]
+    if processes > 1 and len(jobs) > 1:
+        outcomes = _run_envs_in_processes(jobs, say, processes)
+    else:
+        outcomes = [_run_env(*job, say) for job in jobs]
+    store = ScoreStore(settings=score_settings(suite))
+    timings, cotraining = {}, []
+    for env_store, env_timings, env_cotraining in outcomes:
+        store.merge(env_store)
+        timings.update(env_timings)
+        cotraining.extend(env_cotraining)
+    started = time.perf_counter()
+    say(f"figures and bootstrap intervals of {len(store.cells)} scored (model, detector) pairs")
+    results = figures.compute(store)
+    timings["figures"] = time.perf_counter() - started
+    return dict(results, cotraining=cotraining, timings=timings, scores=store)
+
+
+def score_settings(suite: Suite) -> dict[str, Any]:
+    """The settings :mod:`audit.figures` reads from a store, from the suite."""
+    return dict(alpha=suite.alpha, aggregate=suite.aggregate, resamples=suite.resamples,
+                audit_budgets=list(figures.DEFAULT_BUDGETS), bootstrap_seed=0,
+                suite=suite.name)
+
+
+def _organism_specs(suite: Suite, env_name: str) -> list:
+    """``honest`` first, then the suite's other organisms that support ``env_name``."""
+    honest = registry.get("organisms", figures.HONEST)
+    others = [registry.get("organisms", name) for name in suite.organisms
+              if name != figures.HONEST]
+    return [honest] + [spec for spec in others if spec.supports(env_name)]
+
+
+def _run_envs_in_processes(jobs, say, processes) -> list:
+    """:func:`_run_env` for every environment, in worker processes, in suite order.
+
+    Threads do not help here: XLA runs most of these small programs on one core. Two
+    processes keep two cores busy, one compiling while another computes.
+    """
+    context = multiprocessing.get_context("spawn")  # a forked JAX runtime is unsafe
+    with context.Manager() as manager:
+        messages = manager.Queue()
+        relay = threading.Thread(target=_relay, args=(messages, say), daemon=True)
+        relay.start()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(
+                    max_workers=min(processes, len(jobs)), mp_context=context) as pool:
+                futures = [pool.submit(_run_env, *job, messages.put) for job in jobs]
+                try:
+                    outcomes = [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:  # one environment failed: stop the others
+                        future.cancel()
+                    for process in list(getattr(pool, "_processes", {}).values()):
+                        process.terminate()
+                    raise
+        finally:
+            messages.put(None)
+            relay.join()
+    return outcomes
+
+
+def _relay(messages, say) -> None:
+    while (message := messages.get()) is not None:
+        say(message)
+
+
+# --------------------------------------------------------------------------- one environment
+
+
+@dataclasses.dataclass
+class _Model:
+    """One audited model: an organism (or the twin) at one seed, before co-training."""
+
+    name: str
+    spec: Any
+    kind: str
+    seed: int
+    built: Any
+
+
+def _build_models(suite, env_spec, specs, seed, cache_dir) -> list[_Model]:
+    """Every organism of ``specs`` at ``seed``, and the honest twin, via their builders.
+
+    Organisms of one builder are built in one call (the built-in builder clones them in
+    one vmapped run); the twin is the honest organism's replica :data:`TWIN_REPLICA`.
+    """
+    honest = specs[0]
+    by_builder: dict[Any, list] = {}
+    for spec in specs:
+        by_builder.setdefault(spec.builder, []).append((spec, spec.name, spec.kind, 0))
+    by_builder[honest.builder].append((honest, figures.TWIN, "control", TWIN_REPLICA))
+    models = []
+    for builder, group in by_builder.items():
+        built = builder(env_spec, [spec for spec, *_ in group], suite.organism, seed, cache_dir,
+                        [replica for *_, replica in group])
+        models.extend(_Model(name, spec, kind, seed, organism)
+                      for (spec, name, kind, _), organism in zip(group, built, strict=True))
+    return models
+
+
+def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ...], cache_dir,
+             say) -> tuple[ScoreStore, dict, list]:
+    """Every model of one environment: ``(store, timings, co-training summaries)``."""
+    store = ScoreStore(settings=score_settings(suite))
+    timings: dict[str, float] = {}
+    cotraining: list[dict] = []
+    env_name = env_spec.name
+    started = time.perf_counter()
+    say(f"{env_name}: organisms ({', '.join(spec.name for spec in specs)} and the honest twin)")
+    models = {seed: _build_models(suite, env_spec, specs, seed, cache_dir) for seed in seeds}
+    timings[f"{env_name}/organisms"] = time.perf_counter() - started
+    # Models audited under the same environment settings share their demonstrations and
+    # test layouts; the honest model and its twin join every such group as its negatives.
+    settings_groups = sorted({spec.audit_settings for spec in specs}, key=repr)
+    for settings in settings_groups:
+        label = _group_label(settings)
+        chosen = {seed: [m for m in models[seed] if m.spec.audit_settings == settings
+                         or m.name in (figures.HONEST, figures.TWIN)] for seed in seeds}
+        _run_group(suite, env_spec, settings, label, chosen, detector_specs, seeds, store,
+                   cotraining, timings, say)
+    return store, timings, cotraining
+
+
+def _group_label(settings) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings) or "default"
+
+
+def _audit_params(env_spec, settings, split: str):
+    env, params = env_spec.build(split)
+    return env, params.replace(**dict(settings)) if settings else params
+
+
+def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, store,
+               cotraining, timings, say):
+    """Demonstrations, co-training and scoring of the models audited under ``settings``."""
+    env_name = env_spec.name
+    env, train_params = _audit_params(env_spec, settings, "train")
+    _, test_params = _audit_params(env_spec, settings, "test")
+    max_steps = int(train_params.max_steps_in_episode)
+    demonstrator = registry.get("planners", suite.demonstrator).make(env)
+    shape = tuple(env.observation_space(train_params).shape)
+
+    data = {}
+    for seed in seeds:
+        key = jax.random.fold_in(jax.random.key(seed), 1000 + _stable_hash(label))
+        keys = jax.random.split(key, 4)
+        data[seed] = dict(
+            trusted=rollout_expert(demonstrator, env, train_params, keys[0],
+                                   suite.trusted_episodes, max_steps),
+            heldout=rollout_expert(demonstrator, env, train_params, keys[1],
+                                   suite.heldout_episodes, max_steps),
+            # Every model's test episodes start from these layouts, each with its own noise.
+            test_layouts=jax.random.fold_in(key, 99), key=keys[3], shared_detectors={})
+
+    # Models of one architecture (one graphdef) are co-trained in one vmapped run.
+    architectures: list[tuple[Any, list[int]]] = []
+    for index, model in enumerate(models[seeds[0]]):
+        graphdef = nnx.graphdef(model.built.imitator)
+        for known, members in architectures:
+            if known == graphdef:
+                members.append(index)
+                break
+        else:
+            architectures.append((graphdef, [index]))
+
+    for architecture in suite.discriminators:
+        discriminator_class = registry.get("discriminators", architecture)
+        make_discriminator = functools.partial(_make_discriminator, discriminator_class,
+                                               suite.settings_of(architecture))
+        for _, members in architectures:
+            started = time.perf_counter()
+            names = [models[seeds[0]][i].name for i in members]
+            say(f"{env_name} ({label}): co-training {', '.join(names)} x {len(seeds)} seed(s) "
+                f"against {architecture} discriminators ({', '.join(suite.views)})")
+            config = dataclasses.replace(suite.gan, view=tuple(suite.views),
+                                         zero_constant_features=suite.zero_constant_features)
+            train, modules = gan.make_train(
+                config, env, train_params,
+                functools.partial(_remake, models[seeds[0]][members[0]].built.imitator),
+                lambda k: Critic(math.prod(shape), rngs=nnx.Rngs(k)), make_discriminator,
+                data[seeds[0]]["trusted"])
+            initial = _stack([_stack([nnx.split(models[seed][i].built.imitator)[1]
+                                      for i in members]) for seed in seeds])
+            run_keys = jnp.stack([jax.random.split(jax.random.fold_in(data[seed]["key"], 7),
+                                                   len(members)) for seed in seeds])
+            trusted = _stack([data[seed]["trusted"] for seed in seeds])
+            per_seed = jax.vmap(jax.vmap(train, in_axes=(0, 0, None)), in_axes=(0, 0, 0))
+            state, history, _ = jax.block_until_ready(
+                jax.jit(per_seed)(run_keys, initial, trusted))
+            timings[f"{env_name}/{label}/co-training/{architecture}/{names[0]}"] = (
+                time.perf_counter() - started)
+
+            started = time.perf_counter()
+            for position, index in enumerate(members):
+                for number, seed in enumerate(seeds):
+                    model = models[seed][index]
+                    run_state = jax.tree.map(lambda x, s=number, p=position: x[s, p], state)
+                    losses = np.asarray(history["discriminator_loss"][number, position])
+                    cotraining.append(_cotraining_summary(
+                        env_name, label, model, architecture, suite, losses,
+                        np.asarray(history["heldout_auroc"][number, position])))
+                    _audit_model(suite, env_spec, env, label, model, modules, run_state,
+                                 architecture, make_discriminator, detector_specs, data[seed],
+                                 train_params, test_params, shape, store)
+            timings[f"{env_name}/{label}/scoring/{architecture}/{names[0]}"] = (
+                time.perf_counter() - started)
+
+
+def _remake(imitator, key):
+    """A fresh module of ``imitator``'s architecture and settings (its weights are replaced)."""
+    graphdef, state = nnx.split(imitator)
+    return nnx.merge(graphdef, state)
+
+
+def _make_discriminator(cls, settings, key, feature_size):
+    return cls(feature_size, rngs=nnx.Rngs(key), **settings)
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+
+
+def _stable_hash(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:3], "little")
+
+
+def plateau_change(losses: np.ndarray) -> float:
+    """Relative change of the mean loss between the last two quarters of a run.
+
+    Small (e.g. below 0.05) when the discriminator's loss has levelled off. NaN for
+    runs of fewer than 8 iterations.
+    """
+    losses = np.asarray(losses, np.float64)
+    if losses.shape[0] < 8:
+        return math.nan
+    quarter = losses.shape[0] // 4
+    last, before = losses[-quarter:].mean(0), losses[-2 * quarter:-quarter].mean(0)
+    return float(np.max(np.abs(last - before) / np.maximum(np.abs(before), 1e-8)))
+
+
+def _cotraining_summary(env_name, label, model, architecture, suite, losses, aurocs) -> dict:
+    """What a co-training run did: updates, the loss curve per view, whether it levelled off."""
+    losses = losses.reshape(losses.shape[0], -1)
+    aurocs = aurocs.reshape(aurocs.shape[0], -1)
+    return dict(env=env_name, group=label, organism=model.name, seed=model.seed,
+                discriminator=architecture, views=list(suite.views),
+                iterations=int(losses.shape[0]),
+                discriminator_updates=int(losses.shape[0] * suite.gan.discriminator.updates),
+                final_loss=[float(x) for x in losses[-max(1, len(losses) // 4):].mean(0)],
+                plateau_change=[plateau_change(losses[:, v]) for v in range(losses.shape[1])],
+                heldout_auroc_final=[float(x) for x in
+                                     aurocs[-max(1, len(aurocs) // 4):].mean(0)],
+                loss_curve=losses.tolist())
+
+
+def _audit_model(suite, env_spec, env, label, model, modules, run_state, architecture,
+                 make_discriminator, detector_specs, data, train_params, test_params, shape,
+                 store: ScoreStore) -> None:
+    """Checks one co-trained model again, builds its detectors and stores their scores."""
+    gan.check_divergence(run_state, f"co-training {model.name!r} on {env_spec.name!r} "
+                                    f"(seed {model.seed})")
+    audited = nnx.merge(modules.actor, run_state.actor)
+    max_steps = int(test_params.max_steps_in_episode)
+    own_key, calibration_key, post_hoc_key = jax.random.split(
+        jax.random.fold_in(data["key"], _stable_hash(model.name)), 3)
+    episodes = dict(
+        test=rollout(audited, env, test_params, own_key, suite.test_episodes, max_steps,
+                     layout_key=data["test_layouts"]),
+        calibration=rollout(audited, env, train_params, calibration_key,
+                            suite.calibration_episodes, max_steps),
+        demo=_forced(audited, data["heldout"]))
+    validity = dict(model.spec.validity_figures(episodes["demo"], episodes["calibration"],
+                                                episodes["test"]), before=model.built.validity)
+    if model.kind != "control" and not validity["valid"]:
+        raise InvalidOrganismError(_invalid_message(model, env_spec.name, validity))
+    model_key = store.model_key(env_spec.name, label, model.name, model.seed)
+    if model_key not in store.models:
+        store.add_model(env=env_spec.name, group=label, organism=model.name, kind=model.kind,
+                        seed=model.seed, test_mask=episodes["test"].mask,
+                        test_events=episodes["test"].events,
+                        calibration_mask=episodes["calibration"].mask,
+                        demo_mask=episodes["demo"].mask, validity=_json_ready(validity))
+    norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
+        modules.view_masks.shape[1])
+    names = suite.gan.activation_names
+    shared = {part: view_features(episodes[part], modules.features_view, env.num_actions, names)
+              for part in episodes}
+    for v, view in enumerate(modules.views):
+        detector = DiscriminatorDetector.from_gan(
+            modules, jax.tree.map(lambda x, v=v: x[v], run_state.discriminator), norm, view,
+            env.num_actions, names, zero_constant_features=suite.zero_constant_features)
+        scores = {part: detector.score_features(shared[part], episodes[part].mask)
+                  for part in episodes}
+        store.add_scores(model_key, f"gan_{architecture}", view, detector.protocol, **scores)
+    if architecture != suite.discriminators[0]:
+        return
+    trusted = _forced(audited, data["trusted"])
+    if suite.post_hoc:
+        own_train = rollout(audited, env, train_params, post_hoc_key, trusted.num_episodes,
+                            trusted.num_steps)
+        for view in suite.views:
+            detector = DiscriminatorDetector(
+                view, env.num_actions, make_discriminator,
+                DiscriminatorConfig(updates=300, batch_episodes=32, learning_rate=1e-3),
+                seed=model.seed, zero_constant_features=suite.zero_constant_features,
+            ).fit(trusted, own_train)
+            store.add_scores(model_key, "posthoc_" + architecture, view, detector.protocol,
+                             **{part: detector.score(episodes[part]) for part in episodes})
+    context = DetectorContext(
+        num_actions=env.num_actions, observation_shape=shape, seed=model.seed,
+        make_model=functools.partial(_detector_model, suite.detector_model, shape,
+                                     env.num_actions),
+        zero_constant_features=suite.zero_constant_features)
+    for spec in detector_specs:
+        if spec.depends_on_imitator:
+            detector = spec.build(context).fit(trusted)
+        else:  # it reads nothing of the audited model: one per data set
+            if spec.name not in data["shared_detectors"]:
+                data["shared_detectors"][spec.name] = spec.build(context).fit(trusted)
+            detector = data["shared_detectors"][spec.name]
+        store.add_scores(model_key, spec.name, spec.view, detector.protocol,
+                         **{part: detector.score(episodes[part]) for part in episodes})
+
+
+def _forced(audited, trajectories: Trajectories) -> Trajectories:
+    """Demonstrations with the audited model's teacher-forced activations (fitting data)."""
+    return trajectories.replace(activations=teacher_forced_activations(
+        audited, trajectories.replace(activations={})))
+
+
+def _detector_model(name, observation_shape, num_actions, key):
+    return registry.get("imitators", name)(observation_shape, num_actions, rngs=nnx.Rngs(key))
+
+
+def _invalid_message(model, env_name, validity) -> str:
+    low, high = validity.get("event_rate_range", (math.nan, math.nan))
+    return (f"organism {model.name!r} on {env_name!r} (seed {model.seed}, after co-training) "
+            f"failed its validity check: kl_train {validity['kl_train']:.4f} (bound "
+            f"{validity.get('kl_bound')}), event_rate_test {validity['event_rate_test']:.3f} "
+            f"(range [{low}, {high}])")
+
+
+def _json_ready(value):
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic | jax.Array):
+        return np.asarray(value).item()
+    return value
+
+
+def organism_names(suite: Suite, env_name: str) -> Sequence[str]:
+    """The organisms a suite audits on ``env_name`` (honest first; the twin not included)."""
+    return [spec.name for spec in _organism_specs(suite, env_name)]
