@@ -522,7 +522,8 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
     The uncached organisms are behaviour-cloned together, one ``vmap`` over their
     datasets, then each is checked (:func:`check_validity`) and saved. Each organism's
     data, initialisation and checks come from keys of its own (seed, replica, name), so
-    an organism is the same whichever others it is built with.
+    an organism is the same whichever others it is built with (up to the float rounding
+    of a differently batched program).
 
     ``replicas`` (one for all, or one per spec) > 0 builds another organism of the same
     seed from independent data, initialisation and validity episodes (the honest twin of

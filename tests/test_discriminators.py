@@ -215,3 +215,16 @@ def test_gradient_penalty_sees_only_the_features_a_view_mask_keeps(name):
                           keep)) == pytest.approx(float(gan_loss(
                               masked_def, masked_params, demo * keep, demo_mask, own * keep,
                               own_mask, config, keep)), rel=1e-6)
+
+
+def test_a_feature_that_never_varied_is_visible_unless_zeroing_is_asked_for():
+    steady = jnp.stack([jnp.linspace(-1.0, 1.0, 50), jnp.full(50, 2.0)], axis=-1)
+    norm = RunningNorm.create(2).update(steady, jnp.ones(50, bool))
+    novel = jnp.array([[0.0, 5.0]])
+    # The unit scale (SCALE_FLOOR): a change of 3 in the constant feature reads as 3.
+    np.testing.assert_allclose(norm.normalize(novel)[0, 1], 3.0, rtol=1e-5)
+    assert float(norm.normalize(steady)[:, 1].max()) == 0.0  # unchanged: 0 either way
+    assert float(norm.normalize(novel, zero_constant=True)[0, 1]) == 0.0
+    # A feature that varied is standardised the same way in both modes.
+    np.testing.assert_allclose(norm.normalize(novel)[0, 0],
+                               norm.normalize(novel, zero_constant=True)[0, 0])

@@ -124,7 +124,8 @@ def test_divergence_stops_with_the_iteration_and_loss_and_keeps_the_last_good_st
     iteration = summary["diverged"]["iteration"]
     assert f"iteration {iteration}" in error and summary["diverged"]["loss"] == \
         "discriminator_loss"
-    assert not np.isfinite(summary["history"]["discriminator_loss"][iteration])
+    # Strict JSON: the non-finite loss is written as null.
+    assert summary["history"]["discriminator_loss"][iteration] is None
     # What was saved is the state from before the bad iteration: finite weights.
     with np.load(out / "discriminator.npz") as saved:
         assert all(np.all(np.isfinite(saved[name])) for name in saved.files)

@@ -217,12 +217,15 @@ LOOSE = organisms.OrganismSpec("loose_test", "any imitator is valid", ("offswitc
 def test_an_organism_is_the_same_whatever_it_is_built_with_and_a_replica_differs():
     env_spec = registry.get("environments", "offswitch")
     alone = organisms.build_organisms(env_spec, [LOOSE], TINY, seed=0)[0]
-    together = organisms.build_organisms(env_spec, [LOOSE, LOOSE, organisms.HONEST], TINY, seed=0,
+    other = dataclasses.replace(LOOSE, name="loose_other")
+    together = organisms.build_organisms(env_spec, [LOOSE, LOOSE, other], TINY, seed=0,
                                          replicas=[0, 1, 0])
     params = [jax.tree.leaves(nnx.state(o.imitator, nnx.Param)) for o in [alone, *together]]
+    # Same keys, same data: equal up to the rounding of a differently batched program.
     for a, b in zip(params[0], params[1], strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert any(not np.array_equal(a, b) for a, b in zip(params[0], params[2], strict=True))
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(not np.allclose(a, b, rtol=1e-2) for a, b in zip(params[0], params[2],
+                                                                strict=True))
     assert organisms.cache_key(LOOSE, "offswitch", TINY, 0, 1) != together[0].cache_key
     with pytest.raises(ValueError, match="one replica per spec"):
         organisms.build_organisms(env_spec, [LOOSE, LOOSE], TINY, seed=0)
