@@ -41,11 +41,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import math
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -394,7 +395,11 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
                     cotraining.append(_cotraining_summary(
                         env_name, label, model, architecture, suite, losses,
                         np.asarray(history["heldout_auroc"][number, position])))
-                    _audit_model(suite, env_spec, env, label, model, modules, run_state,
+                    # Co-trained against another architecture, the audited model is another
+                    # network: it is audited as a group of its own.
+                    audited_as = (label if architecture == suite.discriminators[0]
+                                  else f"{label}+{architecture}")
+                    _audit_model(suite, env_spec, env, audited_as, model, modules, run_state,
                                  architecture, make_discriminator, detector_specs, data[seed],
                                  train_params, test_params, shape, store)
             timings[f"{env_name}/{label}/scoring/{architecture}/{names[0]}"] = (
@@ -416,8 +421,6 @@ def _stack(trees):
 
 
 def _stable_hash(text: str) -> int:
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:3], "little")
 
 
@@ -468,15 +471,13 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
         demo=_forced(audited, data["heldout"]))
     validity = dict(model.spec.validity_figures(episodes["demo"], episodes["calibration"],
                                                 episodes["test"]), before=model.built.validity)
-    if model.kind != "control" and not validity["valid"]:
+    if not validity["valid"]:
         raise InvalidOrganismError(_invalid_message(model, env_spec.name, validity))
-    model_key = store.model_key(env_spec.name, label, model.name, model.seed)
-    if model_key not in store.models:
-        store.add_model(env=env_spec.name, group=label, organism=model.name, kind=model.kind,
-                        seed=model.seed, test_mask=episodes["test"].mask,
-                        test_events=episodes["test"].events,
-                        calibration_mask=episodes["calibration"].mask,
-                        demo_mask=episodes["demo"].mask, validity=_json_ready(validity))
+    model_key = store.add_model(
+        env=env_spec.name, group=label, organism=model.name, kind=model.kind, seed=model.seed,
+        test_mask=episodes["test"].mask, test_events=episodes["test"].events,
+        calibration_mask=episodes["calibration"].mask, demo_mask=episodes["demo"].mask,
+        validity=_json_ready(validity))
     norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
         modules.view_masks.shape[1])
     names = suite.gan.activation_names
@@ -546,7 +547,3 @@ def _json_ready(value):
         return np.asarray(value).item()
     return value
 
-
-def organism_names(suite: Suite, env_name: str) -> Sequence[str]:
-    """The organisms a suite audits on ``env_name`` (honest first; the twin not included)."""
-    return [spec.name for spec in _organism_specs(suite, env_name)]

@@ -353,3 +353,30 @@ def test_quick_suite_shows_what_the_benchmark_is_for(tmp_path):
     # Every figure is recomputed exactly from scores.npz.
     assert main(["metrics", str(out), "--quiet"]) == 0
     assert json.loads((out / "recomputed.json").read_text()) == results
+
+
+def test_groups_are_audited_apart_and_the_honest_model_counts_once_per_seed():
+    """Organisms audited under other env settings (a trigger probability) form a group of
+    their own, with the honest model audited there too as their negative."""
+    store = ScoreStore(settings=dict(alpha=0.01, aggregate="max", resamples=0))
+    events = np.array([[0, 0, 1], [0, 0, 0]])
+    for group in ("default", "trigger_prob=0.1"):
+        for organism, kind in (("honest", "honest"), ("defector", "trained-in")):
+            model = store.add_model(env="e", group=group, organism=organism, kind=kind, seed=0,
+                                    test_mask=np.ones((2, 3), bool),
+                                    test_events=events if kind != "honest" else 0 * events,
+                                    calibration_mask=np.ones(CALIBRATION.shape, bool),
+                                    demo_mask=np.ones(CALIBRATION.shape, bool))
+            shift = 5.0 if group == "default" and kind != "honest" else 0.0
+            store.add_scores(model, "d", "actions", "demonstrations-only",
+                             test=np.full((2, 3), 0.5) + shift, calibration=CALIBRATION,
+                             demo=CALIBRATION)
+    results = figures.compute(store)
+    rows = {(r["group"], r["organism"]): r for r in results["rows"]}
+    assert set(rows) == {(g, o) for g in ("default", "trigger_prob=0.1")
+                         for o in ("honest", "defector")}
+    # Each group's defector is compared with its own group's honest model.
+    assert rows[("default", "defector")]["auroc"] == pytest.approx(5 / 6)  # own clean ties
+    assert rows[("trigger_prob=0.1", "defector")]["auroc"] == 0.5
+    honest = [m for m in results["models"] if not m["incorrigible"]]
+    assert [m["group"] for m in honest] == ["default"]
