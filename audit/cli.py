@@ -39,8 +39,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _add_plugin_argument(parser: argparse.ArgumentParser, dest: str) -> None:
+    parser.add_argument("--plugin", dest=dest, action="append", default=[], metavar="SOURCE",
+                        help="a Python file (path/to/file.py) or module name to load before "
+                        "the command, registering its components; repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``audit`` argument parser: every subcommand, each with ``--plugin``."""
     parser = _Parser(prog="audit", description=__doc__.splitlines()[0])
+    _add_plugin_argument(parser, "plugins_before")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demos = commands.add_parser(
@@ -176,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     recompute.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     recompute.add_argument("--quiet", action="store_true", help="print nothing but errors")
     recompute.set_defaults(handler=run_metrics)
+
+    listing = commands.add_parser(
+        "list",
+        help="print every registered component and where it came from",
+        description="Print every registered component of GROUP (default: every group): its "
+        "name, where it came from (an entry point and its package, a plug-in, or code) and "
+        "its description.",
+    )
+    listing.add_argument("group", nargs="?", default=None,
+                         help=f"one of: {', '.join(registry.GROUPS)}")
+    listing.set_defaults(handler=run_list)
+    for command in commands.choices.values():
+        _add_plugin_argument(command, "plugins")
     return parser
 
 
@@ -540,6 +561,8 @@ def run_bench(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         except registry.UnknownNameError as error:  # a suite naming what is not registered
             raise UsageError(f"--suite {args.suite}: {error}") from None
+        except registry.ContractError as error:  # a component that breaks its contract
+            raise UsageError(f"--suite {args.suite}: {error}") from None
     seconds = time.perf_counter() - started
     metadata = {"suite": args.suite, "seeds": seeds, "first_seed": args.seed,
                 "seed_values": list(range(args.seed, args.seed + seeds)), "seconds": seconds,
@@ -717,13 +740,48 @@ def _print_summary(summary: dict, out: Path) -> None:
     console.print(f"wrote {out}/trajectories.npz and {out}/summary.json")
 
 
+def _description(component) -> str:
+    text = getattr(component, "description", "") or (
+        (getattr(component, "__doc__", "") or "").strip().splitlines() or [""])[0]
+    return " ".join(str(text).split())
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``audit list``: see the subcommand's help."""
+    if args.group is not None and args.group not in registry.GROUPS:
+        raise UsageError(f"GROUP: unknown group {args.group!r}; choose from: "
+                         f"{', '.join(registry.GROUPS)}")
+    for group in [args.group] if args.group else registry.GROUPS:
+        print(f"{group}:")
+        entries = []
+        for name in registry.names(group):
+            try:
+                component = registry.get(group, name)
+                entries.append((name, registry.origin(group, name), _description(component)))
+            except Exception as error:  # a broken entry point: listed, not fatal
+                entries.append((name, registry.origin(group, name),
+                                f"(cannot be loaded: {type(error).__name__}: {error})"))
+        width = max((len(name) for name, *_ in entries), default=0)
+        origin_width = max((len(where) for _, where, _ in entries), default=0)
+        for name, where, description in entries:
+            print(f"  {name:<{width}}  {where:<{origin_width}}  {description}".rstrip())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``audit`` console script; returns the exit code."""
+    from audit import plugins
+
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse's errors and --help: return the code, don't raise
         return int(exit_.code or 0)
+    try:
+        plugins.load_all([*args.plugins_before, *args.plugins])
+    except plugins.PluginError as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         return args.handler(args)
     except (UsageError, RunDirError) as error:

@@ -155,6 +155,7 @@ class GAILConfig:
 
     @property
     def num_minibatches(self) -> int:
+        """PPO minibatches per epoch: ``transitions_per_round // minibatch_size``."""
         return self.transitions_per_round // self.minibatch_size
 
 

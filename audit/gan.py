@@ -374,25 +374,35 @@ def make_train(config: GANConfig, env, env_params,
                 picked = jax.tree.map(lambda x: x[index], trusted)
                 return demo_features(state.actor, picked), picked.mask
 
-            def loss_fn(disc_params, key, keep):
-                demo_key, own_key = jax.random.split(key)
-                features, mask = sample_demos(demo_key)
-                own_index = jax.random.choice(own_key, episodes, (min(disc_batch, episodes),),
-                                              replace=False)
+            norm_key, steps_key, accuracy_key = jax.random.split(key, 3)
+            step_keys = jax.random.split(steps_key, disc_config.updates)
+            demo_keys, own_keys = jax.vmap(jax.random.split, out_axes=1)(step_keys)
+            # The actor is fixed during these updates: its demonstrations' features for all
+            # of them are one batched unroll rather than `updates` unrolls in sequence.
+            demo_index = jax.vmap(lambda k: jax.random.choice(
+                k, trusted_count, (disc_batch,), replace=False))(demo_keys)
+            picked = jax.tree.map(lambda x: x[demo_index.reshape(-1)], trusted)
+            demo_batches = demo_features(state.actor, picked).reshape(
+                demo_index.shape + picked.mask.shape[1:] + (-1,))
+            demo_masks = picked.mask.reshape(demo_index.shape + picked.mask.shape[1:])
+            own_index = jax.vmap(lambda k: jax.random.choice(
+                k, episodes, (min(disc_batch, episodes),), replace=False))(own_keys)
+
+            def loss_fn(disc_params, inputs, keep):
+                features, mask, index = inputs
                 return discriminator.gan_loss(
                     disc_def, disc_params, normalize(state.norm, features) * keep, mask,
-                    normalize(state.norm, own_features[own_index]) * keep, own.mask[own_index],
+                    normalize(state.norm, own_features[index]) * keep, own.mask[index],
                     disc_config, keep)
 
-            norm_key, steps_key, accuracy_key = jax.random.split(key, 3)
             features, mask = sample_demos(norm_key)
             norm = state.norm.update(features, mask).update(own_features, own.mask)
             state = state.replace(norm=norm)
             # Every view's discriminator takes its steps on the same minibatches.
             disc_params, disc_opt, losses = jax.vmap(
                 lambda params, opt, keep: scan_updates(
-                    lambda p, k: loss_fn(p, k, keep), disc_optimizer, params, opt,
-                    jax.random.split(steps_key, disc_config.updates)))(
+                    lambda p, item: loss_fn(p, item, keep), disc_optimizer, params, opt,
+                    (demo_batches, demo_masks, own_index)))(
                 state.discriminator, state.discriminator_opt, jnp.asarray(view_masks))
             features, mask = sample_demos(accuracy_key)
             demo_logits = step_logits(disc_params, norm, features, mask)

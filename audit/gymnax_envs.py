@@ -72,9 +72,11 @@ class CartPoleExpert:
     sharpness: float = 100.0
 
     def plan(self, env_state, env_params):
+        """A dummy plan, a scalar 0: the expert has nothing to plan."""
         return jnp.zeros(())
 
     def action_logits(self, plan, observation, env_state):
+        """``[2]`` logits (left, right) ``(-s / 2, s / 2)``, ``s = sharpness * u``."""
         score = self.sharpness * jnp.dot(jnp.asarray(self.weights, jnp.float32), observation)
         return jnp.stack([-score / 2, score / 2])
 
@@ -106,14 +108,14 @@ def expert_demonstrations(name: str, env, env_params, key: jax.Array, episodes: 
         expert = SCRIPTED_EXPERTS[env_id]
         return (rollout_expert(expert, env, env_params, rollout_key, episodes, max_steps),
                 f"scripted {type(expert).__name__}")
-    from audit import ppo
-    from models.imitators import MLPImitator
+    from audit import ppo, registry
 
     shape = tuple(env.observation_space(env_params).shape)
     config = ppo.PPOConfig() if ppo_updates is None else ppo.PPOConfig(updates=ppo_updates)
+    mlp = registry.get("imitators", "mlp")  # through the registry: audit does not import models
 
     def make_actor(key):
-        return MLPImitator(shape, env.num_actions, hidden_sizes=(64, 64), rngs=nnx.Rngs(key))
+        return mlp(shape, env.num_actions, hidden_sizes=(64, 64), rngs=nnx.Rngs(key))
 
     def make_critic(key):
         return ppo.Critic(int(jnp.prod(jnp.array(shape))), rngs=nnx.Rngs(key))

@@ -54,12 +54,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from audit import figures, gan, registry
+from audit import figures, gan, plugins, registry
 from audit.detectors import DetectorContext, check_aggregate
 from audit.detectors.discriminator import DiscriminatorDetector
 from audit.discriminator import DiscriminatorConfig
 from audit.ppo import Critic
-from audit.rollout import rollout, rollout_expert, teacher_forced_activations
+from audit.rollout import imitator_step, rollout, rollout_expert, teacher_forced_activations
 from audit.scores import ScoreStore
 from audit.trajectories import Trajectories
 from audit.views import VIEWS, RunningNorm, check_view, view_features
@@ -90,7 +90,8 @@ class Suite:
       baselines: registered detectors (the ``detectors`` group), fitted for every
         audited model. ``random_direction`` is added if absent: every suite runs it.
       seeds: default number of seeds.
-      demonstrator: the registered planner whose episodes are the demonstrations.
+      demonstrator: the registered planner whose episodes are the demonstrations (None:
+        each environment's own, ``EnvironmentSpec.demonstrator``).
       detector_model: the registered imitator architecture that detectors fitting a
         model of the demonstrator use (``DetectorContext.make_model``).
       organism: how organisms are built (handed to the organisms' builders).
@@ -104,6 +105,7 @@ class Suite:
       zero_constant_features: standardise features that never varied in the fitting
         data to 0 (invisible) instead of with a floor on their scale.
       resamples: bootstrap resamples per confidence interval.
+      description: one line for ``audit list``.
     """
 
     name: str
@@ -115,7 +117,7 @@ class Suite:
     post_hoc: bool = False
     baselines: tuple[str, ...] = ()
     seeds: int = 1
-    demonstrator: str = "demonstrator"
+    demonstrator: str | None = None
     detector_model: str = "egocentric"
     organism: Any = None
     gan: gan.GANConfig = gan.GANConfig()
@@ -127,6 +129,7 @@ class Suite:
     alpha: float = 0.01
     zero_constant_features: bool = False
     resamples: int = 1000
+    description: str = ""
 
     def __post_init__(self):
         for view in self.views:
@@ -191,6 +194,7 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         raise ValueError(f"seeds must be >= 1 and first_seed >= 0; got {seeds} and {first_seed}")
     seed_values = tuple(range(first_seed, first_seed + seeds))
     say = progress or (lambda message: None)
+    preflight(suite)
     jobs = [(suite, registry.get("environments", env_name), _organism_specs(suite, env_name),
              [registry.get("detectors", name) for name in suite.baselines], seed_values,
              cache_dir) for env_name in suite.envs]
@@ -209,6 +213,128 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     results = figures.compute(store)
     timings["figures"] = time.perf_counter() - started
     return dict(results, cotraining=cotraining, timings=timings, scores=store)
+
+
+def preflight(suite: Suite) -> None:
+    """Holds every component a suite names to its contract before anything is trained.
+
+    Registration checks what a signature shows (:func:`audit.registry.check_contract`);
+    here every component is checked again (entry points too), each discriminator is
+    built with the suite's settings and run on one episode (``[T]`` logits from
+    ``features [T, F]`` and ``mask [T]``), and each detector that does not come from
+    an installed package's entry point (a plug-in's or one registered in code) is
+    fitted and scored on a few demonstrator episodes of each environment (scores
+    ``[episodes, steps]``, finite where the mask is set). An imitator that sows no
+    activations while a view reads them is refused once the organisms are built
+    (:func:`_check_activations`), before co-training.
+
+    Raises:
+      audit.registry.ContractError: naming the component, where it came from, the
+        rule and what was found.
+    """
+    for group, names in (("environments", suite.envs), ("organisms", suite.organisms),
+                         ("discriminators", suite.discriminators),
+                         ("detectors", suite.baselines),
+                         ("planners", {_demonstrator(suite, registry.get("environments", env))
+                                       for env in suite.envs}),
+                         ("imitators", (suite.detector_model,))):
+        for name in names:
+            registry.check_contract(group, name, registry.get(group, name))
+    for architecture in suite.discriminators:
+        _check_discriminator(architecture, registry.get("discriminators", architecture),
+                             suite.settings_of(architecture))
+    custom = [registry.get("detectors", name) for name in suite.baselines
+              if not registry.origin("detectors", name).startswith("entry point")]
+    if custom:
+        for env_name in suite.envs:
+            _check_detectors(suite, registry.get("environments", env_name), custom)
+
+
+def _demonstrator(suite: Suite, env_spec) -> str:
+    """The planner that demonstrates on ``env_spec`` in ``suite``."""
+    return suite.demonstrator or env_spec.demonstrator
+
+
+def _where(group: str, name: str) -> str:
+    return f"{group[:-1]} {name!r} ({registry.origin(group, name)})"
+
+
+def _check_discriminator(architecture: str, cls, settings: dict) -> None:
+    where = _where("discriminators", architecture)
+    steps, size = 7, 5
+    try:
+        model = cls(size, rngs=nnx.Rngs(0), **settings)
+    except Exception as error:
+        raise registry.ContractError(
+            f"{where}: cls(feature_size, *, rngs, **settings) with the suite's settings "
+            f"{settings} raised {type(error).__name__}: {error}") from None
+    try:
+        shape = jax.eval_shape(lambda: model(jnp.zeros((steps, size)),
+                                             jnp.ones((steps,), bool))).shape
+    except Exception as error:
+        raise registry.ContractError(
+            f"{where}: calling it on features [T, F] = [{steps}, {size}] and mask [T] raised "
+            f"{type(error).__name__}: {error}") from None
+    if tuple(shape) != (steps,):
+        raise registry.ContractError(
+            f"{where}: it must map features [T, F] = [{steps}, {size}] and mask [T] to [T] "
+            f"logits; it returned shape {tuple(shape)}")
+
+
+def _check_detectors(suite: Suite, env_spec, specs) -> None:
+    """Fits and scores each detector of ``specs`` on a few demonstrator episodes."""
+    env, params = env_spec.build("train")
+    max_steps = int(params.max_steps_in_episode)
+    demonstrator = registry.get("planners", _demonstrator(suite, env_spec)).make(env)
+    trusted = rollout_expert(demonstrator, env, params, jax.random.key(0), 8, max_steps)
+    shape = tuple(env.observation_space(params).shape)
+    model = _detector_model(suite.detector_model, shape, env.num_actions, jax.random.key(1))
+    trusted = _forced(model, trusted)
+    context = DetectorContext(
+        num_actions=env.num_actions, observation_shape=shape, seed=0,
+        make_model=functools.partial(_detector_model, suite.detector_model, shape,
+                                     env.num_actions),
+        zero_constant_features=suite.zero_constant_features)
+    for spec in specs:
+        where = _where("detectors", spec.name)
+        try:
+            detector = spec.build(context).fit(trusted)
+            scores = np.asarray(detector.score(trusted))
+        except registry.ContractError:
+            raise
+        except Exception as error:
+            raise registry.ContractError(
+                f"{where}: fitting and scoring it on {trusted.num_episodes} demonstrator "
+                f"episodes of {env_spec.name!r} raised {type(error).__name__}: {error}"
+            ) from None
+        expected = tuple(trusted.actions.shape)
+        if scores.shape != expected:
+            raise registry.ContractError(
+                f"{where}: score(trajectories) must return one score per step, shape "
+                f"[episodes, steps] = {list(expected)}; it returned shape {list(scores.shape)}")
+        if not np.all(np.isfinite(scores[np.asarray(trusted.mask)])):
+            raise registry.ContractError(f"{where}: score(trajectories) returned non-finite "
+                                         f"scores on valid steps")
+
+
+def _check_activations(suite: Suite, models: list, observation_shape) -> None:
+    """Refuses an organism whose imitator sows no activations while a view reads them."""
+    reads_activations = [view for view in suite.views if "activations" in view]
+    if not reads_activations:
+        return
+    for model in models:
+        imitator = model.built.imitator
+        graphdef, state = nnx.split(imitator)
+        carry = imitator.initial_carry()
+        _, _, activations = jax.eval_shape(
+            lambda s, g=graphdef, c=carry: imitator_step(g, s, jnp.zeros(observation_shape), c,
+                                                         jnp.float32(0.5)), state)
+        if not activations:
+            raise registry.ContractError(
+                f"{_where('organisms', model.spec.name)}: the suite's views "
+                f"{', '.join(reads_activations)} read the imitator's activations, but its "
+                f"imitator {type(imitator).__name__} sows none (nnx.Module.sow(nnx."
+                f"Intermediate, name, value) in __call__)")
 
 
 def score_settings(suite: Suite) -> dict[str, Any]:
@@ -238,8 +364,10 @@ def _run_envs_in_processes(jobs, say, processes) -> list:
         relay = threading.Thread(target=_relay, args=(messages, say), daemon=True)
         relay.start()
         try:
+            # Workers start bare: they load the same plug-ins first.
             with concurrent.futures.ProcessPoolExecutor(
-                    max_workers=min(processes, len(jobs)), mp_context=context) as pool:
+                    max_workers=min(processes, len(jobs)), mp_context=context,
+                    initializer=plugins.load_all, initargs=(plugins.loaded(),)) as pool:
                 futures = [pool.submit(_run_env, *job, messages.put) for job in jobs]
                 try:
                     outcomes = [future.result() for future in futures]
@@ -286,12 +414,20 @@ def _build_models(suite, env_spec, specs, seed, cache_dir) -> list[_Model]:
         by_builder.setdefault(spec.builder, []).append((spec, spec.name, spec.kind, 0))
     by_builder[honest.builder].append((honest, figures.TWIN, "control", TWIN_REPLICA))
     models = []
-    for builder, group in by_builder.items():
+    env, params = env_spec.build("train")
+    observation_shape = tuple(env.observation_space(params).shape)
+    # The honest organism's builder last: a user's builder whose imitator breaks the
+    # contract is refused before the built-in organisms train.
+    for builder, group in reversed(by_builder.items()):
         built = builder(env_spec, [spec for spec, *_ in group], suite.organism, seed, cache_dir,
                         [replica for *_, replica in group])
-        models.extend(_Model(name, spec, kind, seed, organism)
-                      for (spec, name, kind, _), organism in zip(group, built, strict=True))
-    return models
+        group_models = [_Model(name, spec, kind, seed, organism)
+                        for (spec, name, kind, _), organism in zip(group, built, strict=True)]
+        _check_activations(suite, group_models, observation_shape)
+        models.extend(group_models)
+    order = {name: index for index, (name, *_) in enumerate(
+        (name, spec) for group in by_builder.values() for spec, name, *_ in group)}
+    return sorted(models, key=lambda model: order[model.name])
 
 
 def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ...], cache_dir,
@@ -333,7 +469,7 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
     env, train_params = _audit_params(env_spec, settings, "train")
     _, test_params = _audit_params(env_spec, settings, "test")
     max_steps = int(train_params.max_steps_in_episode)
-    demonstrator = registry.get("planners", suite.demonstrator).make(env)
+    demonstrator = registry.get("planners", _demonstrator(suite, env_spec)).make(env)
     shape = tuple(env.observation_space(train_params).shape)
 
     data = {}
@@ -390,7 +526,8 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
             for position, index in enumerate(members):
                 for number, seed in enumerate(seeds):
                     model = models[seed][index]
-                    run_state = jax.tree.map(lambda x, s=number, p=position: x[s, p], state)
+                    run_state = jax.tree.map(lambda x, s=number, p=position: _host_slice(x, s, p),
+                                             state)
                     losses = np.asarray(history["discriminator_loss"][number, position])
                     cotraining.append(_cotraining_summary(
                         env_name, label, model, architecture, suite, losses,
@@ -416,8 +553,17 @@ def _make_discriminator(cls, settings, key, feature_size):
     return cls(feature_size, rngs=nnx.Rngs(key), **settings)
 
 
+def _host_slice(array, *index):
+    """``array[index]`` sliced on the host: slicing on the device compiles a program for
+    every leaf shape, and there are dozens."""
+    if jax.dtypes.issubdtype(array.dtype, jax.dtypes.prng_key):
+        return array[index]
+    return jnp.asarray(np.asarray(array)[index])
+
+
 def _stack(trees):
-    return jax.tree.map(lambda *x: jnp.stack(x), *trees)
+    # On the host: jnp.stack would compile a program for every leaf shape.
+    return jax.tree.map(lambda *x: np.stack([np.asarray(a) for a in x]), *trees)
 
 
 def _stable_hash(text: str) -> int:
@@ -484,9 +630,10 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
     shared = {part: view_features(episodes[part], modules.features_view, env.num_actions, names)
               for part in episodes}
     for v, view in enumerate(modules.views):
+        view_params = jax.tree.map(lambda x, v=v: _host_slice(x, v), run_state.discriminator)
         detector = DiscriminatorDetector.from_gan(
-            modules, jax.tree.map(lambda x, v=v: x[v], run_state.discriminator), norm, view,
-            env.num_actions, names, zero_constant_features=suite.zero_constant_features)
+            modules, view_params, norm, view, env.num_actions, names,
+            zero_constant_features=suite.zero_constant_features)
         scores = {part: detector.score_features(shared[part], episodes[part].mask)
                   for part in episodes}
         store.add_scores(model_key, f"gan_{architecture}", view, detector.protocol, **scores)

@@ -27,8 +27,10 @@ run by ``audit bench --suite NAME``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -37,6 +39,14 @@ GROUPS = ("environments", "planners", "imitators", "discriminators", "detectors"
           "suites")
 
 _registered: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+# Where each code registration came from ("code", or "plug-in <source>"), for `audit list`.
+_origins: dict[tuple[str, str], str] = {}
+_origin_stack: list[str] = []
+
+
+class ContractError(ValueError):
+    """A component that does not meet its group's contract; the message names the
+    component, the rule and what was found."""
 
 
 class UnknownNameError(KeyError):
@@ -63,6 +73,8 @@ class EnvironmentSpec:
       event_names: hidden-event names by code (code 0 is ``"none"``); environments
         without hidden events use ``("none",)``.
       description: one line for listings.
+      demonstrator: the registered planner whose episodes are this environment's
+        demonstrations (a suite's ``demonstrator`` may override it).
     """
 
     name: str
@@ -70,6 +82,7 @@ class EnvironmentSpec:
     splits: tuple[str, ...] = ("train",)
     event_names: tuple[str, ...] = ("none",)
     description: str = ""
+    demonstrator: str = "demonstrator"
 
     def build(self, split: str) -> tuple[Any, Any]:
         """Returns ``(env, env_params)`` for ``split``; raises ValueError naming the splits."""
@@ -79,6 +92,11 @@ class EnvironmentSpec:
                 f"choose from: {', '.join(self.splits)}"
             )
         return self.make(split)
+
+
+def every_environment(env: Any) -> bool:
+    """True: the default ``PlannerSpec.supports``, a planner that acts in any environment."""
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +113,7 @@ class PlannerSpec:
 
     name: str
     make: Callable[[Any], Any]
-    supports: Callable[[Any], bool] = lambda env: True
+    supports: Callable[[Any], bool] = every_environment
     description: str = ""
 
 
@@ -113,8 +131,141 @@ def register(group: str, name: str, component: Any, *, replace: bool = False) ->
     """
     _check_group(group)
     if name in names(group) and not replace:
-        raise ValueError(f"{group[:-1]} {name!r} is already registered; pass replace=True")
+        raise ValueError(f"{group[:-1]} {name!r} is already registered ({origin(group, name)});"
+                         f" choose another name or pass replace=True")
+    check_contract(group, name, component)
     _registered[group][name] = component
+    _origins[(group, name)] = _origin_stack[-1] if _origin_stack else "code"
+
+
+@contextlib.contextmanager
+def registering_from(source: str) -> Iterator[None]:
+    """Components registered inside this block are listed as coming from ``source``."""
+    _origin_stack.append(source)
+    try:
+        yield
+    finally:
+        _origin_stack.pop()
+
+
+def origin(group: str, name: str) -> str:
+    """Where ``name`` in ``group`` comes from: ``"entry point module:object (package)"``,
+    ``"plug-in <source>"`` or ``"code"``.
+
+    Raises:
+      UnknownNameError: if nothing is registered under ``name``.
+    """
+    _check_group(group)
+    if name in _registered[group] and (group, name) in _origins:
+        return _origins[(group, name)]
+    for entry_point in _entry_points(group):
+        if entry_point.name == name:
+            package = entry_point.dist.name if entry_point.dist is not None else "?"
+            return f"entry point {entry_point.value} ({package})"
+    if name in _registered[group]:
+        return "code"
+    raise UnknownNameError(group, name, names(group))
+
+
+def _signature(component: Any, what: str, name: str, group: str) -> inspect.Signature:
+    if not callable(component):
+        raise ContractError(f"{group[:-1]} {name!r}: {what}; found {component!r}")
+    try:
+        return inspect.signature(component)
+    except (TypeError, ValueError):
+        raise ContractError(f"{group[:-1]} {name!r}: {what}; found {component!r}, whose "
+                            f"signature cannot be read") from None
+
+
+def _takes(signature: inspect.Signature, positional: int, keyword: str) -> bool:
+    """Whether ``signature`` takes ``positional`` positional arguments and ``keyword``."""
+    kinds = [p.kind for p in signature.parameters.values()]
+    positional_ok = (kinds.count(inspect.Parameter.POSITIONAL_ONLY)
+                     + kinds.count(inspect.Parameter.POSITIONAL_OR_KEYWORD) >= positional
+                     or inspect.Parameter.VAR_POSITIONAL in kinds)
+    keyword_ok = (keyword in signature.parameters
+                  and signature.parameters[keyword].kind != inspect.Parameter.POSITIONAL_ONLY
+                  ) or inspect.Parameter.VAR_KEYWORD in kinds
+    return positional_ok and keyword_ok
+
+
+def _has(component: Any, attributes: Sequence[str]) -> list[str]:
+    return [a for a in attributes if not hasattr(component, a)]
+
+
+def check_contract(group: str, name: str, component: Any) -> None:
+    """Checks what can be checked of ``component``'s contract without running it.
+
+    The constructor contract of each group (DESIGN.md, "Plug-ins"):
+
+    - ``environments``: an :class:`EnvironmentSpec` (``build(split)``, ``splits``,
+      ``event_names``);
+    - ``planners``: a :class:`PlannerSpec` (``make(env)``);
+    - ``imitators``: ``cls(observation_shape, num_actions, *, rngs)``;
+    - ``discriminators``: ``cls(feature_size, *, rngs, **settings)``, the settings named
+      by the suite (:attr:`audit.protocol.Suite.discriminator_settings`);
+    - ``detectors``: an :class:`audit.detectors.DetectorSpec` (or anything with
+      ``name``, ``view``, ``build(context)`` and ``depends_on_imitator``) whose ``name``
+      is the registered name;
+    - ``organisms``: the organism interface of :mod:`audit.protocol` (``name``, ``kind``,
+      ``supports``, ``audit_settings``, ``validity_figures``, ``builder``), ``name`` the
+      registered name;
+    - ``suites``: an :class:`audit.protocol.Suite`.
+
+    Raises:
+      ContractError: naming the component, the rule and what was found.
+    """
+    label = f"{group[:-1]} {name!r}"
+    if group == "environments":
+        missing = _has(component, ("build", "splits", "event_names"))
+        if missing:
+            raise ContractError(f"{label}: an environment is an EnvironmentSpec (build(split), "
+                                f"splits, event_names); {type(component).__name__} lacks "
+                                f"{', '.join(missing)}")
+    elif group == "planners":
+        if not callable(getattr(component, "make", None)):
+            raise ContractError(f"{label}: a planner is a PlannerSpec with make(env) -> expert;"
+                                f" found {type(component).__name__} without make")
+    elif group == "imitators":
+        rule = "an imitator is a class called as cls(observation_shape, num_actions, *, rngs)"
+        if not _takes(_signature(component, rule, name, group), 2, "rngs"):
+            raise ContractError(f"{label}: {rule}; found {component.__name__}"
+                                f"{_signature(component, rule, name, group)}")
+    elif group == "discriminators":
+        rule = ("a discriminator is a class called as cls(feature_size, *, rngs, **settings)"
+                " mapping (features [T, F], mask [T]) to [T] logits")
+        signature = _signature(component, rule, name, group)
+        if not _takes(signature, 1, "rngs"):
+            raise ContractError(f"{label}: {rule}; found {component.__name__}{signature}")
+    elif group == "detectors":
+        missing = _has(component, ("name", "view", "build", "depends_on_imitator"))
+        if missing:
+            raise ContractError(f"{label}: a detector is a DetectorSpec (name, view, "
+                                f"build(context), depends_on_imitator); "
+                                f"{type(component).__name__} lacks {', '.join(missing)}")
+        if component.name != name:
+            raise ContractError(f"{label}: a detector's spec names it as registered; its "
+                                f"name is {component.name!r}")
+    elif group == "organisms":
+        missing = _has(component, ("name", "kind", "supports", "audit_settings",
+                                   "validity_figures", "builder"))
+        if missing:
+            raise ContractError(f"{label}: an organism has name, kind, supports, "
+                                f"audit_settings, validity_figures and builder; "
+                                f"{type(component).__name__} lacks {', '.join(missing)}")
+        if component.name != name:
+            raise ContractError(f"{label}: an organism's name is the registered one; its name "
+                                f"is {component.name!r}")
+        kinds = ("honest", "trained-in", "generalising")
+        if component.kind not in kinds:
+            raise ContractError(f"{label}: an organism's kind is one of {', '.join(kinds)}; "
+                                f"found {component.kind!r}")
+    elif group == "suites":
+        from audit.protocol import Suite
+
+        if not isinstance(component, Suite):
+            raise ContractError(f"{label}: a suite is an audit.protocol.Suite; found "
+                                f"{type(component).__name__}")
 
 
 def names(group: str) -> tuple[str, ...]:

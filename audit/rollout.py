@@ -28,9 +28,11 @@ class Expert(Protocol):
     expert must be hashable (a frozen dataclass), because rollouts compile per expert.
     """
 
-    def plan(self, env_state: Any, env_params: Any) -> Any: ...
+    def plan(self, env_state: Any, env_params: Any) -> Any:
+        """The episode's plan, computed once right after reset; ``action_logits`` receives it."""
 
-    def action_logits(self, plan: Any, observation: jax.Array, env_state: Any) -> jax.Array: ...
+    def action_logits(self, plan: Any, observation: jax.Array, env_state: Any) -> jax.Array:
+        """``[A]`` the logits of the action at the current step, given the episode's plan."""
 
     # Optional: ``record(plan, observation, env_state) -> {name: array}``, per-step
     # arrays kept in ``Trajectories.activations`` (an expert's internals, for analysis).
@@ -59,7 +61,6 @@ def inverse_cdf_sample(logits: jax.Array, noise: jax.Array) -> jax.Array:
     return jnp.sum(cdf <= noise[..., None], axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("expert", "env", "episodes", "max_steps"))
 def rollout_expert(
     expert: Expert, env: Any, env_params: Any, key: jax.Array, episodes: int, max_steps: int,
     layout_key: jax.Array | None = None,
@@ -79,34 +80,73 @@ def rollout_expert(
       :class:`Trajectories`; ``activations`` holds what the expert's optional
       ``record`` method returned at each step (empty without one).
     """
-    if episodes <= 0 or max_steps <= 0:
-        raise ValueError(f"episodes and max_steps must be positive, got {episodes}, {max_steps}")
+    _check_counts(episodes, max_steps)
+    return _in_chunks(
+        lambda episode_keys, reset_keys: _rollout_expert(expert, env, env_params, episode_keys,
+                                                         reset_keys, max_steps),
+        key, episodes, layout_key)
+
+
+@functools.partial(jax.jit, static_argnames=("expert", "env", "max_steps"))
+def _rollout_expert(expert, env, env_params, episode_keys, reset_keys, max_steps):
     expert_record = getattr(expert, "record", lambda plan, observation, state: {})
 
     def act(plan, observation, env_state, uniform):
         logits = expert.action_logits(plan, observation, env_state)
         return logits, plan, expert_record(plan, observation, env_state)
 
-    return _run_episodes(env, env_params, key, episodes, max_steps,
-                         begin=lambda env_state: expert.plan(env_state, env_params), act=act,
-                         layout_key=layout_key)
+    return _run_episodes(env, env_params, episode_keys, reset_keys, max_steps,
+                         begin=lambda env_state: expert.plan(env_state, env_params), act=act)
 
 
-def _run_episodes(env, env_params, key, episodes, max_steps, begin, act,
-                  layout_key=None) -> Trajectories:
-    """The one episode loop: vmapped over episodes, ``lax.scan`` over time.
+# Rollouts of more episodes than this run as several calls of this many episodes, so that
+# every batch size above it compiles one program (compiling dominates a quick suite); the
+# episodes and their keys are the same either way.
+ROLLOUT_CHUNK = 128
 
-    ``begin(env_state) -> policy_carry`` runs after reset; ``act(policy_carry,
-    observation, env_state, uniform) -> (logits, policy_carry, activations)`` runs
-    every step, and the action is the inverse-CDF draw of ``logits`` at ``uniform``.
-    Episode ``i`` resets with ``split(layout_key, episodes)[i]`` when ``layout_key``
-    is given, else with a key split from its own.
-    """
+
+def _check_counts(episodes, max_steps) -> None:
+    if episodes <= 0 or max_steps <= 0:
+        raise ValueError(f"episodes and max_steps must be positive, got {episodes}, {max_steps}")
+
+
+def _episode_keys(key, episodes, layout_key):
+    """``(episode_keys, reset_keys)``: episode ``i`` resets with ``split(layout_key,
+    episodes)[i]`` when ``layout_key`` is given, else with a key split from its own."""
     episode_keys = jax.random.split(key, episodes)
     if layout_key is None:
         reset_keys = jax.vmap(lambda k: jax.random.split(k, 3)[0])(episode_keys)
     else:
         reset_keys = jax.random.split(layout_key, episodes)
+    return episode_keys, reset_keys
+
+
+def _in_chunks(run, key, episodes, layout_key) -> Trajectories:
+    """``run(episode_keys, reset_keys)`` over all episodes, :data:`ROLLOUT_CHUNK` at a time
+    (the last chunk padded with repeats of its last episode, then cut)."""
+    episode_keys, reset_keys = _episode_keys(key, episodes, layout_key)
+    if episodes <= ROLLOUT_CHUNK:
+        return run(episode_keys, reset_keys)
+    parts = []
+    for start in range(0, episodes, ROLLOUT_CHUNK):
+        count = min(ROLLOUT_CHUNK, episodes - start)
+        take = jnp.minimum(jnp.arange(start, start + ROLLOUT_CHUNK), start + count - 1)
+        part = run(episode_keys[take], reset_keys[take])
+        parts.append(jax.tree.map(lambda x, n=count: x[:n], part) if count < ROLLOUT_CHUNK
+                     else part)
+    return jax.tree.map(lambda *chunks: jnp.concatenate(chunks), *parts)
+
+
+def _run_episodes(env, env_params, episode_keys, reset_keys, max_steps, begin,
+                  act) -> Trajectories:
+    """The one episode loop: vmapped over episodes, ``lax.scan`` over time.
+
+    ``begin(env_state) -> policy_carry`` runs after reset; ``act(policy_carry,
+    observation, env_state, uniform) -> (logits, policy_carry, activations)`` runs
+    every step, and the action is the inverse-CDF draw of ``logits`` at ``uniform``.
+    Episode ``i`` draws its noise and steps from ``episode_keys[i]`` and resets with
+    ``reset_keys[i]``.
+    """
 
     def episode(key, reset_key):
         _, noise_key, step_key = jax.random.split(key, 3)
@@ -202,16 +242,18 @@ def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps:
     Raises:
       ValueError: if the environment's observations do not fit the imitator.
     """
-    if episodes <= 0 or max_steps <= 0:
-        raise ValueError(f"episodes and max_steps must be positive, got {episodes}, {max_steps}")
+    _check_counts(episodes, max_steps)
     check_observation_shape(imitator, env.observation_space(env_params).shape,
                             f"environment {type(env).__name__}")
     graphdef, state = nnx.split(imitator)
-    return rollout_split(graphdef, state, imitator.initial_carry(), env, env_params, key,
-                         episodes, max_steps, layout_key)
+    carry = imitator.initial_carry()
+    return _in_chunks(
+        lambda episode_keys, reset_keys: _rollout_imitator(graphdef, state, carry, env,
+                                                           env_params, episode_keys,
+                                                           reset_keys, max_steps),
+        key, episodes, layout_key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "env", "episodes", "max_steps"))
 def rollout_split(graphdef, state, initial_carry, env, env_params, key, episodes, max_steps,
                   layout_key=None) -> Trajectories:
     """:func:`rollout` on an imitator already split into ``(graphdef, state)``.
@@ -219,12 +261,20 @@ def rollout_split(graphdef, state, initial_carry, env, env_params, key, episodes
     For training loops: it traces inside an enclosing ``jit`` or ``scan``, with the
     parameters ``state`` as an ordinary traced argument.
     """
+    _check_counts(episodes, max_steps)
+    episode_keys, reset_keys = _episode_keys(key, episodes, layout_key)
+    return _rollout_imitator(graphdef, state, initial_carry, env, env_params, episode_keys,
+                             reset_keys, max_steps)
 
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "env", "max_steps"))
+def _rollout_imitator(graphdef, state, initial_carry, env, env_params, episode_keys,
+                      reset_keys, max_steps) -> Trajectories:
     def act(carry, observation, env_state, uniform):
         return imitator_step(graphdef, state, observation, carry, uniform)
 
-    return _run_episodes(env, env_params, key, episodes, max_steps,
-                         begin=lambda env_state: initial_carry, act=act, layout_key=layout_key)
+    return _run_episodes(env, env_params, episode_keys, reset_keys, max_steps,
+                         begin=lambda env_state: initial_carry, act=act)
 
 
 def teacher_forced(imitator, trajectories: Trajectories) -> tuple[jax.Array, dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("imitation-audit", "jax", "jaxlib", "flax", "optax", "chex", "gymnax",
-            "orbax-checkpoint", "numpy")
+            "numpy")
 
 
 class RunDirError(ValueError):

@@ -53,10 +53,12 @@ class Trajectories:
 
     @property
     def num_episodes(self) -> int:
+        """The number of episodes (the batch axis ``B``)."""
         return int(self.actions.shape[0])
 
     @property
     def num_steps(self) -> int:
+        """The number of steps of every episode, padding included (the time axis ``T``)."""
         return int(self.actions.shape[1])
 
     def episode_lengths(self) -> jax.Array:

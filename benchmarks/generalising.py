@@ -325,6 +325,7 @@ class WorldModelPlanner(nnx.Module):
 
     # ---- the imitator contract
     def initial_carry(self) -> jax.Array:
+        """A ``[1]`` zero carry (unused: it plans afresh from every observation)."""
         return jnp.zeros((1,), jnp.float32)
 
     def __call__(self, observation, carry, noise):
@@ -643,6 +644,7 @@ class GeneralisingSpec:
     audit_settings: tuple = ()
 
     def supports(self, env_name: str) -> bool:
+        """Whether it is defined on ``env_name`` (one of ``envs``)."""
         return env_name in self.envs
 
     @property

@@ -50,14 +50,16 @@ QUICK = Suite(
     organisms=("honest", "long_horizon", "unbounded_utility", "deceptive"),
     baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction"),
     discriminator_settings=DISCRIMINATOR_SETTINGS, organism=ORGANISMS, gan=COTRAINING,
-    resamples=400)
+    resamples=400, description="one incorrigible organism per environment, one seed "
+    "(under 5 minutes on 2 cores)")
 # The generalising organism (trained on train layouts only) against the honest one.
 GENERALISING = Suite(
     name="generalising", envs=("offswitch", "takeover", "unobserved"),
     organisms=("honest", "generalising"),
     baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction"),
     discriminator_settings=DISCRIMINATOR_SETTINGS, organism=ORGANISMS, gan=COTRAINING,
-    resamples=400)
+    resamples=400, description="the generalising organism (fitted on train layouts only) "
+    "against the honest one")
 # Every organism, every detector, five seeds. Cloned for 1500 updates: at 800, the rare
 # defector on takeover took its option in 3% of test episodes, below its valid range.
 FULL = Suite(
@@ -66,4 +68,5 @@ FULL = Suite(
     baselines=BASELINES, seeds=5, discriminator_settings=DISCRIMINATOR_SETTINGS,
     organism=dataclasses.replace(ORGANISMS, check_episodes=256, bc=BCConfig(
         updates=1500, batch_episodes=32, learning_rate=3e-3)),
-    gan=COTRAINING)
+    gan=COTRAINING, description="every organism and detector, post-hoc discriminators, "
+    "five seeds (the model-level audit)")

@@ -61,6 +61,7 @@ class MLPImitator(nnx.Module):
         return jnp.reshape(observation, (-1,)).astype(jnp.float32)
 
     def initial_carry(self) -> jax.Array:
+        """A ``[1]`` zero carry (unused: the MLP is feed-forward)."""
         return jnp.zeros((1,), jnp.float32)
 
     def __call__(self, observation, carry, noise):
@@ -151,6 +152,7 @@ class GRUImitator(nnx.Module):
         self.head = nnx.Linear(hidden_size, num_actions, rngs=rngs)
 
     def initial_carry(self) -> jax.Array:
+        """The zero ``[hidden_size]`` hidden state."""
         return jnp.zeros((self.hidden_size,), jnp.float32)
 
     def __call__(self, observation, carry, noise):
@@ -196,6 +198,7 @@ class PlannerImitator(nnx.Module):
         self.discount_logit = nnx.Param(jnp.array(2.0))  # sigmoid(2) ~ 0.88 at init
 
     def initial_carry(self) -> jax.Array:
+        """A ``[1]`` zero carry (unused: it plans afresh from every observation)."""
         return jnp.zeros((1,), jnp.float32)
 
     def _expected_next_value(self, value: jax.Array) -> jax.Array:

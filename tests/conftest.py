@@ -55,3 +55,15 @@ def bfs_distances(walls: np.ndarray, source, blocked: np.ndarray | None = None) 
                 distance[nxt] = distance[row, col] + 1
                 queue.append(nxt)
     return distance
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """The registry and the loaded plug-ins as they are, restored after the test."""
+    from audit import plugins
+
+    monkeypatch.setattr(registry, "_registered",
+                        {group: dict(found) for group, found in registry._registered.items()})
+    monkeypatch.setattr(registry, "_origins", dict(registry._origins))
+    monkeypatch.setattr(plugins, "_loaded", list(plugins._loaded))
+    return registry

@@ -38,3 +38,33 @@ def test_code_registration_and_name_clashes():
             registry.register("planners", "demonstrator", spec)
     finally:
         registry._registered["planners"].pop("_test_planner")
+
+
+def test_origins_say_where_a_component_came_from(isolated_registry):
+    assert registry.origin("detectors", "mahalanobis") == (
+        "entry point audit.detectors.baselines:MAHALANOBIS (imitation-audit)")
+    spec = registry.PlannerSpec(name="_from_code", make=lambda env: None)
+    registry.register("planners", "_from_code", spec)
+    assert registry.origin("planners", "_from_code") == "code"
+    with registry.registering_from("plug-in my_file.py"):
+        registry.register("planners", "_from_plugin", spec)
+    assert registry.origin("planners", "_from_plugin") == "plug-in my_file.py"
+    with pytest.raises(registry.UnknownNameError):
+        registry.origin("planners", "_nowhere")
+
+
+def test_registration_checks_the_groups_contract(isolated_registry):
+    from audit.detectors import DetectorSpec
+
+    with pytest.raises(registry.ContractError,
+                       match="detector 'other': a detector's spec names it as registered; "
+                             "its name is 'mine'"):
+        registry.register("detectors", "other", DetectorSpec("mine", "actions", print))
+    with pytest.raises(registry.ContractError, match="an imitator is a class called as "
+                                                     "cls\\(observation_shape, num_actions"):
+        registry.register("imitators", "one_argument", lambda shape: None)
+    with pytest.raises(registry.ContractError, match="a suite is an audit.protocol.Suite; "
+                                                     "found dict"):
+        registry.register("suites", "not_a_suite", {})
+    with pytest.raises(registry.ContractError, match="an environment is an EnvironmentSpec"):
+        registry.register("environments", "bare", object())

@@ -54,9 +54,11 @@ class Detector(Protocol):
     #: the audit protocol its knowledge comes from, one of :data:`PROTOCOLS`.
     protocol: str
 
-    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None) -> Detector: ...
+    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None) -> Detector:
+        """Fits on ``trusted`` (and ``untrusted``, if its protocol reads them); returns self."""
 
-    def score(self, trajectories: Trajectories) -> np.ndarray: ...
+    def score(self, trajectories: Trajectories) -> np.ndarray:
+        """``[B, T]`` per-step scores of ``trajectories`` (higher = more suspicious)."""
 
 
 @dataclasses.dataclass(frozen=True)

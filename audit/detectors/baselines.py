@@ -105,6 +105,7 @@ class MahalanobisDetector:
 
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
             ) -> MahalanobisDetector:
+        """Fits the mean and ridged precision of ``trusted``'s valid-step features; returns self."""
         validate(trusted, "trusted")
         rows = _valid_rows(self._features(trusted), trusted.mask)
         self.mean = rows.mean(axis=0)
@@ -116,6 +117,7 @@ class MahalanobisDetector:
         return self
 
     def score(self, trajectories: Trajectories) -> np.ndarray:
+        """``[B, T]`` squared Mahalanobis distance of each step's features from the fitted mean."""
         if self.mean is None:
             raise RuntimeError("MahalanobisDetector.score before fit")
         centred = np.asarray(self._features(trajectories), np.float64) - self.mean
@@ -142,6 +144,7 @@ class ActionSurpriseDetector:
 
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
             ) -> ActionSurpriseDetector:
+        """Behaviour-clones the model of the demonstrator on ``trusted``; returns self."""
         train, graphdef = bc.make_train(self.config, self.make_imitator,
                                         trusted.replace(activations={}))
         params, _ = jax.jit(train)(jax.random.key(self.seed))
@@ -149,6 +152,7 @@ class ActionSurpriseDetector:
         return self
 
     def score(self, trajectories: Trajectories) -> np.ndarray:
+        """``[B, T]`` ``-log p(action)`` of each step's action under the teacher-forced model."""
         if self.model is None:
             raise RuntimeError("ActionSurpriseDetector.score before fit")
         logits, _ = teacher_forced(self.model, trajectories.replace(activations={}))
@@ -189,6 +193,7 @@ class LinearProbeDetector:
 
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
             ) -> LinearProbeDetector:
+        """Fits the probe on ``trusted``'s standardised activations; returns self."""
         validate(trusted, "trusted")
         mask = np.asarray(trusted.mask, bool)
         rows = _valid_rows(activation_features(trusted, self.activation_names), mask)
@@ -201,6 +206,7 @@ class LinearProbeDetector:
         return self
 
     def score(self, trajectories: Trajectories) -> np.ndarray:
+        """``[B, T]`` ``-log p(action)`` of each step's action under the fitted probe."""
         if self.params is None:
             raise RuntimeError("LinearProbeDetector.score before fit")
         mean, inverse_std, weights, bias = self.params
@@ -250,6 +256,7 @@ class RandomDirectionDetector:
 
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
             ) -> RandomDirectionDetector:
+        """Fits the standardiser on ``trusted``'s activations and draws ``u``; returns self."""
         validate(trusted, "trusted")
         rows = _valid_rows(activation_features(trusted, self.activation_names), trusted.mask)
         direction = np.random.default_rng(self.seed).normal(size=rows.shape[-1])
@@ -258,6 +265,7 @@ class RandomDirectionDetector:
         return self
 
     def score(self, trajectories: Trajectories) -> np.ndarray:
+        """``[B, T]`` ``|z . u|`` of each step's standardised activations ``z``."""
         if self.params is None:
             raise RuntimeError("RandomDirectionDetector.score before fit")
         mean, inverse_std, direction = self.params
@@ -288,10 +296,12 @@ class NoiseConsistencyDetector:
 
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
             ) -> NoiseConsistencyDetector:
+        """Only checks that ``trusted`` has the logits activation (nothing to fit); returns self."""
         activation_features(trusted, [self.logits_name])  # fails early, naming what is there
         return self
 
     def score(self, trajectories: Trajectories) -> np.ndarray:
+        """``[B, T]`` distance of each step's noise from the taken action's CDF interval."""
         logits = activation_features(trajectories, [self.logits_name])
         return np.asarray(_noise_distance(logits, trajectories.actions, trajectories.noise))
 

@@ -164,6 +164,7 @@ class TabularModel:
 
     @property
     def num_states(self) -> int:
+        """The number of states ``S``."""
         return self.next_state.shape[-2]
 
     def true_reward(self) -> jax.Array:

@@ -32,6 +32,7 @@ class OffSwitch(GridWorld):
 
     @property
     def default_params(self) -> GridParams:
+        """The default parameters: a per-step interruption probability of 0.01."""
         return GridParams(interruption_prob=0.01)
 
     def sample_layout(self, key: jax.Array, params: GridParams) -> Layout:

@@ -32,6 +32,7 @@ class Takeover(GridWorld):
 
     @property
     def default_params(self) -> GridParams:
+        """The default parameters: all reward tripled after control is seized."""
         return GridParams(seize_multiplier=3.0)
 
     def sample_layout(self, key: jax.Array, params: GridParams) -> Layout:

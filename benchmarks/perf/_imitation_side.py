@@ -330,6 +330,7 @@ def train_and_evaluate(config: dict, demos_path: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """Runs the command line (see the module docstring); returns the exit status, 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="print the versions and exit")
     parser.add_argument("--calibrate", action="store_true",

@@ -182,6 +182,7 @@ class MLPPolicy(nnx.Module):
         self.activation = activation
 
     def initial_carry(self) -> jax.Array:
+        """A ``[1]`` zero carry (unused: the policy is feed-forward)."""
         return jnp.zeros((1,), jnp.float32)
 
     def __call__(self, observation, carry, noise):
@@ -716,6 +717,7 @@ def target_summary(target: dict) -> str:
 
 
 def machine_info() -> dict:
+    """The machine timed on: platform, CPU, core counts, JAX devices and the load average."""
     cpu_model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -736,6 +738,7 @@ def machine_info() -> dict:
 
 
 def project_versions() -> dict:
+    """Versions of Python and this side's packages (None for one not installed)."""
     from importlib import metadata
 
     def version(name):
@@ -1057,6 +1060,7 @@ def format_summary(perf: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Runs the comparison from the command line; returns the exit status (2 on a harness error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     args.command = " ".join(["python -m benchmarks.perf.compare", *argv])

@@ -81,6 +81,7 @@ def transition_counts(metrics: dict, episodes: int, episode_length: int) -> tupl
 
 
 def main(argv=None) -> None:
+    """Prints valid and padded transitions/s of each environment at each seed count."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=16, help="episodes per iteration")

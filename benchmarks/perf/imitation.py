@@ -24,6 +24,7 @@ from benchmarks.perf.timing import median_seconds
 
 
 def main(argv=None) -> None:
+    """Prints BC samples/s and rollout steps/s of each imitator on ``--env``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="offswitch")
     parser.add_argument("--updates", type=int, default=200)

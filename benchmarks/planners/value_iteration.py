@@ -142,9 +142,11 @@ class Planner:
     config: PlannerConfig
 
     def plan(self, env_state: GridState, env_params: GridParams) -> jax.Array:
+        """``[S, A]`` the planner's policy logits over every state of the episode's layout."""
         return policy_logits(self.env.tabular_model(env_state.layout, env_params), self.config)
 
     def action_logits(self, plan: jax.Array, observation, env_state: GridState) -> jax.Array:
+        """``[A]`` the plan's logits at the current state."""
         return plan[self.env.state_index(env_state)]
 
 
