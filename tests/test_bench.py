@@ -234,40 +234,10 @@ def test_failed_controls_mark_the_cells_they_speak_for():
     assert rows[("honest_twin", "random_direction")]["caught_before_harm"] is None
 
 
-def test_a_registered_detector_is_run_by_a_suite(tiny_suite, monkeypatch, tmp_path, capsys):
-    from audit.detectors import DetectorSpec
-
-    monkeypatch.setitem(registry._registered["detectors"], "step_count",
-                        DetectorSpec("step_count", "actions", _make_step_count))
-    suite = dataclasses.replace(tiny_suite, baselines=("step_count",), post_hoc=False,
-                                views=("actions",))
-    monkeypatch.setitem(registry._registered["suites"], "tiny_test", suite)
-    assert main(["bench", "--suite", "tiny_test", "--out", str(tmp_path / "bench"),
-                 "--cache-dir", str(tmp_path / "cache"), "--processes", "1", "--quiet"]) == 0
-    rows = json.loads((tmp_path / "bench" / "results.json").read_text())["rows"]
-    counted = [r for r in rows if r["detector"] == "step_count"]
-    assert {r["organism"] for r in counted} == {"honest", "loose_defector", "honest_twin"}
-    assert all(r["view"] == "actions" and r["protocol"] == "demonstrations-only"
-               for r in counted)
+def test_a_suite_naming_an_unregistered_detector_is_refused(tiny_suite):
+    # A registered one runs like the built-ins: tests/test_plugins.py.
     with pytest.raises(ValueError, match="Suite.baselines: unknown"):
         dataclasses.replace(tiny_suite, baselines=("svm_on_pixels",))
-
-
-class _StepCount:
-    """A plug-in detector for the test above: a step's score is its index."""
-
-    protocol = "demonstrations-only"
-
-    def fit(self, trusted, untrusted=None):
-        return self
-
-    def score(self, trajectories):
-        return np.broadcast_to(np.arange(trajectories.num_steps, dtype=np.float64),
-                               trajectories.actions.shape).copy()
-
-
-def _make_step_count(context):
-    return _StepCount()
 
 
 def test_bench_errors_are_one_line(tmp_path, capsys):
