@@ -425,9 +425,8 @@ def _build_models(suite, env_spec, specs, seed, cache_dir) -> list[_Model]:
                         for (spec, name, kind, _), organism in zip(group, built, strict=True)]
         _check_activations(suite, group_models, observation_shape)
         models.extend(group_models)
-    order = {name: index for index, (name, *_) in enumerate(
-        (name, spec) for group in by_builder.values() for spec, name, *_ in group)}
-    return sorted(models, key=lambda model: order[model.name])
+    order = [name for group in by_builder.values() for _, name, *_ in group]
+    return sorted(models, key=lambda model: order.index(model.name))
 
 
 def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ...], cache_dir,

@@ -228,9 +228,9 @@ def check_contract(group: str, name: str, component: Any) -> None:
                                 f" found {type(component).__name__} without make")
     elif group == "imitators":
         rule = "an imitator is a class called as cls(observation_shape, num_actions, *, rngs)"
-        if not _takes(_signature(component, rule, name, group), 2, "rngs"):
-            raise ContractError(f"{label}: {rule}; found {component.__name__}"
-                                f"{_signature(component, rule, name, group)}")
+        signature = _signature(component, rule, name, group)
+        if not _takes(signature, 2, "rngs"):
+            raise ContractError(f"{label}: {rule}; found {component.__name__}{signature}")
     elif group == "discriminators":
         rule = ("a discriminator is a class called as cls(feature_size, *, rngs, **settings)"
                 " mapping (features [T, F], mask [T]) to [T] logits")
@@ -256,9 +256,10 @@ def check_contract(group: str, name: str, component: Any) -> None:
         if component.name != name:
             raise ContractError(f"{label}: an organism's name is the registered one; its name "
                                 f"is {component.name!r}")
-        kinds = ("honest", "trained-in", "generalising")
-        if component.kind not in kinds:
-            raise ContractError(f"{label}: an organism's kind is one of {', '.join(kinds)}; "
+        from audit.protocol import KINDS
+
+        if component.kind not in KINDS:
+            raise ContractError(f"{label}: an organism's kind is one of {', '.join(KINDS)}; "
                                 f"found {component.kind!r}")
     elif group == "suites":
         from audit.protocol import Suite
