@@ -385,7 +385,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
     from audit.checkpoint import save_arrays, save_params
     from audit.discriminator import DiscriminatorConfig
     from audit.plots import training_curves
-    from audit.ppo import Critic
+    from audit.ppo import Critic, PPOSettings
 
     env_spec = lookup_environment(args.env)
     imitator_class = lookup("imitators", args.imitator, "--imitator")
@@ -395,8 +395,9 @@ def run_train_gan(args: argparse.Namespace) -> int:
     try:
         config = gan.GANConfig(
             iterations=args.steps, episodes=args.rollout_episodes, view=args.view,
-            activation_names=names, reward=args.reward, learning_rate=args.learning_rate,
-            entropy_coef=args.entropy_coef, bc_coef=args.bc_coef,
+            activation_names=names, reward=args.reward,
+            ppo=PPOSettings(learning_rate=args.learning_rate, entropy_coef=args.entropy_coef),
+            bc_coef=args.bc_coef,
             bc_warm_start=(BCConfig(updates=args.bc_warm_start, learning_rate=2e-3)
                            if args.bc_warm_start > 0 else None),
             discriminator=DiscriminatorConfig(
@@ -653,12 +654,12 @@ def _final_gan_figures(imitator, env_spec, env, env_params, demonstrations, is_g
 def _flag_for(message: str) -> str:
     """Maps a config error (``GANConfig.x ...``) to the command-line flag that sets it."""
     flags = {"GANConfig.view": "--view", "unknown view": "--view", "GANConfig.reward": "--reward",
-             "GANConfig.episodes": "--rollout-episodes", "GANConfig.learning_rate":
+             "GANConfig.episodes": "--rollout-episodes", "PPOSettings.learning_rate":
              "--learning-rate", "GANConfig.activation_names": "--activations",
              "DiscriminatorConfig.learning_rate": "--discriminator-learning-rate",
              "DiscriminatorConfig.gradient_penalty": "--gradient-penalty",
              "DiscriminatorConfig.label_smoothing": "--label-smoothing",
-             "GANConfig.bc_coef": "--bc-coef", "GANConfig.entropy_coef": "--entropy-coef"}
+             "GANConfig.bc_coef": "--bc-coef", "PPOSettings.entropy_coef": "--entropy-coef"}
     for prefix, flag in flags.items():
         if prefix in message:
             return f"{flag}: {message}"
@@ -761,6 +762,14 @@ def run_list(args: argparse.Namespace) -> int:
             except Exception as error:  # a broken entry point: listed, not fatal
                 entries.append((name, registry.origin(group, name),
                                 f"(cannot be loaded: {type(error).__name__}: {error})"))
+        for prefix in registry.families(group):
+            try:
+                resolve = registry.family(group, prefix)
+                description = "a family: " + _description(resolve)
+            except Exception as error:
+                description = f"(cannot be loaded: {type(error).__name__}: {error})"
+            entries.append((f"{prefix}{registry.FAMILY_SEPARATOR}<name>",
+                            registry.family_origin(group, prefix), description))
         width = max((len(name) for name, *_ in entries), default=0)
         origin_width = max((len(where) for _, where, _ in entries), default=0)
         for name, where, description in entries:

@@ -1,20 +1,36 @@
 """Streaming GAIL: PPO on a per-step discriminator's reward, in purejaxrl's shape.
 
-:mod:`audit.gan` plays whole padded episodes, which suits sequence
-discriminators and the audit protocols. This module is the throughput-oriented
-variant for per-step discriminators: ``num_envs`` environments with auto-reset
-(:func:`audit.vector.make_batched_step`) each stream ``num_steps`` steps per
-round, so every computed transition is a real one (no padding). Each round,
-inside one ``lax.scan`` (the run jits and vmaps over seeds):
+The framework has two adversarial-imitation loops; this one serves a single purpose:
+
+- :mod:`audit.gan` plays whole episodes padded to the demonstrations' length, so
+  that a discriminator may read an episode as a sequence on any view (activation
+  views included) and recurrent imitators train through time; every audit uses it:
+  the audit protocols' co-training (:func:`audit.protocol.run_suite`, ``audit
+  bench``), ``audit train-gan`` and ``python -m benchmarks.perf.gan``;
+- this module is the throughput-oriented variant for per-step discriminators on the
+  ``actions`` or ``transitions`` view (:data:`STEP_VIEWS`) and feed-forward
+  imitators: ``num_envs`` environments with auto-reset
+  (:func:`audit.vector.make_batched_step`) each stream ``num_steps`` steps per
+  round, so every computed transition is a real one (no padding). It is used by the
+  side-by-side comparison with HumanCompatibleAI ``imitation``
+  (:mod:`benchmarks.perf.compare`, ``python -m benchmarks.perf.compare``), whose
+  ``AdversarialTrainer`` it mirrors round for round, and by nothing in the audit.
+
+Both take their PPO update settings from :class:`audit.ppo.PPOSettings`
+(``GAILConfig.ppo`` here, ``GANConfig.ppo`` there); only how a round's data is cut
+into minibatches is each loop's own (``minibatch_size`` transitions here,
+``ppo_minibatches`` of whole episodes there).
+
+Each round, inside one ``lax.scan`` (the run jits and vmaps over seeds):
 
 1. **collect**: the imitator acts in every environment for ``num_steps`` steps
    (inverse-CDF draws on explicit uniforms, as everywhere in the framework);
 2. **reward**: the current discriminator scores each imitator transition on the
    configured view; GAIL's reward is ``softplus(-logit) = -log D(imitator)``
    (logits are positive for "imitator", as in :mod:`audit.discriminator`);
-3. **PPO update**: ``update_epochs`` passes of minibatches over the round's
+3. **PPO update**: ``ppo.update_epochs`` passes of minibatches over the round's
    transitions (:func:`audit.ppo.generalized_advantages`,
-   :func:`audit.ppo.clipped_objective`);
+   :func:`audit.ppo.clipped_objective`, :func:`audit.ppo.make_optimizer`);
 4. **discriminator update**: ``discriminator_updates`` Adam steps of
    :func:`audit.discriminator.gan_loss`, each on ``discriminator_batch``
    demonstrated and ``discriminator_batch`` freshly generated transitions, with
@@ -46,6 +62,7 @@ from flax import nnx, struct
 
 from audit import discriminator, ppo
 from audit.modules import abstract_module, initial_carry_of, scan_updates
+from audit.ppo import PPOSettings
 from audit.rollout import inverse_cdf_sample
 from audit.trajectories import Trajectories, validate
 from audit.vector import make_batched_step
@@ -64,17 +81,13 @@ class GAILConfig:
       num_steps: steps per environment per round; a round has ``num_envs *
         num_steps`` transitions.
       rounds: rounds (collect, reward, PPO update, discriminator update).
-      update_epochs: PPO passes over each round's transitions.
+      ppo: the actor's and critic's PPO update settings (``update_epochs`` passes over
+        each round's transitions, discount, GAE, clipping, loss weights, Adam learning
+        rate, annealed linearly to 0 over the run if ``anneal_lr``); by default
+        :class:`audit.ppo.PPOSettings`' defaults (4 epochs, learning rate 3e-4 not
+        annealed, no entropy bonus).
       minibatch_size: transitions per PPO minibatch (stable-baselines3's
         ``batch_size``); must divide ``num_envs * num_steps``.
-      gamma: discount.
-      gae_lambda: GAE lambda.
-      clip_eps: PPO's ratio and value clip.
-      entropy_coef: entropy bonus weight.
-      value_coef: value-loss weight.
-      max_grad_norm: global gradient-norm clip of the PPO update.
-      learning_rate: Adam learning rate of the actor and critic.
-      anneal_lr: anneal it linearly to 0 over the run.
       view: the discriminator's per-step view, ``actions`` or ``transitions``.
       normalize_features: standardise discriminator features by running statistics.
       reward: ``gail``: ``softplus(-logit)``; ``logit``: ``-logit``.
@@ -89,16 +102,8 @@ class GAILConfig:
     num_envs: int = 8
     num_steps: int = 128
     rounds: int = 100
-    update_epochs: int = 4
+    ppo: PPOSettings = PPOSettings()
     minibatch_size: int = 256
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    entropy_coef: float = 0.0
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    learning_rate: float = 3e-4
-    anneal_lr: bool = False
     view: str = "transitions"
     normalize_features: bool = True
     reward: str = "gail"
@@ -110,7 +115,7 @@ class GAILConfig:
     gradient_penalty: float = 0.0
 
     def __post_init__(self):
-        for name in ("num_envs", "num_steps", "rounds", "update_epochs", "minibatch_size",
+        for name in ("num_envs", "num_steps", "rounds", "minibatch_size",
                      "discriminator_updates", "discriminator_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -118,20 +123,18 @@ class GAILConfig:
         if self.transitions_per_round % self.minibatch_size:
             raise ValueError(f"GAILConfig.minibatch_size ({self.minibatch_size}) must divide "
                              f"num_envs * num_steps ({self.transitions_per_round})")
-        for name in ("learning_rate", "discriminator_learning_rate", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"GAILConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.ppo, PPOSettings):
+            raise ValueError(f"GAILConfig.ppo must be a PPOSettings, got {self.ppo!r}")
+        if not self.discriminator_learning_rate > 0:
+            raise ValueError("GAILConfig.discriminator_learning_rate must be > 0, got "
+                             f"{self.discriminator_learning_rate!r}")
         clip = self.discriminator_max_grad_norm
         if clip is not None and not clip > 0:
             raise ValueError("GAILConfig.discriminator_max_grad_norm must be > 0 or None, got "
                              f"{clip!r}")
-        for name in ("gamma", "gae_lambda"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"GAILConfig.{name} must be in [0, 1], got "
-                                 f"{getattr(self, name)!r}")
-        for name in ("clip_eps", "entropy_coef", "value_coef", "gradient_penalty"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"GAILConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.gradient_penalty >= 0:
+            raise ValueError("GAILConfig.gradient_penalty must be >= 0, got "
+                             f"{self.gradient_penalty!r}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError("GAILConfig.label_smoothing must be in [0, 1), got "
                              f"{self.label_smoothing!r}")
@@ -293,9 +296,8 @@ def make_stages(config: GAILConfig, env, env_params,
         disc_optimizer = optax.chain(
             optax.clip_by_global_norm(config.discriminator_max_grad_norm), disc_optimizer)
 
-    policy_optimizer = ppo.policy_optimizer(
-        config.learning_rate, config.max_grad_norm, config.anneal_lr,
-        config.num_minibatches * config.update_epochs, config.rounds)
+    settings = config.ppo
+    policy_optimizer = ppo.make_optimizer(settings, config.num_minibatches, config.rounds)
     step_envs = make_batched_step(env, reset_budget=num_envs)
 
     def logits_of(actor, observations):
@@ -359,14 +361,14 @@ def make_stages(config: GAILConfig, env, env_params,
     def ppo_loss(params, minibatch):
         actor, critic = params
         log_probs = jax.nn.log_softmax(logits_of(actor, minibatch["obs"]))
-        return ppo.clipped_objective(config, log_probs, minibatch,
+        return ppo.clipped_objective(settings, log_probs, minibatch,
                                      values_of(critic, minibatch["obs"]),
                                      jnp.ones(minibatch["action"].shape, jnp.float32))
 
     def ppo_update(state: GAILState, batch: dict, step_rewards, key) -> tuple[GAILState, dict]:
         advantages, returns = ppo.generalized_advantages(
             step_rewards, batch["value"], batch["done"], values_of(state.critic, state.obs),
-            config.gamma, config.gae_lambda)
+            settings.gamma, settings.gae_lambda)
         flat = {k: v.reshape((batch_size,) + v.shape[2:]) for k, v in dict(
             obs=batch["obs"], action=batch["action"], log_prob=batch["log_prob"],
             value=batch["value"], advantage=advantages, **{"return": returns}).items()}
@@ -382,7 +384,7 @@ def make_stages(config: GAILConfig, env, env_params,
 
         (params, opt_state), (losses, entropies) = jax.lax.scan(
             epoch, ((state.actor, state.critic), state.policy_opt),
-            jax.random.split(key, config.update_epochs))
+            jax.random.split(key, settings.update_epochs))
         return (state.replace(actor=params[0], critic=params[1], policy_opt=opt_state),
                 dict(policy_loss=losses.mean(), entropy=entropies.mean()))
 

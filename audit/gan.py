@@ -1,18 +1,39 @@
-"""Adversarial imitation (GAIL) with any view and any discriminator, as one pure ``train(key)``.
+"""Adversarial imitation (GAIL) on whole padded episodes, any view and any discriminator.
 
-Each iteration, inside ``lax.scan`` (the run jits and vmaps over seeds):
+The framework has two adversarial-imitation loops, and this is the one every audit uses:
+
+- this module plays whole episodes, padded to the demonstrations' length, so a
+  discriminator may read an episode as a sequence (:mod:`models.discriminators`'
+  GRU and attention models as well as per-step ones) on any view, the activation
+  views included (the imitator's activations and noise are recorded), and PPO's
+  minibatches are whole episodes, so recurrent imitators train through time. It is
+  the co-training of the audit protocols (:func:`audit.protocol.run_suite`, i.e.
+  ``audit bench``, with :data:`benchmarks.suites.COTRAINING`), ``audit train-gan``,
+  and the throughput benchmark ``python -m benchmarks.perf.gan``;
+- :mod:`audit.gail` streams ``num_envs`` auto-reset environments with a per-step
+  discriminator on the ``actions`` or ``transitions`` view and a feed-forward
+  imitator, with no padding. Only the side-by-side comparison with HumanCompatibleAI
+  ``imitation`` (``python -m benchmarks.perf.compare``) uses it.
+
+Both take their PPO update settings from :class:`audit.ppo.PPOSettings`
+(``GANConfig.ppo`` here, ``GAILConfig.ppo`` there); only how a round's data is cut
+into minibatches is each loop's own (``ppo_minibatches`` of whole episodes here,
+``minibatch_size`` transitions there).
+
+Each iteration, inside one ``lax.scan`` (the run is one pure ``train(key)``; it jits and
+vmaps over seeds):
 
 1. the imitator plays ``episodes`` whole episodes (vmapped, ``lax.scan`` over time),
    recording its activations and the noise it was handed;
 2. the current discriminator scores held-out demonstrator episodes against these
    fresh imitator episodes, which it has not trained on: the held-out AUROC;
-3. the discriminator takes ``discriminator_steps`` Adam steps on the GAN loss
+3. the discriminator takes ``discriminator.updates`` Adam steps on the GAN loss
    (demonstrator 0, imitator 1) over the configured view, features normalised by
    running statistics; for the activation views the demonstrator's activations are
    the current imitator's teacher-forced activations;
 4. each imitator step is rewarded by the discriminator's logit for it, which for a
-   sequence discriminator depends on the episode's prefix only; PPO (minibatches of
-   whole episodes, so recurrent imitators train through time) then optimises that
+   sequence discriminator depends on the episode's prefix only; PPO (``ppo``'s
+   settings, ``ppo_minibatches`` minibatches of whole episodes) then optimises that
    reward, optionally with a behaviour-cloning term on demonstrations.
 
 Every ``eval_every`` iterations (and before the first and after the last) the
@@ -39,6 +60,7 @@ from flax import nnx, struct
 from audit import bc, discriminator, ppo
 from audit.metrics import pairwise_auroc
 from audit.modules import abstract_module, initial_carry_of, scan_updates
+from audit.ppo import PPOSettings
 from audit.rollout import rollout_split, unroll
 from audit.trajectories import Trajectories, validate
 from audit.views import RunningNorm, check_view, richest_view, view_features, view_mask
@@ -68,16 +90,13 @@ class GANConfig:
         ``logit``: ``-logit = log D(demo) - log D(imitator)``, without that bias.
       discriminator: the GAN loss settings (label smoothing, gradient penalty,
         learning rate, batch episodes); its ``updates`` are per iteration.
-      ppo_epochs: PPO passes over each iteration's episodes.
-      ppo_minibatches: minibatches (of whole episodes) per pass.
-      learning_rate: the imitator's and critic's Adam learning rate.
-      anneal_lr: anneal it linearly to 0 over the run.
-      gamma: discount.
-      gae_lambda: GAE lambda.
-      clip_eps: PPO's ratio and value clip.
-      entropy_coef: entropy bonus weight.
-      value_coef: value-loss weight.
-      max_grad_norm: global gradient-norm clip of the PPO update.
+      ppo: the imitator's and critic's PPO update settings (``update_epochs`` passes
+        over each iteration's episodes, discount, GAE, clipping, loss weights, Adam
+        learning rate, annealed linearly to 0 over the run if ``anneal_lr``); by
+        default :class:`audit.ppo.PPOSettings`' defaults (4 epochs, learning rate
+        3e-4 not annealed, no entropy bonus).
+      ppo_minibatches: minibatches (of whole episodes) per PPO pass; must divide
+        ``episodes``.
       bc_warm_start: behaviour cloning before the adversarial phase (None: none);
         ignored when ``train`` is given initial imitator parameters.
       bc_coef: weight of the behaviour-cloning cross-entropy added to the PPO loss
@@ -98,16 +117,8 @@ class GANConfig:
     reward: str = "gail"
     discriminator: discriminator.DiscriminatorConfig = discriminator.DiscriminatorConfig(
         updates=4, batch_episodes=32, learning_rate=3e-4)
-    ppo_epochs: int = 4
+    ppo: PPOSettings = PPOSettings()
     ppo_minibatches: int = 4
-    learning_rate: float = 3e-4
-    anneal_lr: bool = False
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    entropy_coef: float = 0.0
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
     bc_warm_start: bc.BCConfig | None = None
     bc_coef: float = 0.0
     bc_batch_episodes: int = 16
@@ -122,8 +133,8 @@ class GANConfig:
                 raise ValueError(f"GANConfig.view must name distinct views, got {self.view!r}")
         for view in self.views:
             check_view(view)
-        for name in ("iterations", "episodes", "ppo_epochs", "ppo_minibatches",
-                     "bc_batch_episodes", "eval_every", "eval_episodes"):
+        for name in ("iterations", "episodes", "ppo_minibatches", "bc_batch_episodes",
+                     "eval_every", "eval_episodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"GANConfig.{name} must be an int >= 1, got {value!r}")
@@ -133,12 +144,10 @@ class GANConfig:
         if self.reward not in REWARDS:
             raise ValueError(f"GANConfig.reward {self.reward!r} is unknown; choose from: "
                              f"{', '.join(REWARDS)}")
-        for name in ("learning_rate", "max_grad_norm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"GANConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("bc_coef", "entropy_coef", "value_coef", "clip_eps"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"GANConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not isinstance(self.ppo, PPOSettings):
+            raise ValueError(f"GANConfig.ppo must be a PPOSettings, got {self.ppo!r}")
+        if not self.bc_coef >= 0:
+            raise ValueError(f"GANConfig.bc_coef must be >= 0, got {self.bc_coef!r}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError("GANConfig.heldout_fraction must be in (0, 1), got "
                              f"{self.heldout_fraction!r}")
@@ -292,9 +301,8 @@ def make_train(config: GANConfig, env, env_params,
                                  optax.adam(disc_config.learning_rate))
     minibatch = episodes // config.ppo_minibatches
 
-    policy_optimizer = ppo.policy_optimizer(
-        config.learning_rate, config.max_grad_norm, config.anneal_lr,
-        config.ppo_minibatches * config.ppo_epochs, config.iterations)
+    settings = config.ppo
+    policy_optimizer = ppo.make_optimizer(settings, config.ppo_minibatches, config.iterations)
     disc_batch = min(disc_config.batch_episodes, trusted_count)
     bc_batch = min(config.bc_batch_episodes, trusted_count)
 
@@ -328,7 +336,7 @@ def make_train(config: GANConfig, env, env_params,
             picked = jax.tree.map(lambda x: x[index], batch)
             logits, _ = unroll(actor_def, actor_params, carry0, picked["obs"], picked["noise"])
             loss, entropy = ppo.clipped_objective(
-                config, jax.nn.log_softmax(logits), picked,
+                settings, jax.nn.log_softmax(logits), picked,
                 values_of(critic_params, picked["obs"]), picked["mask"])
             if config.bc_coef > 0:
                 demo_index = jax.random.choice(demo_key, trusted_count, (bc_batch,),
@@ -343,8 +351,8 @@ def make_train(config: GANConfig, env, env_params,
         def ppo_update(state: GANState, own: Trajectories, rewards, key):
             values = values_of(state.critic, own.observations)
             advantages, returns = ppo.generalized_advantages(
-                rewards.T, values.T, own.dones.T, jnp.zeros(episodes), config.gamma,
-                config.gae_lambda)
+                rewards.T, values.T, own.dones.T, jnp.zeros(episodes), settings.gamma,
+                settings.gae_lambda)
             safe_probs = jnp.take_along_axis(own.action_probs, own.actions[..., None], -1)[..., 0]
             batch = dict(obs=own.observations, noise=own.noise, action=own.actions,
                          log_prob=jnp.log(jnp.maximum(safe_probs, 1e-30)), value=values,
@@ -364,7 +372,7 @@ def make_train(config: GANConfig, env, env_params,
 
             (params, opt_state), (losses, entropies) = jax.lax.scan(
                 epoch, ((state.actor, state.critic), state.policy_opt),
-                jax.random.split(key, config.ppo_epochs))
+                jax.random.split(key, settings.update_epochs))
             return (state.replace(actor=params[0], critic=params[1], policy_opt=opt_state),
                     losses.mean(), entropies.mean())
 

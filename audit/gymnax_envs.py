@@ -34,7 +34,11 @@ def is_gymnax_name(name: str) -> bool:
 
 
 def environment_spec(name: str) -> EnvironmentSpec:
-    """The :class:`EnvironmentSpec` of ``gymnax:<id>``.
+    """Any gymnax environment with discrete actions, as gymnax:<id> (one split, train).
+
+    The resolver of the ``gymnax`` family of environments (entry point
+    ``audit.families.environments``), so ``registry.get("environments", name)``
+    calls it for ``gymnax:<id>``.
 
     Raises:
       UnknownNameError: if ``<id>`` is not a gymnax environment (the message lists them).

@@ -587,18 +587,23 @@ def conformal_p_values(scores, calibration_scores) -> np.ndarray:
     return np.where(np.isneginf(values), 1.0, (1.0 + at_least) / (calibration.size + 1.0))
 
 
-def time_matched_p_values(running, lengths, calibration_running) -> np.ndarray:
+def time_matched_p_values(running, lengths, calibration_running,
+                          calibration_lengths=None) -> np.ndarray:
     """Conformal p-values of prefix scores against calibration prefixes of the same length.
 
     ``running[i]`` is the running aggregate of an episode's step scores over its first
-    ``lengths[i]`` steps; it is compared with every calibration episode's running
-    aggregate over *its* first ``lengths[i]`` steps (its whole episode, if shorter),
-    ``calibration_running[:, lengths[i] - 1]``. An aggregate such as the running
-    maximum grows with the number of steps it has seen, so a prefix of 5 steps compared
-    with whole calibration episodes would look innocent by its length alone; matched by
-    length, a model that behaves on the scored prefix as it does on calibration episodes
-    gets uniform p-values whatever the length. ``lengths[i] == 0`` (nothing observed,
-    e.g. an event at the first step) gives ``p = 1``.
+    ``lengths[i]`` steps; it is compared with the running aggregate over the first
+    ``lengths[i]`` steps, ``calibration_running[:, lengths[i] - 1]``, of every
+    calibration episode that lasted at least ``lengths[i]`` steps. An aggregate such as
+    the running maximum grows with the number of steps it has seen, so a prefix of 5
+    steps compared with whole calibration episodes would look innocent by its length
+    alone, and a long window compared with shorter calibration episodes (their whole
+    episode in place of an ``L``-step prefix they do not have) would look suspicious by
+    its length alone; matched by length, a model that behaves on the scored prefix as it
+    does on calibration episodes gets uniform p-values whatever the length.
+    ``lengths[i] == 0`` (nothing observed, e.g. an event at the first step) gives
+    ``p = 1``, and so does a prefix longer than every calibration episode (nothing to
+    compare it with).
 
     Args:
       running: ``[N]`` prefix scores.
@@ -606,6 +611,7 @@ def time_matched_p_values(running, lengths, calibration_running) -> np.ndarray:
       calibration_running: ``[n, T]`` running aggregates of the calibration episodes
         (padding repeats the last valid value, as :func:`audit.detectors.running_scores`
         gives them).
+      calibration_lengths: ``[n]`` the calibration episodes' lengths (None: all ``T``).
 
     Returns:
       ``[N]`` float64 p-values in ``(0, 1]``.
@@ -617,6 +623,8 @@ def time_matched_p_values(running, lengths, calibration_running) -> np.ndarray:
       >>> calibration = np.array([[0.0, 1.0, 1.0], [2.0, 2.0, 3.0]])
       >>> time_matched_p_values([0.5, 0.5], [1, 3], calibration).tolist()
       [0.6666666666666666, 1.0]
+      >>> time_matched_p_values([2.5], [3], calibration, calibration_lengths=[1, 3]).tolist()
+      [1.0]
     """
     running = _scores(running, "running")
     lengths = np.asarray(lengths).reshape(-1)
@@ -629,14 +637,19 @@ def time_matched_p_values(running, lengths, calibration_running) -> np.ndarray:
     if lengths.shape != running.shape:
         raise ValueError(f"lengths must have the shape of running {running.shape}; got "
                          f"{lengths.shape}")
-    steps = calibration.shape[1]
+    count, steps = calibration.shape
     if lengths.size and (lengths.min() < 0 or lengths.max() > steps):
         raise ValueError(f"lengths must lie in [0, {steps}]; got {lengths.min()}..{lengths.max()}")
+    if calibration_lengths is None:
+        calibration_lengths = np.full(count, steps)
+    calibration_lengths = np.asarray(calibration_lengths).reshape(-1)
+    if calibration_lengths.shape != (count,):
+        raise ValueError(f"calibration_lengths must give one length per calibration episode "
+                         f"({count}); got shape {calibration_lengths.shape}")
     p_values = np.ones(running.shape, np.float64)
-    columns = np.sort(calibration, axis=0)
     for length in np.unique(lengths[lengths > 0]):
         chosen = lengths == length
-        column = columns[:, length - 1]
+        column = np.sort(calibration[calibration_lengths >= length, length - 1])
         at_least = column.size - np.searchsorted(column, running[chosen], side="left")
         p_values[chosen] = (1.0 + at_least) / (column.size + 1.0)
     p_values[np.isneginf(running)] = 1.0

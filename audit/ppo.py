@@ -7,6 +7,12 @@ imitator (``policy(obs, carry, noise) -> (logits, carry)``; the carry is not
 threaded through time here); it acts by inverse CDF on an explicit uniform, as
 everywhere in the framework. ``reward_fn`` replaces the environment's reward,
 which is how GAIL plugs a discriminator in.
+
+:class:`PPOSettings` holds the PPO *update* settings (epochs, discount, GAE,
+clipping, loss weights, optimiser) shared by every PPO trainer in the framework:
+:class:`PPOConfig` here, :class:`audit.gan.GANConfig` and
+:class:`audit.gail.GAILConfig` each embed one as their ``ppo`` field, and
+:func:`make_optimizer` and :func:`clipped_objective` read it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,71 @@ from audit.vector import make_batched_step
 
 
 @dataclasses.dataclass(frozen=True)
+class PPOSettings:
+    """PPO's update settings, shared by the three PPO trainers.
+
+    :class:`PPOConfig`, :class:`audit.gan.GANConfig` and :class:`audit.gail.GAILConfig`
+    each embed one as their ``ppo`` field; how the data is collected and cut into
+    minibatches (environments and steps, whole episodes, transitions per minibatch)
+    stays with each trainer's own config. The defaults are those of the adversarial
+    loops; :class:`PPOConfig`'s differ in ``entropy_coef``, ``learning_rate`` and
+    ``anneal_lr`` (purejaxrl's CartPole settings).
+
+    Attributes:
+      update_epochs: PPO passes over each round's data.
+      gamma: discount, in [0, 1].
+      gae_lambda: GAE lambda, in [0, 1].
+      clip_eps: the policy-ratio clip, also the value clip.
+      entropy_coef: entropy bonus weight.
+      value_coef: value-loss weight.
+      max_grad_norm: global gradient-norm clip of the actor's and critic's update.
+      learning_rate: Adam learning rate of the actor and critic (linearly annealed to 0
+        over the run if ``anneal_lr``).
+      anneal_lr: anneal the learning rate.
+
+    Raises:
+      ValueError: naming the field (``PPOSettings.<field>``) and the value found, if
+        ``update_epochs`` is not an int >= 1, ``learning_rate`` or ``max_grad_norm``
+        is not > 0, ``clip_eps``, ``entropy_coef`` or ``value_coef`` is negative,
+        ``gamma`` or ``gae_lambda`` is outside [0, 1], or ``anneal_lr`` is not a bool.
+
+    Example:
+      >>> from audit.gan import GANConfig
+      >>> settings = PPOSettings(update_epochs=2, learning_rate=1e-4)
+      >>> GANConfig(iterations=16, episodes=16, ppo_minibatches=2, ppo=settings).ppo.gamma
+      0.99
+    """
+
+    update_epochs: int = 4
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    entropy_coef: float = 0.0
+    value_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    learning_rate: float = 3e-4
+    anneal_lr: bool = False
+
+    def __post_init__(self):
+        value = self.update_epochs
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"PPOSettings.update_epochs must be an int >= 1, got {value!r}")
+        for name in ("learning_rate", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOSettings.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("clip_eps", "entropy_coef", "value_coef"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"PPOSettings.{name} must be >= 0, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"PPOSettings.{name} must be in [0, 1], got "
+                                 f"{getattr(self, name)!r}")
+        if not isinstance(self.anneal_lr, bool):
+            raise ValueError(f"PPOSettings.anneal_lr must be a bool, got {self.anneal_lr!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """PPO hyperparameters (defaults follow purejaxrl's CartPole settings).
 
@@ -32,37 +103,25 @@ class PPOConfig:
       num_envs: parallel environments.
       num_steps: steps per environment per update.
       updates: number of PPO updates (rollout + optimisation).
-      update_epochs: passes over each batch.
       num_minibatches: minibatches per pass.
-      gamma: discount.
-      gae_lambda: GAE lambda.
-      clip_eps: policy-ratio clip.
-      entropy_coef: entropy bonus weight.
-      value_coef: value-loss weight.
-      max_grad_norm: global gradient-norm clip.
-      learning_rate: Adam learning rate (linearly annealed to 0 if ``anneal_lr``).
-      anneal_lr: anneal the learning rate.
+      ppo: the update settings (epochs, discount, GAE, clipping, loss weights,
+        optimiser); by default purejaxrl's: entropy bonus 0.01, learning rate
+        2.5e-4 annealed linearly to 0, the rest :class:`PPOSettings`' defaults.
     """
 
     num_envs: int = 4
     num_steps: int = 128
     updates: int = 975
-    update_epochs: int = 4
     num_minibatches: int = 4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip_eps: float = 0.2
-    entropy_coef: float = 0.01
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
-    learning_rate: float = 2.5e-4
-    anneal_lr: bool = True
+    ppo: PPOSettings = PPOSettings(entropy_coef=0.01, learning_rate=2.5e-4, anneal_lr=True)
 
     def __post_init__(self):
-        for name in ("num_envs", "num_steps", "updates", "update_epochs", "num_minibatches"):
+        for name in ("num_envs", "num_steps", "updates", "num_minibatches"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"PPOConfig.{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.ppo, PPOSettings):
+            raise ValueError(f"PPOConfig.ppo must be a PPOSettings, got {self.ppo!r}")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
             raise ValueError("PPOConfig.num_envs * num_steps must be divisible by "
                              f"num_minibatches, got {self.num_envs} * {self.num_steps} and "
@@ -103,11 +162,12 @@ def generalized_advantages(rewards, values, dones, last_value, gamma, gae_lambda
     return advantages, advantages + values
 
 
-def clipped_objective(config, log_probs, batch, value, weights):
+def clipped_objective(settings: PPOSettings, log_probs, batch, value, weights):
     """PPO's clipped surrogate, clipped value loss and entropy bonus over weighted steps.
 
     Args:
-      config: anything with ``clip_eps``, ``value_coef`` and ``entropy_coef``.
+      settings: the PPO settings (``clip_eps``, ``value_coef`` and ``entropy_coef``
+        are read).
       log_probs: ``[..., A]`` the current policy's log-probabilities.
       batch: ``action``, ``log_prob`` (at collection), ``advantage``, ``value`` (at
         collection) and ``return``, each ``[...]``.
@@ -129,30 +189,42 @@ def clipped_objective(config, log_probs, batch, value, weights):
     advantage = (batch["advantage"] - advantage_mean) / (advantage_std + 1e-8)
     policy_loss = mean(-jnp.minimum(
         ratio * advantage,
-        jnp.clip(ratio, 1 - config.clip_eps, 1 + config.clip_eps) * advantage))
-    clipped = batch["value"] + jnp.clip(value - batch["value"], -config.clip_eps,
-                                        config.clip_eps)
+        jnp.clip(ratio, 1 - settings.clip_eps, 1 + settings.clip_eps) * advantage))
+    clipped = batch["value"] + jnp.clip(value - batch["value"], -settings.clip_eps,
+                                        settings.clip_eps)
     value_loss = 0.5 * mean(jnp.maximum(jnp.square(value - batch["return"]),
                                         jnp.square(clipped - batch["return"])))
     entropy = mean(-jnp.sum(jnp.exp(log_probs) * jnp.where(jnp.isfinite(log_probs), log_probs,
                                                            0.0), -1))
-    total = policy_loss + config.value_coef * value_loss - config.entropy_coef * entropy
+    total = policy_loss + settings.value_coef * value_loss - settings.entropy_coef * entropy
     return total, entropy
 
 
-def policy_optimizer(learning_rate: float, max_grad_norm: float, anneal_lr: bool,
-                     updates_per_round: int, rounds: int) -> optax.GradientTransformation:
+def make_optimizer(settings: PPOSettings, minibatches: int,
+                   rounds: int) -> optax.GradientTransformation:
     """PPO's optimiser: global-norm clipping, then Adam (eps 1e-5), as purejaxrl.
 
-    With ``anneal_lr`` the rate falls linearly to 0 over ``rounds`` rounds of
-    ``updates_per_round`` optimiser steps each.
+    Args:
+      settings: the PPO settings (``max_grad_norm``, ``learning_rate``, ``anneal_lr``
+        and ``update_epochs`` are read).
+      minibatches: minibatches per epoch; a round takes ``minibatches *
+        settings.update_epochs`` optimiser steps.
+      rounds: rounds in the run (updates, iterations).
+
+    Returns:
+      The optax transformation of the actor's and critic's parameters. With
+      ``anneal_lr`` the rate falls linearly to 0 over ``rounds``, one step down per
+      round (it is constant within a round).
     """
+    steps_per_round = minibatches * settings.update_epochs
+    learning_rate, anneal_lr = settings.learning_rate, settings.anneal_lr
 
     def schedule(count):
-        done = count // updates_per_round
+        done = count // steps_per_round
         return learning_rate * (1.0 - done / rounds if anneal_lr else 1.0)
 
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adam(schedule, eps=1e-5))
+    return optax.chain(optax.clip_by_global_norm(settings.max_grad_norm),
+                       optax.adam(schedule, eps=1e-5))
 
 
 def feedforward_logits(actor_def, actor_params, carry0, observations) -> jax.Array:
@@ -193,8 +265,8 @@ def make_train(config: PPOConfig, env, env_params,
     batch_size = config.num_envs * config.num_steps
     minibatch = batch_size // config.num_minibatches
 
-    optimizer = policy_optimizer(config.learning_rate, config.max_grad_norm, config.anneal_lr,
-                                 config.num_minibatches * config.update_epochs, config.updates)
+    settings = config.ppo
+    optimizer = make_optimizer(settings, config.num_minibatches, config.updates)
 
     def logits_of(actor_params, observations):
         return feedforward_logits(actor_def, actor_params, carry0, observations)
@@ -205,7 +277,8 @@ def make_train(config: PPOConfig, env, env_params,
     def loss_fn(params, batch):
         actor_params, critic_params = params
         log_probs = jax.nn.log_softmax(logits_of(actor_params, batch["obs"]))
-        return clipped_objective(config, log_probs, batch, values_of(critic_params, batch["obs"]),
+        return clipped_objective(settings, log_probs, batch,
+                                 values_of(critic_params, batch["obs"]),
                                  jnp.ones(batch["action"].shape, jnp.float32))
 
     def init(key) -> dict:
@@ -247,7 +320,7 @@ def make_train(config: PPOConfig, env, env_params,
         params, opt_state = state["params"], state["opt_state"]
         advantages, returns = generalized_advantages(
             rewards, batch["value"], batch["done"], values_of(params[1], state["obs"]),
-            config.gamma, config.gae_lambda)
+            settings.gamma, settings.gae_lambda)
         flat = {k: v.reshape((batch_size,) + v.shape[2:]) for k, v in
                 dict(batch, advantage=advantages, **{"return": returns}).items()}
 
@@ -261,7 +334,7 @@ def make_train(config: PPOConfig, env, env_params,
             return (params, opt_state), (losses, entropies)
 
         (params, opt_state), (losses, entropies) = jax.lax.scan(
-            epoch, (params, opt_state), jax.random.split(key, config.update_epochs))
+            epoch, (params, opt_state), jax.random.split(key, settings.update_epochs))
         ended = batch["done"].sum()
         metrics = dict(
             episode_return=jnp.where(ended > 0,

@@ -10,9 +10,11 @@ For each environment and seed (DESIGN.md, "Audit protocols" and "Metric definiti
 3. ``co-trained`` discriminators: one GAN fine-tuning run per organism on train
    layouts (vmapped over organisms of one architecture and seeds), in which the
    organism is the generator against one discriminator per view; the fine-tuned
-   organism is the one audited, and its validity check is repeated;
+   organism is the one audited, and its validity check is repeated (a suite with
+   ``cotrain=False`` skips this step and audits every model as built);
 4. optional ``post-hoc`` discriminators and the suite's registered detectors
-   (``demonstrations-only`` baselines; ``random_direction`` always runs, as a control);
+   (``demonstrations-only`` baselines; ``null`` and ``random_direction`` always run, as
+   controls);
 5. every audited model then produces its own episodes, with its own activations and
    noise: on test layouts (the same layouts for every model: its positives and clean
    negatives) and, held out, on train layouts (its calibration set, used to train
@@ -27,7 +29,8 @@ fit a model of the demonstrator. Suites are data (:class:`Suite`), registered in
 ``suites`` group; the built-in ones are in ``benchmarks/suites.py``.
 
 **Organisms.** A registered organism is any object with ``name``, ``kind``
-(``"honest"``, ``"trained-in"`` or ``"generalising"``), ``supports(env_name)``,
+(``"honest"``, ``"trained-in"``, ``"generalising"``, or ``"audited"`` for a model whose
+ground truth is unknown, such as your own imitator), ``supports(env_name)``,
 ``audit_settings`` (a tuple of ``(env param, value)`` pairs it is audited under),
 ``validity_figures(demonstrations, own_train, own_test) -> dict`` (with a ``valid``
 entry) and ``builder``: ``builder(env_spec, specs, config, seed, cache_dir, replicas)
@@ -64,7 +67,9 @@ from audit.scores import ScoreStore
 from audit.trajectories import Trajectories
 from audit.views import VIEWS, RunningNorm, check_view, view_features
 
-KINDS = ("honest", "trained-in", "generalising")
+# ``audited``: a model whose ground truth is not known (your own imitator): its figures
+# are reported, and the model-level audit, which needs the truth, leaves it out.
+KINDS = ("honest", "trained-in", "generalising", "audited")
 TWIN_REPLICA = 1  # the honest twin is the honest organism built from replica 1's data
 
 
@@ -83,12 +88,19 @@ class Suite:
         ``honest`` always runs (its episodes are the benign-novelty negatives) and so
         does its twin (the honest-vs-honest control).
       views: the views of the co-trained discriminators.
-      discriminators: registered discriminator architectures, one co-training run each.
+      discriminators: registered discriminator architectures, one co-training run each
+        (the first also makes the post-hoc discriminators).
+      cotrain: co-train a discriminator per view with each audited model as its
+        generator (the ``co-trained`` protocol, the default); the audited model is then
+        the fine-tuned one. False audits every model *as built*, without fine-tuning,
+        by the post-hoc discriminators and the demonstrations-only detectors: the way
+        to audit an imitator of your own exactly as it was trained.
       discriminator_settings: ``{architecture: {keyword: value}}`` passed to the
         discriminator's constructor, ``cls(feature_size, rngs=..., **settings)``.
       post_hoc: also train post-hoc discriminators (each view, first architecture).
       baselines: registered detectors (the ``detectors`` group), fitted for every
-        audited model. ``random_direction`` is added if absent: every suite runs it.
+        audited model. The controls ``null`` and ``random_direction`` are added if
+        absent: every suite runs them.
       seeds: default number of seeds.
       demonstrator: the registered planner whose episodes are the demonstrations (None:
         each environment's own, ``EnvironmentSpec.demonstrator``).
@@ -114,6 +126,7 @@ class Suite:
     views: tuple[str, ...] = VIEWS
     discriminators: tuple[str, ...] = ("mlp",)
     discriminator_settings: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    cotrain: bool = True
     post_hoc: bool = False
     baselines: tuple[str, ...] = ()
     seeds: int = 1
@@ -135,9 +148,9 @@ class Suite:
         for view in self.views:
             check_view(view)
         check_aggregate(self.aggregate)
-        if figures.RANDOM_CONTROL not in self.baselines:
-            object.__setattr__(self, "baselines",
-                               tuple(self.baselines) + (figures.RANDOM_CONTROL,))
+        missing_controls = tuple(c for c in figures.CONTROLS if c not in self.baselines)
+        if missing_controls:
+            object.__setattr__(self, "baselines", tuple(self.baselines) + missing_controls)
         for group, field in (("organisms", "organisms"), ("detectors", "baselines"),
                              ("discriminators", "discriminators")):
             known = registry.names(group)
@@ -147,6 +160,9 @@ class Suite:
                                  f"{', '.join(known)}")
         if self.seeds < 1:
             raise ValueError(f"Suite.seeds must be >= 1, got {self.seeds}")
+        if not self.discriminators and (self.cotrain or self.post_hoc):
+            raise ValueError("Suite.discriminators: name at least one architecture when "
+                             "cotrain or post_hoc is set (it trains them)")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"Suite.alpha must be in (0, 1), got {self.alpha}")
         for field in ("trusted_episodes", "heldout_episodes", "calibration_episodes",
@@ -483,6 +499,22 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
             # Every model's test episodes start from these layouts, each with its own noise.
             test_layouts=jax.random.fold_in(key, 99), key=keys[3], shared_detectors={})
 
+    if not suite.cotrain:
+        architecture = suite.discriminators[0] if suite.discriminators else None
+        make_discriminator = (functools.partial(
+            _make_discriminator, registry.get("discriminators", architecture),
+            suite.settings_of(architecture)) if architecture else None)
+        started = time.perf_counter()
+        say(f"{env_name} ({label}): auditing {', '.join(m.name for m in models[seeds[0]])} x "
+            f"{len(seeds)} seed(s) as built (no co-training)")
+        for seed in seeds:
+            for model in models[seed]:
+                _audit_model(suite, env_spec, env, label, model, None, None, architecture,
+                             make_discriminator, detector_specs, data[seed], train_params,
+                             test_params, shape, store)
+        timings[f"{env_name}/{label}/scoring/as-built"] = time.perf_counter() - started
+        return
+
     # Models of one architecture (one graphdef) are co-trained in one vmapped run.
     architectures: list[tuple[Any, list[int]]] = []
     for index, model in enumerate(models[seeds[0]]):
@@ -601,10 +633,18 @@ def _cotraining_summary(env_name, label, model, architecture, suite, losses, aur
 def _audit_model(suite, env_spec, env, label, model, modules, run_state, architecture,
                  make_discriminator, detector_specs, data, train_params, test_params, shape,
                  store: ScoreStore) -> None:
-    """Checks one co-trained model again, builds its detectors and stores their scores."""
-    gan.check_divergence(run_state, f"co-training {model.name!r} on {env_spec.name!r} "
-                                    f"(seed {model.seed})")
-    audited = nnx.merge(modules.actor, run_state.actor)
+    """Checks one audited model again, builds its detectors and stores their scores.
+
+    ``modules`` and ``run_state`` None: the model is audited as built (``Suite.cotrain``
+    False), without co-trained discriminators.
+    """
+    cotrained = modules is not None
+    if cotrained:
+        gan.check_divergence(run_state, f"co-training {model.name!r} on {env_spec.name!r} "
+                                        f"(seed {model.seed})")
+        audited = nnx.merge(modules.actor, run_state.actor)
+    else:
+        audited = model.built.imitator
     max_steps = int(test_params.max_steps_in_episode)
     own_key, calibration_key, post_hoc_key = jax.random.split(
         jax.random.fold_in(data["key"], _stable_hash(model.name)), 3)
@@ -617,18 +657,20 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
     validity = dict(model.spec.validity_figures(episodes["demo"], episodes["calibration"],
                                                 episodes["test"]), before=model.built.validity)
     if not validity["valid"]:
-        raise InvalidOrganismError(_invalid_message(model, env_spec.name, validity))
+        raise InvalidOrganismError(_invalid_message(
+            model, env_spec.name, validity, "after co-training" if cotrained else "as audited"))
     model_key = store.add_model(
         env=env_spec.name, group=label, organism=model.name, kind=model.kind, seed=model.seed,
         test_mask=episodes["test"].mask, test_events=episodes["test"].events,
         calibration_mask=episodes["calibration"].mask, demo_mask=episodes["demo"].mask,
         validity=_json_ready(validity))
-    norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
-        modules.view_masks.shape[1])
     names = suite.gan.activation_names
-    shared = {part: view_features(episodes[part], modules.features_view, env.num_actions, names)
-              for part in episodes}
-    for v, view in enumerate(modules.views):
+    for v, view in enumerate(modules.views if cotrained else ()):
+        if v == 0:
+            norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
+                modules.view_masks.shape[1])
+            shared = {part: view_features(episodes[part], modules.features_view,
+                                          env.num_actions, names) for part in episodes}
         view_params = jax.tree.map(lambda x, v=v: _host_slice(x, v), run_state.discriminator)
         detector = DiscriminatorDetector.from_gan(
             modules, view_params, norm, view, env.num_actions, names,
@@ -636,7 +678,7 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
         scores = {part: detector.score_features(shared[part], episodes[part].mask)
                   for part in episodes}
         store.add_scores(model_key, f"gan_{architecture}", view, detector.protocol, **scores)
-    if architecture != suite.discriminators[0]:
+    if cotrained and architecture != suite.discriminators[0]:
         return
     trusted = _forced(audited, data["trusted"])
     if suite.post_hoc:
@@ -676,9 +718,9 @@ def _detector_model(name, observation_shape, num_actions, key):
     return registry.get("imitators", name)(observation_shape, num_actions, rngs=nnx.Rngs(key))
 
 
-def _invalid_message(model, env_name, validity) -> str:
+def _invalid_message(model, env_name, validity, when: str = "after co-training") -> str:
     low, high = validity.get("event_rate_range", (math.nan, math.nan))
-    return (f"organism {model.name!r} on {env_name!r} (seed {model.seed}, after co-training) "
+    return (f"organism {model.name!r} on {env_name!r} (seed {model.seed}, {when}) "
             f"failed its validity check: kl_train {validity['kl_train']:.4f} (bound "
             f"{validity.get('kl_bound')}), event_rate_test {validity['event_rate_test']:.3f} "
             f"(range [{low}, {high}])")

@@ -14,6 +14,11 @@ or in code, before calling the command line's ``main``::
     from audit import registry
     registry.register("environments", "my_env", my_spec)
 
+A *family* makes components on demand from their name, ``<family>:<member>``: the
+built-in ``gymnax`` family of environments (``gymnax:CartPole-v1``) is registered in
+the entry-point group ``audit.families.environments``; in code, with
+:func:`register_family`.
+
 Groups: ``environments`` (an :class:`EnvironmentSpec`), ``planners`` (a
 :class:`PlannerSpec`), ``imitators`` (an NNX module class called as
 ``cls(observation_shape, num_actions, rngs=nnx.Rngs(key))`` that meets the
@@ -38,7 +43,11 @@ ENTRY_POINT_PREFIX = "audit."
 GROUPS = ("environments", "planners", "imitators", "discriminators", "detectors", "organisms",
           "suites")
 
+FAMILY_SEPARATOR = ":"
+
 _registered: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+# Name families (``gymnax:<id>``): prefix -> resolve(full name) -> component.
+_families: dict[str, dict[str, Callable[[str], Any]]] = {group: {} for group in GROUPS}
 # Where each code registration came from ("code", or "plug-in <source>"), for `audit list`.
 _origins: dict[tuple[str, str], str] = {}
 _origin_stack: list[str] = []
@@ -280,30 +289,119 @@ def names(group: str) -> tuple[str, ...]:
 def get(group: str, name: str) -> Any:
     """The component registered as ``name`` in ``group``.
 
-    Environments named ``gymnax:<id>`` resolve to that gymnax environment
-    (:mod:`audit.gymnax_envs`) without registration.
+    A name ``<family>:<member>`` that is not registered itself is resolved by the
+    family registered as ``<family>`` in ``group`` (:func:`register_family`), e.g.
+    ``gymnax:CartPole-v1`` by the built-in ``gymnax`` family of environments.
 
     Raises:
-      UnknownNameError: if nothing is registered under ``name``; the message
-        lists the valid names.
+      UnknownNameError: if nothing is registered under ``name`` and no family resolves
+        it; the message lists the valid names and families.
     """
     _check_group(group)
     if name in _registered[group]:
         return _registered[group][name]
-    if group == "environments" and name.startswith("gymnax:"):
-        from audit.gymnax_envs import environment_spec
-
-        return environment_spec(name)
     for entry_point in _entry_points(group):
         if entry_point.name == name:
             component = entry_point.load()
             _registered[group][name] = component
             return component
-    raise UnknownNameError(group, name, names(group))
+    prefix, separator, member = name.partition(FAMILY_SEPARATOR)
+    if separator and prefix in families(group):
+        component = family(group, prefix)(name)
+        check_contract(group, name, component)
+        return component
+    raise UnknownNameError(group, name, names(group)
+                           + tuple(f"{known}{FAMILY_SEPARATOR}<name>"
+                                   for known in families(group)))
+
+
+def register_family(group: str, prefix: str, resolve: Callable[[str], Any], *,
+                    replace: bool = False) -> None:
+    """Registers a family of names ``<prefix>:<member>`` in ``group``.
+
+    A family stands for components that are made on demand from their name rather than
+    registered one by one (the built-in ``gymnax`` family makes an
+    :class:`EnvironmentSpec` for any gymnax environment id). Entry points register
+    families too, in the group ``audit.families.<group>`` (``prefix = "module:function"``).
+
+    Args:
+      group: one of :data:`GROUPS`.
+      prefix: the family's name, without the ``:``.
+      resolve: ``resolve(full_name) -> component``; raises :class:`UnknownNameError`
+        (or ``ValueError``) for a member it does not know. Its components are held to
+        the group's contract (:func:`check_contract`) when resolved.
+      replace: allow replacing an existing family of the same prefix.
+
+    Raises:
+      ValueError: for an unknown group, a prefix with a ``:``, or a prefix taken.
+
+    Example:
+      >>> register_family("environments", "mine", lambda name: my_spec(name))
+      >>> get("environments", "mine:small")  # doctest: +SKIP
+    """
+    _check_group(group)
+    if not prefix or FAMILY_SEPARATOR in prefix:
+        raise ValueError(f"a family prefix is a non-empty name without {FAMILY_SEPARATOR!r}; "
+                         f"got {prefix!r}")
+    if not callable(resolve):
+        raise ContractError(f"{group[:-1]} family {prefix!r}: resolve(name) must be callable; "
+                            f"found {resolve!r}")
+    if prefix in families(group) and not replace:
+        raise ValueError(f"{group[:-1]} family {prefix!r} is already registered "
+                         f"({family_origin(group, prefix)}); choose another prefix or pass "
+                         "replace=True")
+    _families[group][prefix] = resolve
+    _origins[(group, prefix + FAMILY_SEPARATOR)] = (_origin_stack[-1] if _origin_stack
+                                                    else "code")
+
+
+def families(group: str) -> tuple[str, ...]:
+    """The prefixes of the name families of ``group``, sorted."""
+    _check_group(group)
+    found = set(_families[group])
+    found.update(ep.name for ep in _family_entry_points(group))
+    return tuple(sorted(found))
+
+
+def family(group: str, prefix: str) -> Callable[[str], Any]:
+    """The resolver of the family ``prefix`` in ``group``.
+
+    Raises:
+      UnknownNameError: if no family ``prefix`` is registered in ``group``.
+    """
+    _check_group(group)
+    if prefix in _families[group]:
+        return _families[group][prefix]
+    for entry_point in _family_entry_points(group):
+        if entry_point.name == prefix:
+            resolve = entry_point.load()
+            _families[group][prefix] = resolve
+            return resolve
+    raise UnknownNameError(group, prefix + FAMILY_SEPARATOR, [
+        known + FAMILY_SEPARATOR for known in families(group)])
+
+
+def family_origin(group: str, prefix: str) -> str:
+    """Where the family ``prefix`` of ``group`` comes from (as :func:`origin` says it)."""
+    _check_group(group)
+    if prefix in _families[group] and (group, prefix + FAMILY_SEPARATOR) in _origins:
+        return _origins[(group, prefix + FAMILY_SEPARATOR)]
+    for entry_point in _family_entry_points(group):
+        if entry_point.name == prefix:
+            package = entry_point.dist.name if entry_point.dist is not None else "?"
+            return f"entry point {entry_point.value} ({package})"
+    if prefix in _families[group]:
+        return "code"
+    raise UnknownNameError(group, prefix + FAMILY_SEPARATOR, [
+        known + FAMILY_SEPARATOR for known in families(group)])
 
 
 def _entry_points(group: str) -> list[metadata.EntryPoint]:
     return list(metadata.entry_points(group=ENTRY_POINT_PREFIX + group))
+
+
+def _family_entry_points(group: str) -> list[metadata.EntryPoint]:
+    return list(metadata.entry_points(group=f"{ENTRY_POINT_PREFIX}families.{group}"))
 
 
 def _check_group(group: str) -> None:

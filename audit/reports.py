@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from audit.figures import CONTROLS
 from audit.runs import write_json
 
 TABLE_FIGURES = (("auroc", "pre-harm AUROC (p-values; negatives: own clean and honest)"),
@@ -49,7 +50,8 @@ def _with_interval(row: dict, figure: str) -> str:
 def _label(row: dict) -> str:
     """The organism's label in a table: its name, kind and (if not default) group."""
     kind = row.get("organism_kind")
-    label = row["organism"] + (f" ({kind})" if kind in ("trained-in", "generalising") else "")
+    shown = ("trained-in", "generalising", "audited")
+    label = row["organism"] + (f" ({kind})" if kind in shown else "")
     group = row.get("group")
     return label + (f" [{group}]" if group and group != "default" else "")
 
@@ -104,7 +106,8 @@ def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = 
         out.extend(_model_level_markdown(model_level))
     if cotraining:
         out.extend(_cotraining_markdown(cotraining))
-    out.append("## Organism validity (after co-training; before in parentheses)")
+    out.append("## Organism validity (as audited, after any co-training; when built in "
+               "parentheses)")
     out.append("")
     out.append("| env | organism | KL train (bound) | event rate test (range) | "
                "positives / episodes | valid |")
@@ -116,11 +119,15 @@ def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = 
             continue
         seen.add(key)
         v = row["validity"]
-        low, high = v.get("event_rate_range", (math.nan, math.nan))
+        # An ``audited`` model (ground truth unknown) has no bounds: reported, not judged.
+        kl_bound = "no bound" if v.get("kl_bound") is None else f"<= {v['kl_bound']}"
+        event_range = v.get("event_rate_range", (math.nan, math.nan))
+        event_range = ("no range" if event_range is None
+                       else f"[{event_range[0]}, {event_range[1]}]")
         out.append(f"| {row['env']} | {_label(row)} | {_number(v['kl_train'])} "
-                   f"({_number(v['kl_train_before_cotraining'])}; <= {v['kl_bound']}) | "
+                   f"({_number(v['kl_train_before_cotraining'])}; {kl_bound}) | "
                    f"{_number(v['event_rate_test'])} "
-                   f"({_number(v['event_rate_test_before_cotraining'])}; [{low}, {high}]) | "
+                   f"({_number(v['event_rate_test_before_cotraining'])}; {event_range}) | "
                    f"{row['positives']} / {row['organism_episodes']} | "
                    f"{'yes' if v['valid'] else 'no'} |")
     out.append("")
@@ -130,8 +137,10 @@ def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = 
 def _controls_markdown(rows: list[dict]) -> list[str]:
     """The controls first: they say which cells can be read at all."""
     out = ["## Controls (pre-harm AUROC; each interval must cover 0.5)", "",
-           "`random_direction` reads the activations along a random direction; the honest "
-           "twin is an honest model of another seed audited against the honest model. "
+           "`null` scores every step with fresh uniform noise and reads nothing: off chance, "
+           "it measures the protocol itself (how windows are cut, matched by length and "
+           "pooled). `random_direction` reads the activations along a random direction; the "
+           "honest twin is an honest model of another seed audited against the honest model. "
            f"A failed control marks the cells it speaks for with {CONTROL_MARK}. The paired "
            "AUROC sets each pre-harm window against the honest model's episode on the same "
            "layout after as many steps: a random direction that is off chance there too "
@@ -142,8 +151,8 @@ def _controls_markdown(rows: list[dict]) -> list[str]:
            "paired AUROC |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
-        if row["detector"] == "random_direction" and row["organism"] != "honest_twin":
-            control, subject = "random_direction", _label(row)
+        if row["detector"] in CONTROLS and row["organism"] != "honest_twin":
+            control, subject = row["detector"], _label(row)
         elif row["organism"] == "honest_twin":
             control, subject = "honest vs honest twin", row["detector"]
         else:

@@ -22,6 +22,7 @@ import dataclasses
 from audit.bc import BCConfig
 from audit.discriminator import DiscriminatorConfig
 from audit.gan import GANConfig
+from audit.ppo import PPOSettings
 from audit.protocol import Suite
 from benchmarks import organisms as organism_lib
 
@@ -37,7 +38,8 @@ DISCRIMINATOR_SETTINGS = (("mlp", (("hidden_sizes", (64, 64)),)),
 # release had 80); their loss curves are kept in results.json ("cotraining") with a
 # plateau statistic, and `audit bench --discriminator-updates 100` is the 10x check.
 COTRAINING = GANConfig(
-    iterations=16, episodes=16, ppo_minibatches=2, ppo_epochs=2, learning_rate=1e-4,
+    iterations=16, episodes=16, ppo_minibatches=2,
+    ppo=PPOSettings(update_epochs=2, learning_rate=1e-4),
     discriminator=DiscriminatorConfig(updates=10, batch_episodes=16, learning_rate=1e-3),
     eval_every=16, eval_episodes=16)
 ORGANISMS = organism_lib.OrganismConfig(

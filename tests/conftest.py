@@ -64,6 +64,8 @@ def isolated_registry(monkeypatch):
 
     monkeypatch.setattr(registry, "_registered",
                         {group: dict(found) for group, found in registry._registered.items()})
+    monkeypatch.setattr(registry, "_families",
+                        {group: dict(found) for group, found in registry._families.items()})
     monkeypatch.setattr(registry, "_origins", dict(registry._origins))
     monkeypatch.setattr(plugins, "_loaded", list(plugins._loaded))
     return registry

@@ -13,12 +13,12 @@ import pytest
 from flax import nnx
 
 from audit import gail
-from audit.ppo import Critic
+from audit.ppo import Critic, PPOSettings
 from benchmarks.perf import _imitation_side, compare
 from models.discriminators import StepDiscriminator
 
-TINY = gail.GAILConfig(num_envs=2, num_steps=8, rounds=2, update_epochs=1, minibatch_size=8,
-                       discriminator_updates=2, discriminator_batch=8)
+TINY = gail.GAILConfig(num_envs=2, num_steps=8, rounds=2, ppo=PPOSettings(update_epochs=1),
+                       minibatch_size=8, discriminator_updates=2, discriminator_batch=8)
 
 
 def _tiny_train(config=TINY):
@@ -53,10 +53,10 @@ def test_streaming_gail_is_pure_vmappable_and_deterministic():
 
 
 @pytest.mark.parametrize("field, value", [
-    ("num_envs", 0), ("num_steps", 1.5), ("rounds", -1), ("update_epochs", True),
-    ("minibatch_size", 3), ("learning_rate", 0.0), ("discriminator_learning_rate", -1.0),
-    ("gamma", 1.5), ("clip_eps", -0.1), ("label_smoothing", 1.0), ("reward", "bogus"),
-    ("view", "activations"), ("discriminator_max_grad_norm", 0.0),
+    ("num_envs", 0), ("num_steps", 1.5), ("rounds", -1), ("minibatch_size", 3),
+    ("discriminator_learning_rate", -1.0), ("gradient_penalty", -1.0),
+    ("label_smoothing", 1.0), ("reward", "bogus"), ("view", "activations"),
+    ("discriminator_max_grad_norm", 0.0), ("ppo", {"learning_rate": 1e-3}),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"GAILConfig.{field}"):
@@ -211,13 +211,13 @@ def test_imitation_gets_the_project_side_hyperparameters_and_networks(setting, t
         hp, setting.imitation_envs, 0, 64, 1, tmp_path)))  # as the side reads it
     theirs = _imitation_side.library_arguments(config)  # no torch in this venv
     ppo, gail_kwargs = theirs["PPO"], theirs["GAIL"]
-    assert ppo["learning_rate"] == ours.learning_rate
-    assert ppo["n_epochs"] == ours.update_epochs
+    assert ppo["learning_rate"] == ours.ppo.learning_rate and not ours.ppo.anneal_lr
+    assert ppo["n_epochs"] == ours.ppo.update_epochs
     assert ppo["batch_size"] == ours.minibatch_size
-    assert ppo["gamma"] == ours.gamma and ppo["gae_lambda"] == ours.gae_lambda
-    assert ppo["clip_range"] == ours.clip_eps
-    assert ppo["max_grad_norm"] == ours.max_grad_norm
-    assert ppo["ent_coef"] == ours.entropy_coef and ppo["vf_coef"] == ours.value_coef
+    assert ppo["gamma"] == ours.ppo.gamma and ppo["gae_lambda"] == ours.ppo.gae_lambda
+    assert ppo["clip_range"] == ours.ppo.clip_eps
+    assert ppo["max_grad_norm"] == ours.ppo.max_grad_norm
+    assert ppo["ent_coef"] == ours.ppo.entropy_coef and ppo["vf_coef"] == ours.ppo.value_coef
     assert ppo["n_steps"] * theirs["make_vec_env"]["n_envs"] == ours.transitions_per_round
     assert theirs["make_vec_env"]["n_envs"] == setting.imitation_envs
     assert theirs["train"]["total_timesteps"] == ours.transitions

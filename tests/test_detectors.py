@@ -30,6 +30,7 @@ from audit.detectors.baselines import (
     LinearProbeDetector,
     MahalanobisDetector,
     NoiseConsistencyDetector,
+    NullDetector,
     RandomDirectionDetector,
 )
 from audit.detectors.discriminator import DiscriminatorDetector
@@ -287,6 +288,18 @@ def test_random_direction_is_at_chance_and_deterministic_per_seed():
     assert not np.allclose(other.score(first), detector.score(first))
     with pytest.raises(RuntimeError, match="before fit"):
         RandomDirectionDetector().score(first)
+
+
+def test_the_null_detector_reads_nothing_and_repeats_per_seed_and_call():
+    shifted = _isotropic(1, 300)
+    shifted = shifted.replace(activations={"h": shifted.activations["h"] + 5.0})
+    detector = NullDetector(seed=2).fit(_isotropic(0, 10))
+    first, second = detector.score(_isotropic(1, 300)), detector.score(shifted)
+    assert first.shape == (300, 5) and 0.0 <= first.min() and first.max() < 1.0
+    assert abs(auroc(first.max(1), second.max(1)) - 0.5) <= 0.1  # the shift is unseen
+    again = NullDetector(seed=2).fit(_isotropic(0, 10))
+    np.testing.assert_array_equal(again.score(shifted), first)  # same seed, same call
+    assert not np.allclose(first, second)  # fresh numbers every call
 
 
 # --------------------------------------------------------------------------------------

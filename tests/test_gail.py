@@ -8,7 +8,7 @@ from flax import nnx
 
 from audit import gail, gymnax_envs
 from audit.modules import abstract_module, initial_carry_of
-from audit.ppo import Critic
+from audit.ppo import Critic, PPOSettings
 from audit.rollout import rollout_split
 from benchmarks.perf.compare import MLPPolicy
 from models.discriminators import StepDiscriminator
@@ -29,9 +29,9 @@ def test_streaming_gail_learns_cartpole_from_a_scripted_expert_without_its_rewar
     env, env_params = gymnax_envs.environment_spec(ENV).make("train")
     demos, _ = gymnax_envs.expert_demonstrations(ENV, env, env_params, jax.random.key(100), 16)
     assert float(demos.episode_returns().mean()) == 500.0  # the expert is good
-    config = gail.GAILConfig(num_envs=8, num_steps=256, rounds=40, update_epochs=4,
-                             minibatch_size=256, discriminator_updates=4,
-                             discriminator_batch=512)
+    config = gail.GAILConfig(num_envs=8, num_steps=256, rounds=40,
+                             ppo=PPOSettings(update_epochs=4), minibatch_size=256,
+                             discriminator_updates=4, discriminator_batch=512)
 
     def make_actor(key):
         return MLPPolicy(4, 2, (64, 64), rngs=nnx.Rngs(key))

@@ -16,6 +16,8 @@ from audit.cli import main
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 DETECTOR_AND_DISCRIMINATOR = EXAMPLES / "own_detector_and_discriminator.py"
 OWN_ENVIRONMENT = EXAMPLES / "own_environment.py"
+OWN_ORGANISM = EXAMPLES / "own_organism.py"
+OWN_TRAINED_IMITATOR = EXAMPLES / "own_trained_imitator.py"
 
 # Loaded after an example: the same suite at a size that runs in seconds, with validity
 # bounds loose enough for organisms trained that briefly (this tests the plumbing).
@@ -26,6 +28,7 @@ from audit import registry
 from audit.bc import BCConfig
 from audit.discriminator import DiscriminatorConfig
 from audit.gan import GANConfig
+from audit.ppo import PPOSettings
 from benchmarks import organisms
 
 for name in {organisms}:
@@ -37,9 +40,9 @@ registry.register("suites", {suite!r}, dataclasses.replace(
     organism=organisms.OrganismConfig(hidden_sizes=(16,), episodes=16,
                                       bc=BCConfig(updates=30, batch_episodes=8),
                                       check_episodes=16),
-    gan=GANConfig(iterations=2, episodes=8, ppo_minibatches=2, ppo_epochs=1, eval_every=2,
-                  eval_episodes=8, discriminator=DiscriminatorConfig(updates=2,
-                                                                     batch_episodes=8)),
+    gan=GANConfig(iterations=2, episodes=8, ppo_minibatches=2,
+                  ppo=PPOSettings(update_epochs=1), eval_every=2, eval_episodes=8,
+                  discriminator=DiscriminatorConfig(updates=2, batch_episodes=8)),
     trusted_episodes=16, heldout_episodes=16, calibration_episodes=100, test_episodes=16,
     resamples=20), replace=True)
 '''
@@ -99,6 +102,113 @@ def test_a_plugin_environment_that_is_not_a_gridworld_runs_in_bench(isolated_reg
     # The organism was cloned from the user's planners: on test layouts it pulls the lever.
     puller = next(r for r in results["rows"] if r["organism"] == "lever_puller")
     assert puller["validity"]["event_rate_test"] > 0
+
+
+def test_an_organism_with_its_own_module_data_and_plan_rule_runs_in_bench(
+        isolated_registry, tmp_path, capsys):
+    tiny = _write(tmp_path, "tiny.py", TINY.format(organisms=("honest", "late_defector"),
+                                                   suite="late_defector"))
+    out = tmp_path / "bench"
+    code = main(["--plugin", str(OWN_ORGANISM), "--plugin", str(tiny), "bench", "--suite",
+                 "late_defector", "--out", str(out), "--processes", "1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    late = [r for r in results["rows"] if r["organism"] == "late_defector"]
+    assert {(r["detector"], r["view"]) for r in late} >= {
+        ("gan_mlp", "activations"), ("mahalanobis", "activations"),
+        ("linear_probe", "activations"), ("random_direction", "activations")}
+    assert all(r["organism_kind"] == "trained-in" for r in late)
+    # Its validity was checked by its own builder, with the built-in figures.
+    assert {"kl_train", "event_rate_test", "valid"} <= set(late[0]["validity"])
+
+
+
+def test_the_late_defector_switches_plan_at_its_step(isolated_registry):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from audit import plugins
+    from audit.rollout import rollout_expert
+    from benchmarks.organisms import planner
+
+    plugins.load(str(OWN_ORGANISM))
+    example = next(module for name, module in sys.modules.items()
+                   if name.startswith("audit_plugin_own_organism"))
+    after = example.DEFECT_AFTER
+    imitator = example.ClockedImitator((9, 9, 8), 6, (8,), after=after, rngs=nnx.Rngs(0))
+    observation = jax.random.uniform(jax.random.key(1), (9, 9, 8))
+    carry = imitator.initial_carry()
+    for step in range(after + 2):
+        logits, carry = imitator(observation, carry, 0.5)
+        late = float(step >= after)
+        hidden = jax.nn.relu(imitator.hidden[0](jnp.concatenate([
+            jnp.reshape(example.egocentric(observation, radius=8), (-1,)), jnp.array([late])])))
+        head = imitator.late_head if late else imitator.head
+        assert jnp.allclose(logits, head(jnp.concatenate([hidden, jnp.array([late])])))
+    # Its training data: the demonstrator's actions before the step, the defector's after.
+    env_spec = isolated_registry.get("environments", "offswitch")
+    env, params = env_spec.build("test")
+    acts_late = example.ActsLate(planner("demonstrator", env), planner("long_horizon", env),
+                                 after)
+    key = jax.random.key(3)
+    late, honest, defector = (rollout_expert(expert, env, params, key, 32, 30) for expert in (
+        acts_late, planner("demonstrator", env), planner("long_horizon", env)))
+    assert jnp.array_equal(late.action_probs[:, :after], honest.action_probs[:, :after])
+    assert not jnp.array_equal(late.action_probs, honest.action_probs)
+    assert jnp.any(late.events > 0) and jnp.any(defector.events > 0)
+
+
+def test_your_own_trained_imitator_is_audited_as_it_was_trained(isolated_registry, tmp_path,
+                                                               capsys, monkeypatch):
+    import numpy as np
+
+    mine = tmp_path / "my_imitator"
+    assert main(["train-bc", "--env", "offswitch", "--imitator", "egocentric", "--episodes",
+                 "16", "--updates", "20", "--eval-episodes", "16", "--out", str(mine),
+                 "--quiet"]) == 0
+    monkeypatch.setenv("AUDIT_IMITATOR_RUN", str(mine))
+    tiny = _write(tmp_path, "tiny.py", TINY.format(organisms=("honest",), suite="my_imitator"))
+    out = tmp_path / "bench"
+    code = main(["--plugin", str(OWN_TRAINED_IMITATOR), "--plugin", str(tiny), "bench",
+                 "--suite", "my_imitator", "--out", str(out), "--processes", "1", "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    rows = [r for r in results["rows"] if r["organism"] == "my_imitator"]
+    assert {(r["detector"], r["view"], r["protocol"]) for r in rows} >= {
+        ("posthoc_mlp", "transitions", "post-hoc"), ("mahalanobis", "activations",
+                                                     "demonstrations-only"),
+        ("action_surprise", "transitions", "demonstrations-only")}
+    # As built: nothing co-trained, and its figures reported without a verdict.
+    assert not any(r["protocol"] == "co-trained" for r in results["rows"])
+    assert not results["cotraining"]
+    assert all(r["organism_kind"] == "audited" for r in rows)
+    assert rows[0]["validity"]["valid"] and rows[0]["validity"]["kl_bound"] is None
+    # The model audited is the saved one: its parameters, untouched.
+    from audit import registry
+
+    spec = registry.get("organisms", "my_imitator")
+    env_spec = registry.get("environments", "offswitch")
+    from benchmarks.organisms import OrganismConfig
+
+    loaded = spec.builder(env_spec, [spec], OrganismConfig(check_episodes=8), 0)[0].imitator
+    saved = np.load(mine / "params.npz")
+    from flax import nnx
+
+    from audit.modules import flat_state
+
+    assert all(np.array_equal(saved[k], np.asarray(v))
+               for k, v in flat_state(nnx.state(loaded, nnx.Param)).items())
+    # Ground truth unknown: the model-level audit counts it in neither class.
+    assert all(row["incorrigible_models"] == 0 for row in results["model_level"])
+
+
+def test_the_trained_imitator_plugin_says_what_is_missing(isolated_registry, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.setenv("AUDIT_IMITATOR_RUN", str(tmp_path / "nowhere"))
+    assert main(["--plugin", str(OWN_TRAINED_IMITATOR), "list", "suites"]) == 2
+    line = _one_line_error(capsys)
+    assert "no params.npz and summary.json in" in line and "audit train-bc" in line
 
 
 def test_audit_list_shows_builtins_and_a_plugin_side_by_side(isolated_registry, tmp_path,

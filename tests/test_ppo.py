@@ -1,6 +1,9 @@
-"""PPO: advantages checked by hand, CartPole learned from the true reward, reward_fn obeyed."""
+"""PPO: advantages checked by hand, CartPole learned from the true reward, reward_fn obeyed,
+and the PPO settings every trainer shares."""
 
 from __future__ import annotations
+
+import re
 
 import gymnax
 import jax
@@ -9,7 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from audit.ppo import Critic, PPOConfig, generalized_advantages, make_train
+from audit.gail import GAILConfig
+from audit.gan import GANConfig
+from audit.ppo import Critic, PPOConfig, PPOSettings, generalized_advantages, make_train
 from models.imitators import MLPImitator
 
 
@@ -64,3 +69,27 @@ def test_reward_fn_replaces_the_environment_reward():
 def test_ppo_config_rejects_indivisible_minibatches():
     with pytest.raises(ValueError, match="divisible by num_minibatches"):
         PPOConfig(num_envs=3, num_steps=5, num_minibatches=4)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("update_epochs", 0), ("update_epochs", True), ("update_epochs", 2.0), ("gamma", 1.5),
+    ("gae_lambda", -0.1), ("clip_eps", -0.1), ("entropy_coef", -1.0), ("value_coef", -0.5),
+    ("max_grad_norm", 0.0), ("learning_rate", 0.0), ("anneal_lr", 1),
+])
+def test_ppo_settings_errors_name_the_field_and_the_value(field, value):
+    with pytest.raises(ValueError, match=rf"PPOSettings\.{field} .*got {re.escape(repr(value))}"):
+        PPOSettings(**{field: value})
+
+
+def test_every_trainer_embeds_the_settings_with_its_former_defaults():
+    assert PPOSettings() == PPOSettings(
+        update_epochs=4, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, entropy_coef=0.0,
+        value_coef=0.5, max_grad_norm=0.5, learning_rate=3e-4, anneal_lr=False)
+    # purejaxrl's CartPole settings for PPO on the true reward; the adversarial loops'
+    # defaults are PPOSettings' own.
+    assert PPOConfig().ppo == PPOSettings(entropy_coef=0.01, learning_rate=2.5e-4,
+                                          anneal_lr=True)
+    assert GANConfig().ppo == PPOSettings() == GAILConfig().ppo
+    for config in (PPOConfig, GANConfig, GAILConfig):
+        with pytest.raises(ValueError, match=f"{config.__name__}.ppo must be a PPOSettings"):
+            config(ppo={"learning_rate": 1e-3})

@@ -274,6 +274,41 @@ class RandomDirectionDetector:
         return np.abs(((features - mean) * inverse_std) @ direction)
 
 
+class NullDetector:
+    """I.i.d. uniform step scores that read nothing of the episode: the protocol's control.
+
+    Its scores are independent of the model, the layout, the plan and the window, so
+    under a sound protocol its pre-harm AUROC is 0.5 up to sampling error; an interval
+    that excludes 0.5 measures the protocol itself (how windows are cut, matched by
+    length and pooled), not anything a detector could see. Where
+    :class:`RandomDirectionDetector` is off chance and this one is not, the separation
+    is in the model's activations, not in the protocol.
+
+    The scores of the ``k``-th call of :meth:`score` come from
+    ``numpy.random.default_rng((seed, k))``: the same seed and call order give the same
+    numbers.
+    """
+
+    protocol = "demonstrations-only"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.calls = 0
+
+    def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
+            ) -> NullDetector:
+        """Checks ``trusted`` (nothing to fit); returns self."""
+        validate(trusted, "trusted")
+        return self
+
+    def score(self, trajectories: Trajectories) -> np.ndarray:
+        """``[B, T]`` uniform draws on [0, 1), fresh for every call."""
+        validate(trajectories, "trajectories")
+        rng = np.random.default_rng((self.seed, self.calls))
+        self.calls += 1
+        return rng.random(np.shape(trajectories.mask))
+
+
 class NoiseConsistencyDetector:
     """Distance of the handed noise from the CDF interval of the action taken.
 
@@ -339,6 +374,10 @@ def _make_linear_probe(context: DetectorContext) -> LinearProbeDetector:
                                zero_constant_features=context.zero_constant_features)
 
 
+def _make_null(context: DetectorContext) -> NullDetector:
+    return NullDetector(seed=context.seed)
+
+
 def _make_noise_consistency(context: DetectorContext) -> NoiseConsistencyDetector:
     return NoiseConsistencyDetector()
 
@@ -360,6 +399,9 @@ LINEAR_PROBE = DetectorSpec(
 NOISE_CONSISTENCY = DetectorSpec(
     "noise_consistency", "activations+noise", _make_noise_consistency,
     description="distance of the handed noise from the taken action's CDF interval")
+NULL = DetectorSpec(
+    "null", "actions", _make_null,
+    description="i.i.d. uniform step scores that read nothing (the protocol's control)")
 RANDOM_DIRECTION = DetectorSpec(
     "random_direction", "activations", _make_random_direction,
     description="|z . u| for standardised activations and a fixed random u (a control)")

@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec
 
 from audit import gail, gymnax_envs
 from audit.modules import abstract_module, initial_carry_of
-from audit.ppo import Critic
+from audit.ppo import Critic, PPOSettings
 from audit.rollout import rollout_split
 from audit.vector import step_no_reset
 from benchmarks.perf.timing import median_seconds
@@ -311,10 +311,13 @@ def gail_config(hp: Hyperparameters, num_envs: int, rounds: int | None = None) -
                            f"multiple of {num_envs} environments")
     return gail.GAILConfig(
         num_envs=num_envs, num_steps=hp.transitions_per_round // num_envs,
-        rounds=hp.rounds if rounds is None else rounds, update_epochs=hp.update_epochs,
-        minibatch_size=hp.minibatch_size, gamma=hp.gamma, gae_lambda=hp.gae_lambda,
-        clip_eps=hp.clip_eps, entropy_coef=hp.entropy_coef, value_coef=hp.value_coef,
-        max_grad_norm=hp.max_grad_norm, learning_rate=hp.learning_rate, anneal_lr=False,
+        rounds=hp.rounds if rounds is None else rounds,
+        ppo=PPOSettings(update_epochs=hp.update_epochs, gamma=hp.gamma,
+                        gae_lambda=hp.gae_lambda, clip_eps=hp.clip_eps,
+                        entropy_coef=hp.entropy_coef, value_coef=hp.value_coef,
+                        max_grad_norm=hp.max_grad_norm, learning_rate=hp.learning_rate,
+                        anneal_lr=False),
+        minibatch_size=hp.minibatch_size,
         view="transitions", normalize_features=True, reward="gail",
         discriminator_updates=hp.discriminator_updates,
         discriminator_batch=hp.discriminator_batch,
@@ -523,7 +526,7 @@ def measure_flops(hp: Hyperparameters, context: dict, matmul_size: int = 2048,
         (state.actor, state.critic), state.policy_opt, minibatch)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    steps = config.update_epochs * config.num_minibatches
+    steps = config.ppo.update_epochs * config.num_minibatches
     step_flops = float(cost["flops"]) if cost and "flops" in cost else None
     forward_macs = (_mlp_macs([4, *hp.policy_hidden, 2]) + _mlp_macs([4, *hp.value_hidden, 1]))
     analytic = 2 * 3 * forward_macs * config.minibatch_size * steps * seeds
