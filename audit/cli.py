@@ -45,10 +45,23 @@ def _add_plugin_argument(parser: argparse.ArgumentParser, dest: str) -> None:
                         "the command, registering its components; repeatable")
 
 
+def _add_compile_cache_arguments(parser: argparse.ArgumentParser, suffix: str) -> None:
+    # Before or after the command: two destinations, as for --plugin (a subcommand's
+    # defaults would otherwise overwrite what was given before it).
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--compile-cache", dest=f"compile_cache{suffix}", type=Path,
+                        default=None, metavar="DIR",
+                        help="keep compiled programs in DIR and reuse them in later runs "
+                        "(default: $AUDIT_COMPILE_CACHE, else ~/.cache/imitation-audit/jax)")
+    choice.add_argument("--no-compile-cache", dest=f"no_compile_cache{suffix}",
+                        action="store_true", help="compile every program afresh")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``audit`` argument parser: every subcommand, each with ``--plugin``."""
     parser = _Parser(prog="audit", description=__doc__.splitlines()[0])
     _add_plugin_argument(parser, "plugins_before")
+    _add_compile_cache_arguments(parser, "_before")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demos = commands.add_parser(
@@ -197,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=run_list)
     for command in commands.choices.values():
         _add_plugin_argument(command, "plugins")
+        _add_compile_cache_arguments(command, "")
     return parser
 
 
@@ -777,6 +791,21 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_compile_cache(args: argparse.Namespace) -> None:
+    """JAX's persistent compilation cache as the flags (or the environment) ask."""
+    from audit import compile_cache
+
+    off = args.no_compile_cache_before or args.no_compile_cache
+    directory = args.compile_cache or args.compile_cache_before
+    if off and directory is not None:
+        raise UsageError("--compile-cache and --no-compile-cache: give one of them")
+    if off:
+        compile_cache.configure(None)
+    else:
+        compile_cache.configure(directory if directory is not None
+                                else compile_cache.default_directory())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``audit`` console script; returns the exit code."""
     from audit import plugins
@@ -786,6 +815,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse's errors and --help: return the code, don't raise
         return int(exit_.code or 0)
+    try:
+        _configure_compile_cache(args)
+    except (UsageError, ValueError) as error:
+        print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         plugins.load_all([*args.plugins_before, *args.plugins])
     except plugins.PluginError as error:

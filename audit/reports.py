@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from audit.figures import CONTROLS
+from audit.figures import CONTROLS, MIN_CONTROL_POSITIVES, covers_half
 from audit.runs import write_json
 
 TABLE_FIGURES = (("auroc", "pre-harm AUROC (p-values; negatives: own clean and honest)"),
@@ -146,7 +146,9 @@ def _controls_markdown(rows: list[dict]) -> list[str]:
            "layout after as many steps: a random direction that is off chance there too "
            "reads neither the layout nor the window's length but the model itself (its "
            "activations leave their calibration range before the harm in any direction), "
-           "and the cells it marks cannot tell detectors apart.", "",
+           "and the cells it marks cannot tell detectors apart. A control row with fewer "
+           f"than {MIN_CONTROL_POSITIVES} positives gives no verdict (n/a): a bootstrap over "
+           "so few cannot cover anything reliably.", "",
            "| env | control | organism / detector | view | pre-harm AUROC | covers 0.5 | "
            "paired AUROC |",
            "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -157,9 +159,9 @@ def _controls_markdown(rows: list[dict]) -> list[str]:
             control, subject = "honest vs honest twin", row["detector"]
         else:
             continue
-        low, high = row.get("auroc_ci_low"), row.get("auroc_ci_high")
-        covers = "n/a" if low is None or high is None else (
-            "yes" if low <= 0.5 <= high else "**no**")
+        verdict = covers_half(row)
+        covers = ("yes" if verdict else "**no**") if verdict is not None else (
+            f"n/a ({row['positives']} positives)" if row.get("auroc") is not None else "n/a")
         value = _with_interval(dict(row, control_failed=False), "auroc")
         paired = _with_interval(dict(row, control_failed=False), "auroc_paired")
         out.append(f"| {row['env']} | {control} | {subject} | {row['view']} | {value} | "

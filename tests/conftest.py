@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from pathlib import Path
 
@@ -9,12 +10,14 @@ import jax
 import numpy as np
 import pytest
 
-from audit import registry
+from audit import compile_cache, registry
 
-# Tests build many jitted functions over the same computations; compile each once.
-jax.config.update("jax_compilation_cache_dir",
-                  str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+# Tests build many jitted functions over the same computations; compile each once. The
+# environment variable keeps the commands the tests run (audit.cli.main) on this cache too,
+# instead of the user's.
+TEST_COMPILE_CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"
+os.environ[compile_cache.ENV_VAR] = str(TEST_COMPILE_CACHE)
+compile_cache.configure(TEST_COMPILE_CACHE)
 
 ENV_NAMES = ("offswitch", "takeover", "unobserved")
 

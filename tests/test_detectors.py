@@ -298,8 +298,13 @@ def test_the_null_detector_reads_nothing_and_repeats_per_seed_and_call():
     assert first.shape == (300, 5) and 0.0 <= first.min() and first.max() < 1.0
     assert abs(auroc(first.max(1), second.max(1)) - 0.5) <= 0.1  # the shift is unseen
     again = NullDetector(seed=2).fit(_isotropic(0, 10))
-    np.testing.assert_array_equal(again.score(shifted), first)  # same seed, same call
+    np.testing.assert_array_equal(again.score(shifted), first)  # same seed, data and call
     assert not np.allclose(first, second)  # fresh numbers every call
+    # Another model (other fitting data): independent draws at the same seed.
+    other = NullDetector(seed=2).fit(_isotropic(5, 10))
+    assert not np.allclose(other.score(shifted), first)
+    with pytest.raises(RuntimeError, match="before fit"):
+        NullDetector().score(shifted)
 
 
 # --------------------------------------------------------------------------------------

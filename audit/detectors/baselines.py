@@ -23,6 +23,7 @@ All are ``demonstrations-only``: ``fit`` ignores ``untrusted``. Each has a
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -285,26 +286,36 @@ class NullDetector:
     is in the model's activations, not in the protocol.
 
     The scores of the ``k``-th call of :meth:`score` come from
-    ``numpy.random.default_rng((seed, k))``: the same seed and call order give the same
-    numbers.
+    ``numpy.random.default_rng((seed, stream, k))``, ``stream`` a hash of the fitting
+    data: the same seed, data and call order give the same numbers, while two audited
+    models (whose fitting data carry their own teacher-forced activations) draw
+    independent noise, so that one model's positives are not paired with the very same
+    draws in another's negatives.
     """
 
     protocol = "demonstrations-only"
 
     def __init__(self, seed: int = 0):
         self.seed = seed
+        self.stream = None
         self.calls = 0
 
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
             ) -> NullDetector:
-        """Checks ``trusted`` (nothing to fit); returns self."""
+        """Keys the noise to ``trusted`` (nothing is fitted); returns self."""
         validate(trusted, "trusted")
+        digest = hashlib.sha256()
+        for leaf in jax.tree.leaves(trusted):
+            digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+        self.stream = int.from_bytes(digest.digest()[:8], "little")
         return self
 
     def score(self, trajectories: Trajectories) -> np.ndarray:
         """``[B, T]`` uniform draws on [0, 1), fresh for every call."""
+        if self.stream is None:
+            raise RuntimeError("NullDetector.score before fit")
         validate(trajectories, "trajectories")
-        rng = np.random.default_rng((self.seed, self.calls))
+        rng = np.random.default_rng((self.seed, self.stream, self.calls))
         self.calls += 1
         return rng.random(np.shape(trajectories.mask))
 
