@@ -165,15 +165,10 @@ def origin(group: str, name: str) -> str:
       UnknownNameError: if nothing is registered under ``name``.
     """
     _check_group(group)
-    if name in _registered[group] and (group, name) in _origins:
-        return _origins[(group, name)]
-    for entry_point in _entry_points(group):
-        if entry_point.name == name:
-            package = entry_point.dist.name if entry_point.dist is not None else "?"
-            return f"entry point {entry_point.value} ({package})"
-    if name in _registered[group]:
-        return "code"
-    raise UnknownNameError(group, name, names(group))
+    found = _origin_in(_registered[group], _entry_group(group), name, (group, name))
+    if found is None:
+        raise UnknownNameError(group, name, names(group))
+    return found
 
 
 def _signature(component: Any, what: str, name: str, group: str) -> inspect.Signature:
@@ -281,9 +276,7 @@ def check_contract(group: str, name: str, component: Any) -> None:
 def names(group: str) -> tuple[str, ...]:
     """All names in ``group``, from code registrations and entry points, sorted."""
     _check_group(group)
-    found = set(_registered[group])
-    found.update(ep.name for ep in _entry_points(group))
-    return tuple(sorted(found))
+    return _names_in(_registered[group], _entry_group(group))
 
 
 def get(group: str, name: str) -> Any:
@@ -298,13 +291,9 @@ def get(group: str, name: str) -> Any:
         it; the message lists the valid names and families.
     """
     _check_group(group)
-    if name in _registered[group]:
-        return _registered[group][name]
-    for entry_point in _entry_points(group):
-        if entry_point.name == name:
-            component = entry_point.load()
-            _registered[group][name] = component
-            return component
+    component = _load_from(_registered[group], _entry_group(group), name)
+    if component is not _MISSING:
+        return component
     prefix, separator, member = name.partition(FAMILY_SEPARATOR)
     if separator and prefix in families(group):
         component = family(group, prefix)(name)
@@ -358,9 +347,7 @@ def register_family(group: str, prefix: str, resolve: Callable[[str], Any], *,
 def families(group: str) -> tuple[str, ...]:
     """The prefixes of the name families of ``group``, sorted."""
     _check_group(group)
-    found = set(_families[group])
-    found.update(ep.name for ep in _family_entry_points(group))
-    return tuple(sorted(found))
+    return _names_in(_families[group], _family_entry_group(group))
 
 
 def family(group: str, prefix: str) -> Callable[[str], Any]:
@@ -370,38 +357,66 @@ def family(group: str, prefix: str) -> Callable[[str], Any]:
       UnknownNameError: if no family ``prefix`` is registered in ``group``.
     """
     _check_group(group)
-    if prefix in _families[group]:
-        return _families[group][prefix]
-    for entry_point in _family_entry_points(group):
-        if entry_point.name == prefix:
-            resolve = entry_point.load()
-            _families[group][prefix] = resolve
-            return resolve
-    raise UnknownNameError(group, prefix + FAMILY_SEPARATOR, [
-        known + FAMILY_SEPARATOR for known in families(group)])
+    resolve = _load_from(_families[group], _family_entry_group(group), prefix)
+    if resolve is _MISSING:
+        raise UnknownNameError(group, prefix + FAMILY_SEPARATOR, [
+            known + FAMILY_SEPARATOR for known in families(group)])
+    return resolve
 
 
 def family_origin(group: str, prefix: str) -> str:
     """Where the family ``prefix`` of ``group`` comes from (as :func:`origin` says it)."""
     _check_group(group)
-    if prefix in _families[group] and (group, prefix + FAMILY_SEPARATOR) in _origins:
-        return _origins[(group, prefix + FAMILY_SEPARATOR)]
-    for entry_point in _family_entry_points(group):
-        if entry_point.name == prefix:
+    found = _origin_in(_families[group], _family_entry_group(group), prefix,
+                       (group, prefix + FAMILY_SEPARATOR))
+    if found is None:
+        raise UnknownNameError(group, prefix + FAMILY_SEPARATOR, [
+            known + FAMILY_SEPARATOR for known in families(group)])
+    return found
+
+
+# Components and families are kept alike: a table of code registrations beside an
+# entry-point group, loaded into the table on first use.
+_MISSING = object()
+
+
+def _entry_group(group: str) -> str:
+    return ENTRY_POINT_PREFIX + group
+
+
+def _family_entry_group(group: str) -> str:
+    return f"{ENTRY_POINT_PREFIX}families.{group}"
+
+
+def _entry_points(entry_group: str) -> list[metadata.EntryPoint]:
+    return list(metadata.entry_points(group=entry_group))
+
+
+def _names_in(table: dict[str, Any], entry_group: str) -> tuple[str, ...]:
+    return tuple(sorted(set(table) | {ep.name for ep in _entry_points(entry_group)}))
+
+
+def _load_from(table: dict[str, Any], entry_group: str, name: str) -> Any:
+    """``table[name]``, else the entry point ``name`` loaded into the table, else _MISSING."""
+    if name in table:
+        return table[name]
+    for entry_point in _entry_points(entry_group):
+        if entry_point.name == name:
+            table[name] = entry_point.load()
+            return table[name]
+    return _MISSING
+
+
+def _origin_in(table: dict[str, Any], entry_group: str, name: str,
+               origin_key: tuple[str, str]) -> str | None:
+    """Where ``name`` comes from (see :func:`origin`); None if it is nowhere."""
+    if name in table and origin_key in _origins:
+        return _origins[origin_key]
+    for entry_point in _entry_points(entry_group):
+        if entry_point.name == name:
             package = entry_point.dist.name if entry_point.dist is not None else "?"
             return f"entry point {entry_point.value} ({package})"
-    if prefix in _families[group]:
-        return "code"
-    raise UnknownNameError(group, prefix + FAMILY_SEPARATOR, [
-        known + FAMILY_SEPARATOR for known in families(group)])
-
-
-def _entry_points(group: str) -> list[metadata.EntryPoint]:
-    return list(metadata.entry_points(group=ENTRY_POINT_PREFIX + group))
-
-
-def _family_entry_points(group: str) -> list[metadata.EntryPoint]:
-    return list(metadata.entry_points(group=f"{ENTRY_POINT_PREFIX}families.{group}"))
+    return "code" if name in table else None
 
 
 def _check_group(group: str) -> None:

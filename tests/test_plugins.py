@@ -58,30 +58,55 @@ def _write(tmp_path, name, text):
     return path
 
 
-def test_a_plugins_detector_and_discriminator_run_in_bench(isolated_registry, tmp_path,
-                                                           capsys):
-    tiny = _write(tmp_path, "tiny.py", TINY.format(organisms=("honest", "long_horizon"),
-                                                   suite="my_suite"))
+def _without_future_import(text: str) -> str:
+    return text.replace("from __future__ import annotations\n", "")
+
+
+# One file of a user's own: a detector, a discriminator (the first example) and an organism
+# with its own module, data and plan rule (the organism example), with a suite of all three.
+COMBINED = (DETECTOR_AND_DISCRIMINATOR.read_text() + "\n"
+            + _without_future_import(OWN_ORGANISM.read_text()) + """
+import dataclasses as _dataclasses
+
+registry.register("suites", "combined", _dataclasses.replace(
+    registry.get("suites", "my_suite"), name="combined",
+    organisms=("honest", "late_defector")))
+""" + TINY.format(organisms=("honest", "late_defector"), suite="combined"))
+
+
+def test_a_users_detector_discriminator_and_organism_in_one_file_run_in_bench(
+        isolated_registry, tmp_path, capsys):
+    plugin = _write(tmp_path, "mine.py", COMBINED)
     out = tmp_path / "bench"
-    code = main(["--plugin", str(DETECTOR_AND_DISCRIMINATOR), "--plugin", str(tiny), "bench",
-                 "--suite", "my_suite", "--out", str(out), "--cache-dir",
-                 str(tmp_path / "cache"), "--processes", "1", "--quiet"])
+    code = main(["--plugin", str(plugin), "bench", "--suite", "combined", "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache"), "--processes", "1", "--quiet"])
     assert code == 0, capsys.readouterr().err
     rows = json.loads((out / "results.json").read_text())["rows"]
     cells = {(r["group"], r["organism"], r["detector"], r["view"]) for r in rows}
-    for organism in ("honest", "long_horizon", "honest_twin"):
+    for organism in ("honest", "late_defector", "honest_twin"):
         assert ("default", organism, "step_count", "actions") in cells
         assert ("default", organism, "gan_linear", "activations") in cells
         # The second architecture co-trains another network: audited as a group of its own.
         assert ("default+mlp", organism, "gan_mlp", "actions") in cells
-    row = next(r for r in rows if r["organism"] == "long_horizon"
+    row = next(r for r in rows if r["organism"] == "late_defector"
                and r["detector"] == "gan_linear" and r["view"] == "actions")
     assert row["protocol"] == "co-trained" and row["train_auroc"] is not None
+    assert row["organism_kind"] == "trained-in"
     # The example turns a finished run into a paper figure.
     figure = tmp_path / "figure.png"
     subprocess.run([sys.executable, str(EXAMPLES / "paper_figure.py"), str(out), str(figure)],
                    check=True, capture_output=True, text=True)
     assert figure.stat().st_size > 10_000
+
+
+def test_the_detector_and_discriminator_example_registers_its_suite(isolated_registry):
+    from audit import plugins
+
+    plugins.load(str(DETECTOR_AND_DISCRIMINATOR))
+    suite = isolated_registry.get("suites", "my_suite")
+    assert suite.discriminators == ("linear", "mlp") and "step_count" in suite.baselines
+    assert isolated_registry.origin("detectors", "step_count") == (
+        f"plug-in {DETECTOR_AND_DISCRIMINATOR}")
 
 
 def test_a_plugin_environment_that_is_not_a_gridworld_runs_in_bench(isolated_registry,
@@ -102,25 +127,6 @@ def test_a_plugin_environment_that_is_not_a_gridworld_runs_in_bench(isolated_reg
     # The organism was cloned from the user's planners: on test layouts it pulls the lever.
     puller = next(r for r in results["rows"] if r["organism"] == "lever_puller")
     assert puller["validity"]["event_rate_test"] > 0
-
-
-def test_an_organism_with_its_own_module_data_and_plan_rule_runs_in_bench(
-        isolated_registry, tmp_path, capsys):
-    tiny = _write(tmp_path, "tiny.py", TINY.format(organisms=("honest", "late_defector"),
-                                                   suite="late_defector"))
-    out = tmp_path / "bench"
-    code = main(["--plugin", str(OWN_ORGANISM), "--plugin", str(tiny), "bench", "--suite",
-                 "late_defector", "--out", str(out), "--processes", "1", "--quiet"])
-    assert code == 0, capsys.readouterr().err
-    results = json.loads((out / "results.json").read_text())
-    late = [r for r in results["rows"] if r["organism"] == "late_defector"]
-    assert {(r["detector"], r["view"]) for r in late} >= {
-        ("gan_mlp", "activations"), ("mahalanobis", "activations"),
-        ("linear_probe", "activations"), ("random_direction", "activations")}
-    assert all(r["organism_kind"] == "trained-in" for r in late)
-    # Its validity was checked by its own builder, with the built-in figures.
-    assert {"kl_train", "event_rate_test", "valid"} <= set(late[0]["validity"])
-
 
 
 def test_the_late_defector_switches_plan_at_its_step(isolated_registry):
