@@ -665,21 +665,23 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
         calibration_mask=episodes["calibration"].mask, demo_mask=episodes["demo"].mask,
         validity=_json_ready(validity))
     names = suite.gan.activation_names
-    for v, view in enumerate(modules.views if cotrained else ()):
-        if v == 0:
-            norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
-                modules.view_masks.shape[1])
-            shared = {part: view_features(episodes[part], modules.features_view,
-                                          env.num_actions, names) for part in episodes}
-        view_params = jax.tree.map(lambda x, v=v: _host_slice(x, v), run_state.discriminator)
-        detector = DiscriminatorDetector.from_gan(
-            modules, view_params, norm, view, env.num_actions, names,
-            zero_constant_features=suite.zero_constant_features)
-        scores = {part: detector.score_features(shared[part], episodes[part].mask)
-                  for part in episodes}
-        store.add_scores(model_key, f"gan_{architecture}", view, detector.protocol, **scores)
-    if cotrained and architecture != suite.discriminators[0]:
-        return
+    if cotrained:
+        norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
+            modules.view_masks.shape[1])
+        shared = {part: view_features(episodes[part], modules.features_view, env.num_actions,
+                                      names) for part in episodes}
+        for v, view in enumerate(modules.views):
+            view_params = jax.tree.map(lambda x, v=v: _host_slice(x, v),
+                                       run_state.discriminator)
+            detector = DiscriminatorDetector.from_gan(
+                modules, view_params, norm, view, env.num_actions, names,
+                zero_constant_features=suite.zero_constant_features)
+            scores = {part: detector.score_features(shared[part], episodes[part].mask)
+                      for part in episodes}
+            store.add_scores(model_key, f"gan_{architecture}", view, detector.protocol,
+                             **scores)
+        if architecture != suite.discriminators[0]:
+            return
     trusted = _forced(audited, data["trusted"])
     if suite.post_hoc:
         own_train = rollout(audited, env, train_params, post_hoc_key, trusted.num_episodes,
