@@ -184,6 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(bench, "runs/bench/<timestamp>-<suite>")
     bench.set_defaults(handler=run_bench)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a suite at several values of one setting and plot figures against it",
+        description="Run the sweep NAME's suite at each of its values (every point a full "
+        "benchmark run, written to DIR/points/<value>/) and write DIR/NAME.csv (every "
+        "figure with its 95%% interval), DIR/NAME.png and DIR/NAME.pdf (the figures against "
+        "the value) and DIR/sweep.json. Organisms are cached in --cache-dir and shared by "
+        "the points.",
+    )
+    sweep.add_argument("name", help="a registered sweep: new_situations, demonstrations, "
+                       "training_time, capacity (see `audit list sweeps`)")
+    sweep.add_argument("--setting", choices=("quick", "paper"), default="quick",
+                       help="quick: the quick suite's values and seeds (minutes); paper: "
+                       "more values and the sweep's paper seeds (default quick)")
+    sweep.add_argument("--values", type=int, nargs="+", default=None,
+                       help="run these values instead of the setting's (integers)")
+    sweep.add_argument("--seeds", type=positive_int, default=None,
+                       help="seeds per point (default: the setting's)")
+    sweep.add_argument("--cache-dir", type=Path, default=Path("runs", "cache", "organisms"),
+                       help="organism cache (default runs/cache/organisms)")
+    sweep.add_argument("--no-cache", action="store_true", help="build every organism afresh")
+    sweep.add_argument("--processes", type=positive_int, default=None,
+                       help="worker processes per point, one environment each (default: "
+                       "one per environment)")
+    add_run_arguments(sweep, "runs/sweep/<timestamp>-<name>-<setting>")
+    sweep.set_defaults(handler=run_sweep_command)
+
     recompute = commands.add_parser(
         "metrics",
         help="recompute a benchmark run's figures from its scores.npz",
@@ -397,7 +424,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
     from audit import gan, gymnax_envs
     from audit.bc import BCConfig
     from audit.checkpoint import save_arrays, save_params
-    from audit.discriminator import DiscriminatorConfig
+    from audit.discriminator import DiscriminatorConfig, takes_layout
     from audit.plots import training_curves
     from audit.ppo import Critic, PPOSettings
 
@@ -430,7 +457,10 @@ def run_train_gan(args: argparse.Namespace) -> int:
     test_params = env_spec.build("test")[1] if "test" in env_spec.splits else None
     observation_shape = tuple(env.observation_space(env_params).shape)
 
-    def make_discriminator(key, feature_size):
+    def make_discriminator(key, feature_size, layout=None):
+        # A class that takes the features' layout (e.g. airl) is given it.
+        if layout is not None and takes_layout(discriminator_class):
+            return discriminator_class(feature_size, rngs=nnx.Rngs(key), layout=layout)
         return discriminator_class(feature_size, rngs=nnx.Rngs(key))
 
     # Before the (possibly long) expert training and the jit: a discriminator with a
@@ -592,6 +622,118 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz and ROC "
               f"plots to {out} ({seconds:.0f} s)")
     return 0
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """``audit sweep``: see the subcommand's help."""
+    from audit.gan import DivergenceError
+    from audit.protocol import InvalidOrganismError
+
+    sweep = lookup("sweeps", args.name, "NAME")
+    if args.seed < 0:
+        raise UsageError(f"--seed: expected a non-negative integer, got {args.seed}")
+    if sweep.experiment != "suite" and args.values:
+        raise UsageError(f"--values: the {args.name} sweep is a {sweep.experiment} probe "
+                         "without values")
+    values = tuple(args.values) if args.values else sweep.values_for(args.setting)
+    if len(set(values)) != len(values):
+        raise UsageError(f"--values: each value once, got {list(values)}")
+    try:
+        base = registry.get("suites", sweep.suite_for(args.setting))
+        for value in values:  # a value the setting refuses fails here, before any run
+            sweep.apply(base, value)
+    except registry.UnknownNameError as error:
+        raise UsageError(f"NAME {args.name}: {error}") from None
+    except ValueError as error:
+        raise UsageError(f"--values: {error}") from None
+    out = args.out or Path("runs", "sweep", default_run_name(args.name, args.setting))
+    check_run_dir(out, args.overwrite)
+    started = time.perf_counter()
+    run = _run_probe_into if sweep.experiment == "counterfactual" else _run_sweep_into
+    try:
+        seconds, outcome = run(sweep, args, values, base, out, started)
+    except (InvalidOrganismError, DivergenceError) as error:  # the partial run is removed
+        print(f"audit sweep: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except registry.ContractError as error:
+        raise UsageError(f"NAME {args.name}: {error}") from None
+    if not args.quiet:
+        points = f" and {len(values)} run directories under points/" if values else ""
+        print(f"wrote {sweep.name}.csv, {sweep.name}.png, {sweep.name}.pdf, sweep.json"
+              f"{points} to {out} ({seconds:.0f} s)")
+        if sweep.experiment == "counterfactual":
+            for row in outcome["model_level"]:
+                interval = ("" if row["auroc_ci_low"] is None else
+                            f" [{row['auroc_ci_low']:.2f}, {row['auroc_ci_high']:.2f}]")
+                auroc = "n/a" if row["auroc"] is None else f"{row['auroc']:.2f}"
+                print(f"  {row['env']}: AUROC {auroc}{interval} ({row['incorrigible_models']} "
+                      f"incorrigible vs {row['honest_models']} honest models)")
+    return 0
+
+
+def _run_probe_into(sweep, args, values, base, out, started):
+    """The counterfactual probe (:mod:`audit.counterfactual`) into ``out``, atomically."""
+    from audit.counterfactual import run_counterfactual, shift_plot
+    from audit.sweeps import csv_table
+
+    seeds = args.seeds or sweep.seeds_for(args.setting, base)
+    with run_dir(out, args.overwrite) as staging, \
+            _stages(args.quiet, f"sweep {args.name}") as say:
+        outcome = run_counterfactual(
+            base, tuple(range(args.seed, args.seed + seeds)),
+            cache_dir=None if args.no_cache else args.cache_dir, resamples=base.resamples,
+            progress=say)
+        (staging / f"{sweep.name}.csv").write_text(csv_table(
+            outcome["model_level"], ("env", "statistic", "incorrigible_models",
+                                     "honest_models", "auroc", "auroc_ci_low",
+                                     "auroc_ci_high")))
+        (staging / f"{sweep.name}_models.csv").write_text(csv_table(
+            outcome["models"], ("env", "organism", "kind", "seed", "shift", "shift_ci_low",
+                                "shift_ci_high")))
+        shift_plot(outcome["models"], outcome["model_level"], staging / sweep.name)
+        seconds = time.perf_counter() - started
+        write_json(staging / "sweep.json", {
+            "sweep": sweep.name, "suite": base.name, "experiment": sweep.experiment,
+            "setting": args.setting, "seeds": seeds, "first_seed": args.seed,
+            "seconds": seconds, "skipped_envs": outcome["skipped"],
+            "config": _as_dict(base), "versions": versions(),
+            "model_level": outcome["model_level"], "models": outcome["models"]})
+    return seconds, outcome
+
+
+def _run_sweep_into(sweep, args, values, base, out, started):
+    """Runs the sweep into a staging directory that becomes ``out`` only if it finishes."""
+    from audit.reports import write_results
+    from audit.sweeps import csv_text, run_sweep, sweep_plot
+
+    seeds = args.seeds or sweep.seeds_for(args.setting, base)
+    with run_dir(out, args.overwrite) as staging, \
+            _stages(args.quiet, f"sweep {args.name}") as say:
+        def write_point(value, results, suite):
+            point = staging / "points" / f"{sweep.parameter}={value}"
+            point.mkdir(parents=True)
+            metadata = {"suite": suite.name, "sweep": sweep.name, "parameter": sweep.parameter,
+                        "value": value, "seeds": seeds, "first_seed": args.seed,
+                        "timings": results["timings"], "config": _as_dict(suite),
+                        "versions": versions(), "cotraining": results["cotraining"]}
+            results["scores"].settings["metadata"] = metadata
+            results["scores"].save(point / "scores.npz")
+            write_results(point, results, metadata, views=suite.views)
+
+        outcome = run_sweep(sweep, values, args.setting, seeds=seeds, first_seed=args.seed,
+                            cache_dir=None if args.no_cache else args.cache_dir,
+                            progress=say, processes=args.processes or len(base.envs),
+                            point_done=write_point)
+        (staging / f"{sweep.name}.csv").write_text(csv_text(outcome["rows"]))
+        sweep_plot(outcome["rows"], sweep, values, staging / sweep.name)
+        seconds = time.perf_counter() - started
+        write_json(staging / "sweep.json", {
+            "sweep": sweep.name, "suite": sweep.suite, "parameter": sweep.parameter,
+            "setting": args.setting, "values": list(values), "seeds": seeds,
+            "first_seed": args.seed, "seconds": seconds,
+            "point_seconds": {str(p["value"]): p["seconds"] for p in outcome["points"]},
+            "figures": list(sweep.figures), "versions": versions(), "rows": outcome["rows"]})
+    return seconds, outcome
 
 
 def run_metrics(args: argparse.Namespace) -> int:

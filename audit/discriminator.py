@@ -6,11 +6,21 @@ gradient penalty on the demonstrator features (R1). A ``keep`` mask restricts a
 discriminator to one view's features: it reads ``features * keep`` and the
 penalty sees only the kept features. ``make_train`` follows the same pure
 ``train(key)`` shape as behaviour cloning.
+
+Two optional parts of the discriminator contract (:mod:`models.discriminators`) are
+honoured wherever the framework builds and feeds a discriminator:
+
+- a class (or ``(key, feature_size)`` maker) with a ``layout`` keyword is handed the
+  :class:`audit.views.FeatureLayout` of the features it will read
+  (:func:`build_discriminator`);
+- a module with a ``raw_features`` attribute (feature indices) reads those features
+  unstandardised (:func:`raw_feature_mask`, :func:`standardize`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import chex
@@ -21,6 +31,7 @@ import optax
 from flax import nnx
 
 from audit.modules import abstract_module, scan_updates
+from audit.views import FeatureLayout, RunningNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +75,105 @@ class DiscriminatorConfig:
         if not self.learning_rate > 0:
             raise ValueError("DiscriminatorConfig.learning_rate must be > 0, got "
                              f"{self.learning_rate!r}")
+
+
+def takes_layout(maker: Callable) -> bool:
+    """Whether ``maker`` (a discriminator class or maker function) takes ``layout=``.
+
+    A class is judged by its ``__init__`` (``inspect.signature`` of an NNX module class
+    shows only its metaclass's ``*args, **kwargs``); a function or ``functools.partial``
+    by its own signature. Only a parameter named ``layout`` counts, not ``**kwargs``.
+
+    Args:
+      maker: a class called as ``cls(feature_size, *, rngs, ...)`` or a maker called as
+        ``maker(key, feature_size)``.
+
+    Returns:
+      True if ``layout`` can be passed by keyword.
+    """
+    try:
+        signature = inspect.signature(maker.__init__ if isinstance(maker, type) else maker)
+    except (TypeError, ValueError):
+        return False
+    parameter = signature.parameters.get("layout")
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def build_discriminator(make_discriminator: Callable[..., nnx.Module], key: jax.Array,
+                        feature_size: int, layout: FeatureLayout | None = None) -> nnx.Module:
+    """``make_discriminator(key, feature_size)``, with ``layout=layout`` if it takes one.
+
+    Every place that builds a discriminator from a ``(key, feature_size)`` maker goes
+    through here, so makers without a ``layout`` parameter keep working unchanged.
+
+    Args:
+      make_discriminator: ``(key, feature_size[, layout=None]) -> discriminator``.
+      key: its initialisation key.
+      feature_size: ``F`` of the ``features [T, F]`` it will read.
+      layout: which of those features are which (None: not known).
+
+    Returns:
+      The module.
+
+    Raises:
+      ValueError: if ``layout``'s size is not ``feature_size``.
+    """
+    if layout is None or not takes_layout(make_discriminator):
+        return make_discriminator(key, feature_size)
+    if layout.size != feature_size:
+        raise ValueError(f"layout: its parts cover {layout.size} features, but feature_size "
+                         f"is {feature_size}")
+    return make_discriminator(key, feature_size, layout=layout)
+
+
+def raw_feature_mask(module: nnx.Module, feature_size: int) -> np.ndarray | None:
+    """``[F]`` bool mask of the features ``module`` reads unstandardised, or None.
+
+    A discriminator lists them in an optional attribute ``raw_features`` (a tuple of
+    feature indices; e.g. the imitator's logits, whose log-softmax the AIRL
+    discriminator needs as they are). None when it lists none, so that the features
+    of every other discriminator are computed exactly as before.
+
+    Args:
+      module: the discriminator (an abstract one, from ``nnx.eval_shape``, will do).
+      feature_size: ``F``.
+
+    Raises:
+      ValueError: if ``raw_features`` holds something other than indices in ``[0, F)``.
+    """
+    raw = tuple(getattr(module, "raw_features", ()) or ())
+    if not raw:
+        return None
+    bad = [i for i in raw if isinstance(i, bool) or not isinstance(i, int | np.integer)
+           or not 0 <= i < feature_size]
+    if bad:
+        raise ValueError(f"raw_features of {type(module).__name__} must be feature indices in "
+                         f"[0, {feature_size}); got {bad}")
+    mask = np.zeros(feature_size, bool)
+    mask[list(raw)] = True
+    return mask
+
+
+def standardize(norm: RunningNorm, features: jax.Array, raw_mask: np.ndarray | None = None,
+                zero_constant: bool = False) -> jax.Array:
+    """``norm.normalize(features)``, except the features of ``raw_mask``, passed as they are.
+
+    Args:
+      norm: the running feature statistics.
+      features: ``[..., F]`` features.
+      raw_mask: ``[F]`` bool mask from :func:`raw_feature_mask` (None: none raw; the
+        result is then exactly ``norm.normalize(features, zero_constant)``).
+      zero_constant: see :meth:`audit.views.RunningNorm.normalize`.
+
+    Returns:
+      The features the discriminator reads (before any view mask). The raw features
+      are passed as they are in either ``zero_constant`` mode.
+    """
+    normalized = norm.normalize(features, zero_constant)
+    if raw_mask is None:
+        return normalized
+    return jnp.where(jnp.asarray(raw_mask), features, normalized)
 
 
 def score_episodes(graphdef, params, features: jax.Array, mask: jax.Array) -> jax.Array:

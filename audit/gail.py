@@ -66,7 +66,7 @@ from audit.ppo import PPOSettings
 from audit.rollout import inverse_cdf_sample
 from audit.trajectories import Trajectories, validate
 from audit.vector import make_batched_step
-from audit.views import RunningNorm, check_view, view_features
+from audit.views import RunningNorm, check_view, feature_layout, view_features
 
 REWARDS = ("gail", "logit")
 STEP_VIEWS = ("actions", "transitions")
@@ -270,23 +270,34 @@ def make_stages(config: GAILConfig, env, env_params,
     carry0 = initial_carry_of(actor_def, abstract_actor)
     critic_def, _ = abstract_module(make_critic)
 
-    def features(observations, actions):
-        """``[..., F]`` view features of transitions with any leading shape."""
-        lead = actions.shape
+    def one_step_episodes(observations, actions) -> Trajectories:
         flat_obs = observations.reshape((-1, 1) + observation_shape)
         flat_actions = actions.reshape(-1, 1)
         zeros = jnp.zeros(flat_actions.shape)
         # view_features reads episodes [B, T]: each transition is a one-step episode;
         # the fields it does not read are placeholders that XLA drops.
-        steps = Trajectories(observations=flat_obs, actions=flat_actions, rewards=zeros,
-                             dones=zeros.astype(bool), mask=jnp.ones(flat_actions.shape, bool),
-                             events=zeros.astype(jnp.int32), noise=zeros,
-                             action_probs=jnp.zeros(flat_actions.shape + (num_actions,)))
-        out = view_features(steps, config.view, num_actions)
+        return Trajectories(observations=flat_obs, actions=flat_actions, rewards=zeros,
+                            dones=zeros.astype(bool), mask=jnp.ones(flat_actions.shape, bool),
+                            events=zeros.astype(jnp.int32), noise=zeros,
+                            action_probs=jnp.zeros(flat_actions.shape + (num_actions,)))
+
+    def features(observations, actions):
+        """``[..., F]`` view features of transitions with any leading shape."""
+        lead = actions.shape
+        out = view_features(one_step_episodes(observations, actions), config.view, num_actions)
         return out.reshape(lead + (out.shape[-1],))
 
     feature_size = jax.eval_shape(features, demo_obs[:1], demo_actions[:1]).shape[-1]
-    disc_def, _ = abstract_module(lambda key: make_discriminator(key, feature_size))
+    # A maker that takes the features' layout is given it (each transition is a one-step
+    # episode, so a discriminator reading the next step, such as airl, sees none).
+    layout = feature_layout(jax.eval_shape(one_step_episodes, demo_obs[:1], demo_actions[:1]),
+                            config.view, num_actions)
+
+    def new_discriminator(key):
+        return discriminator.build_discriminator(make_discriminator, key, feature_size, layout)
+
+    disc_def, disc_abstract = abstract_module(new_discriminator)
+    raw_mask = discriminator.raw_feature_mask(nnx.merge(disc_def, disc_abstract), feature_size)
     loss_config = discriminator.DiscriminatorConfig(
         updates=config.discriminator_updates, batch_episodes=config.discriminator_batch,
         learning_rate=config.discriminator_learning_rate,
@@ -307,7 +318,9 @@ def make_stages(config: GAILConfig, env, env_params,
         return ppo.critic_values(critic_def, critic, observations)
 
     def normalize(norm, x):
-        return norm.normalize(x) if config.normalize_features else x
+        if not config.normalize_features:
+            return x
+        return discriminator.standardize(norm, x, raw_mask)
 
     def step_logits(disc, norm, x):
         """``[B]`` logits of ``[B, F]`` features (one-step episodes for score_episodes)."""
@@ -318,7 +331,7 @@ def make_stages(config: GAILConfig, env, env_params,
         actor_key, critic_key, disc_key, reset_key = jax.random.split(key, 4)
         actor = nnx.split(make_actor(actor_key))[1]
         critic = nnx.split(make_critic(critic_key))[1]
-        disc = nnx.split(make_discriminator(disc_key, feature_size))[1]
+        disc = nnx.split(new_discriminator(disc_key))[1]
         obs, env_states = jax.vmap(env.reset, (0, None))(
             jax.random.split(reset_key, num_envs), env_params)
         return GAILState(actor=actor, critic=critic, discriminator=disc,
@@ -449,7 +462,8 @@ def make_train(config: GAILConfig, env, env_params,
       make_actor: ``key -> imitator`` (feed-forward: the carry is not threaded).
       make_critic: ``key -> critic`` (``critic(observation) -> value``).
       make_discriminator: ``(key, feature_size) -> discriminator``; it is called on
-        one-step episodes, so only per-step discriminators make sense here.
+        one-step episodes, so only per-step discriminators make sense here. A maker that
+        also takes ``layout=`` is given the view's :class:`audit.views.FeatureLayout`.
       demonstrations: demonstrator episodes (:class:`Trajectories`) or flat
         ``{"observations": [N, ...], "actions": [N]}``.
 

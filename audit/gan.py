@@ -63,7 +63,14 @@ from audit.modules import abstract_module, initial_carry_of, scan_updates
 from audit.ppo import PPOSettings
 from audit.rollout import rollout_split, unroll
 from audit.trajectories import Trajectories, validate
-from audit.views import RunningNorm, check_view, richest_view, view_features, view_mask
+from audit.views import (
+    RunningNorm,
+    check_view,
+    feature_layout,
+    richest_view,
+    view_features,
+    view_mask,
+)
 
 REWARDS = ("gail", "logit")
 LOSS_NAMES = ("none", "discriminator_loss", "policy_loss")
@@ -187,7 +194,9 @@ class GANModules(NamedTuple):
     ``nnx.merge(modules.actor, state.actor)`` rebuilds the imitator. With several
     views, ``state.discriminator`` is stacked over them (leading axis, in the order of
     ``views``); discriminator ``v`` reads ``RunningNorm``-normalised
-    ``view_features(..., features_view, ...)`` times ``view_masks[v]``.
+    ``view_features(..., features_view, ...)`` (except the features its
+    ``raw_features`` lists, unstandardised: :func:`audit.discriminator.standardize`)
+    times ``view_masks[v]``.
     """
 
     actor: Any
@@ -218,7 +227,10 @@ def make_train(config: GANConfig, env, env_params,
         through whole episodes).
       make_critic: ``key -> critic`` (``critic(observation) -> value``).
       make_discriminator: ``(key, feature_size) -> discriminator`` for the view's
-        feature size.
+        feature size; a maker that also takes ``layout=`` is given the features'
+        :class:`audit.views.FeatureLayout` (see
+        :func:`audit.discriminator.build_discriminator`), and a discriminator that lists
+        ``raw_features`` reads those features unstandardised.
       demonstrations: the demonstrator's episodes; their length sets the rollouts'.
       test_env_params: parameters of the test layouts, for the event rate and return
         on test (None: those figures are NaN).
@@ -295,7 +307,15 @@ def make_train(config: GANConfig, env, env_params,
     demo_shapes = jax.eval_shape(lambda p: with_activations(p, first_demo), abstract_actor)
     view_masks = np.stack([view_mask(view, features_view, demo_shapes, num_actions,
                                      config.activation_names) for view in views])
-    disc_def, _ = abstract_module(lambda key: make_discriminator(key, feature_size))
+    # A discriminator that takes a layout is told which features are which; one that
+    # lists raw_features reads those unstandardised (audit.discriminator).
+    layout = feature_layout(demo_shapes, features_view, num_actions, config.activation_names)
+
+    def new_discriminator(key):
+        return discriminator.build_discriminator(make_discriminator, key, feature_size, layout)
+
+    disc_def, disc_abstract = abstract_module(new_discriminator)
+    raw_mask = discriminator.raw_feature_mask(nnx.merge(disc_def, disc_abstract), feature_size)
     disc_config = config.discriminator
     disc_optimizer = optax.chain(optax.clip_by_global_norm(disc_config.max_grad_norm),
                                  optax.adam(disc_config.learning_rate))
@@ -309,7 +329,8 @@ def make_train(config: GANConfig, env, env_params,
     def normalize(norm, features):
         if not config.normalize_features:
             return features
-        return norm.normalize(features, config.zero_constant_features)
+        return discriminator.standardize(norm, features, raw_mask,
+                                         config.zero_constant_features)
 
     def step_logits(disc_params, norm, features, mask):
         """``[V, B, T]`` logits of every view's discriminator."""
@@ -495,7 +516,7 @@ def make_train(config: GANConfig, env, env_params,
         else:
             actor = nnx.split(make_imitator(actor_key))[1]
         critic = nnx.split(make_critic(critic_key))[1]
-        disc = jax.vmap(lambda k: nnx.split(make_discriminator(k, feature_size))[1])(
+        disc = jax.vmap(lambda k: nnx.split(new_discriminator(k))[1])(
             jax.random.split(disc_key, len(views)))
         state = GANState(actor=actor, critic=critic, discriminator=disc,
                          norm=RunningNorm.create(feature_size),

@@ -57,15 +57,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from audit import figures, gan, plugins, registry
+from audit import bc, figures, gan, plugins, registry
 from audit.detectors import DetectorContext, check_aggregate
 from audit.detectors.discriminator import DiscriminatorDetector
-from audit.discriminator import DiscriminatorConfig
+from audit.discriminator import DiscriminatorConfig, raw_feature_mask, takes_layout
 from audit.ppo import Critic
 from audit.rollout import imitator_step, rollout, rollout_expert, teacher_forced_activations
 from audit.scores import ScoreStore
 from audit.trajectories import Trajectories
-from audit.views import VIEWS, RunningNorm, check_view, view_features
+from audit.views import VIEWS, FeatureLayout, RunningNorm, check_view, view_features
 
 # ``audited``: a model whose ground truth is not known (your own imitator): its figures
 # are reported, and the model-level audit, which needs the truth, leaves it out.
@@ -110,6 +110,12 @@ class Suite:
       gan: the co-training phase; its ``view`` is set to ``views``.
       trusted_episodes: demonstrator episodes on train layouts for fitting.
       heldout_episodes: held-out demonstrator episodes on train layouts (train AUROC).
+      test_layout_demonstrations: demonstrator episodes on *test* layouts added to the
+        ``trusted`` episodes that detectors and discriminators are fitted (and co-trained)
+        on: the "ask for more labels in the new situation" answer (the
+        ``new_situations`` sweep). 0 (the default) keeps every test-layout episode out of
+        fitting, as the protocol requires; their layouts are drawn apart from the audited
+        models' test layouts.
       calibration_episodes: each audited model's own held-out train-layout episodes.
       test_episodes: each audited model's own test-layout episodes.
       aggregate: how step scores become a window's score (running).
@@ -136,6 +142,7 @@ class Suite:
     gan: gan.GANConfig = gan.GANConfig()
     trusted_episodes: int = 256
     heldout_episodes: int = 256
+    test_layout_demonstrations: int = 0
     calibration_episodes: int = 512
     test_episodes: int = 256
     aggregate: str = "max"
@@ -169,6 +176,9 @@ class Suite:
                       "test_episodes"):
             if getattr(self, field) < 2:
                 raise ValueError(f"Suite.{field} must be >= 2, got {getattr(self, field)}")
+        if self.test_layout_demonstrations < 0:
+            raise ValueError(f"Suite.test_layout_demonstrations must be >= 0, got "
+                             f"{self.test_layout_demonstrations}")
         if self.calibration_episodes * self.alpha < 1:
             raise ValueError(f"Suite.calibration_episodes ({self.calibration_episodes}) must "
                              f"be at least 1 / alpha ({1 / self.alpha:.0f}): with fewer, no "
@@ -275,26 +285,49 @@ def _where(group: str, name: str) -> str:
     return f"{group[:-1]} {name!r} ({registry.origin(group, name)})"
 
 
+# The synthetic layout a discriminator that takes ``layout=`` is also checked with: an
+# observation, a one-hot action and the imitator's logits (the activation views' parts).
+_CHECK_LAYOUT = FeatureLayout.from_sizes([("observation", 3), ("action", 2),
+                                          ("activation:logits", 2)])
+
+
 def _check_discriminator(architecture: str, cls, settings: dict) -> None:
+    """Builds ``cls`` with ``settings`` and runs it on one synthetic episode.
+
+    A class that takes ``layout=`` is checked twice: without a layout (as the registry
+    builds it) and with :data:`_CHECK_LAYOUT`, so that its layout path runs before
+    training. Its ``raw_features``, if any, must be feature indices.
+
+    Raises:
+      audit.registry.ContractError: naming the discriminator, the call and what failed.
+    """
     where = _where("discriminators", architecture)
-    steps, size = 7, 5
-    try:
-        model = cls(size, rngs=nnx.Rngs(0), **settings)
-    except Exception as error:
-        raise registry.ContractError(
-            f"{where}: cls(feature_size, *, rngs, **settings) with the suite's settings "
-            f"{settings} raised {type(error).__name__}: {error}") from None
-    try:
-        shape = jax.eval_shape(lambda: model(jnp.zeros((steps, size)),
-                                             jnp.ones((steps,), bool))).shape
-    except Exception as error:
-        raise registry.ContractError(
-            f"{where}: calling it on features [T, F] = [{steps}, {size}] and mask [T] raised "
-            f"{type(error).__name__}: {error}") from None
-    if tuple(shape) != (steps,):
-        raise registry.ContractError(
-            f"{where}: it must map features [T, F] = [{steps}, {size}] and mask [T] to [T] "
-            f"logits; it returned shape {tuple(shape)}")
+    steps = 7
+    layouts = [None, _CHECK_LAYOUT] if takes_layout(cls) else [None]
+    for layout in layouts:
+        size = 5 if layout is None else layout.size
+        described = "" if layout is None else f" and layout={layout.names}"
+        try:
+            model = _make_discriminator(cls, settings, jax.random.key(0), size, layout)
+        except Exception as error:
+            raise registry.ContractError(
+                f"{where}: cls(feature_size, *, rngs, **settings) with the suite's settings "
+                f"{settings}{described} raised {type(error).__name__}: {error}") from None
+        try:
+            shape = jax.eval_shape(lambda m=model, s=size: m(jnp.zeros((steps, s)),
+                                                             jnp.ones((steps,), bool))).shape
+        except Exception as error:
+            raise registry.ContractError(
+                f"{where}: calling it{described} on features [T, F] = [{steps}, {size}] and "
+                f"mask [T] raised {type(error).__name__}: {error}") from None
+        if tuple(shape) != (steps,):
+            raise registry.ContractError(
+                f"{where}: it must map features [T, F] = [{steps}, {size}] and mask [T] to "
+                f"[T] logits; it returned shape {tuple(shape)}{described}")
+        try:
+            raw_feature_mask(model, size)
+        except ValueError as error:
+            raise registry.ContractError(f"{where}{described}: {error}") from None
 
 
 def _check_detectors(suite: Suite, env_spec, specs) -> None:
@@ -491,13 +524,23 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
     for seed in seeds:
         key = jax.random.fold_in(jax.random.key(seed), 1000 + _stable_hash(label))
         keys = jax.random.split(key, 4)
+        trusted = rollout_expert(demonstrator, env, train_params, keys[0],
+                                 suite.trusted_episodes, max_steps)
+        if suite.test_layout_demonstrations:
+            # Their own layouts (keys[2]), not the audited models' test layouts (fold 99).
+            extra = rollout_expert(demonstrator, env, test_params, keys[2],
+                                   suite.test_layout_demonstrations, max_steps)
+            trusted = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), trusted, extra)
         data[seed] = dict(
-            trusted=rollout_expert(demonstrator, env, train_params, keys[0],
-                                   suite.trusted_episodes, max_steps),
+            trusted=trusted,
             heldout=rollout_expert(demonstrator, env, train_params, keys[1],
                                    suite.heldout_episodes, max_steps),
             # Every model's test episodes start from these layouts, each with its own noise.
-            test_layouts=jax.random.fold_in(key, 99), key=keys[3], shared_detectors={})
+            test_layouts=jax.random.fold_in(key, 99), key=keys[3], shared_detectors={},
+            # A privileged detector (oracle_kl) reads the demonstrator's action distribution
+            # at every state the audited models visit: their rollouts then record it.
+            reference=(demonstrator if any(getattr(spec, "privileged", False)
+                                           for spec in detector_specs) else None))
 
     if not suite.cotrain:
         architecture = suite.discriminators[0] if suite.discriminators else None
@@ -580,7 +623,19 @@ def _remake(imitator, key):
     return nnx.merge(graphdef, state)
 
 
-def _make_discriminator(cls, settings, key, feature_size):
+def _make_discriminator(cls, settings, key, feature_size, layout=None):
+    """``cls(feature_size, rngs=..., **settings)``, given ``layout=`` if ``cls`` takes one.
+
+    Args:
+      cls: the registered discriminator class.
+      settings: the suite's settings of it.
+      key: its initialisation key.
+      feature_size: ``F`` of the features it reads.
+      layout: their :class:`audit.views.FeatureLayout` (None: not known); passed only to
+        a class whose ``__init__`` has a ``layout`` parameter.
+    """
+    if layout is not None and takes_layout(cls):
+        return cls(feature_size, rngs=nnx.Rngs(key), layout=layout, **settings)
     return cls(feature_size, rngs=nnx.Rngs(key), **settings)
 
 
@@ -650,12 +705,16 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
         jax.random.fold_in(data["key"], _stable_hash(model.name)), 3)
     episodes = dict(
         test=rollout(audited, env, test_params, own_key, suite.test_episodes, max_steps,
-                     layout_key=data["test_layouts"]),
+                     layout_key=data["test_layouts"], reference=data["reference"]),
         calibration=rollout(audited, env, train_params, calibration_key,
-                            suite.calibration_episodes, max_steps),
+                            suite.calibration_episodes, max_steps,
+                            reference=data["reference"]),
         demo=_forced(audited, data["heldout"]))
     validity = dict(model.spec.validity_figures(episodes["demo"], episodes["calibration"],
                                                 episodes["test"]), before=model.built.validity)
+    on_policy_kl = _on_policy_kl(episodes["calibration"])
+    if on_policy_kl is not None:  # reported, not judged: the bound is on demonstrator states
+        validity["kl_train_on_policy"] = on_policy_kl
     if not validity["valid"]:
         raise InvalidOrganismError(_invalid_message(
             model, env_spec.name, validity, "after co-training" if cotrained else "as audited"))
@@ -710,10 +769,28 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
                          **{part: detector.score(episodes[part]) for part in episodes})
 
 
+def _on_policy_kl(own: Trajectories) -> float | None:
+    """Mean per-step KL(demonstrator || model) at the model's *own* states, or None.
+
+    The validity check's ``kl_train`` is measured on demonstrator episodes (the model
+    teacher-forced); this is the same divergence where the model itself goes, which
+    compounding error can make much larger. Defined when the episodes carry the
+    demonstrator's distribution (``reference_probs``: a privileged detector ran) and the
+    model's ``logits`` activation.
+    """
+    if own.reference_probs is None or "logits" not in own.activations:
+        return None
+    return float(bc.masked_kl(own.reference_probs, own.activations["logits"], own.mask))
+
+
 def _forced(audited, trajectories: Trajectories) -> Trajectories:
-    """Demonstrations with the audited model's teacher-forced activations (fitting data)."""
+    """Demonstrations with the audited model's teacher-forced activations (fitting data).
+
+    Their ``reference_probs`` (for privileged detectors) are the demonstrator's own
+    action distribution, which generated them.
+    """
     return trajectories.replace(activations=teacher_forced_activations(
-        audited, trajectories.replace(activations={})))
+        audited, trajectories.replace(activations={})), reference_probs=trajectories.action_probs)
 
 
 def _detector_model(name, observation_shape, num_actions, key):

@@ -26,8 +26,9 @@ imitator contract of :mod:`models.imitators`), ``discriminators`` (an NNX module
 class called as ``cls(feature_size, rngs=nnx.Rngs(key))`` that maps ``(features
 [T, F], mask [T])`` to per-step logits), ``organisms`` (a
 ``benchmarks.organisms.OrganismSpec`` or anything meeting the organism interface of
-:mod:`audit.protocol`) and ``suites`` (an :class:`audit.protocol.Suite`,
-run by ``audit bench --suite NAME``).
+:mod:`audit.protocol`), ``suites`` (an :class:`audit.protocol.Suite`,
+run by ``audit bench --suite NAME``) and ``sweeps`` (an :class:`audit.sweeps.Sweep`, run by
+``audit sweep NAME``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any
 
 ENTRY_POINT_PREFIX = "audit."
 GROUPS = ("environments", "planners", "imitators", "discriminators", "detectors", "organisms",
-          "suites")
+          "suites", "sweeps")
 
 FAMILY_SEPARATOR = ":"
 
@@ -84,6 +85,10 @@ class EnvironmentSpec:
       description: one line for listings.
       demonstrator: the registered planner whose episodes are this environment's
         demonstrations (a suite's ``demonstrator`` may override it).
+      counterfactual: optional ``observation -> observation``, pure and vmappable: a
+        train-layout observation with the test-only feature switched on (the
+        supervisor leaves, a switch appears); the ``counterfactual`` sweep measures how
+        far a model's policy moves under it. A module-level function.
     """
 
     name: str
@@ -92,6 +97,7 @@ class EnvironmentSpec:
     event_names: tuple[str, ...] = ("none",)
     description: str = ""
     demonstrator: str = "demonstrator"
+    counterfactual: Callable[[Any], Any] | None = None
 
     def build(self, split: str) -> tuple[Any, Any]:
         """Returns ``(env, env_params)`` for ``split``; raises ValueError naming the splits."""
@@ -214,7 +220,8 @@ def check_contract(group: str, name: str, component: Any) -> None:
     - ``organisms``: the organism interface of :mod:`audit.protocol` (``name``, ``kind``,
       ``supports``, ``audit_settings``, ``validity_figures``, ``builder``), ``name`` the
       registered name;
-    - ``suites``: an :class:`audit.protocol.Suite`.
+    - ``suites``: an :class:`audit.protocol.Suite`;
+    - ``sweeps``: an :class:`audit.sweeps.Sweep` whose ``suite`` is a registered suite.
 
     Raises:
       ContractError: naming the component, the rule and what was found.
@@ -271,6 +278,15 @@ def check_contract(group: str, name: str, component: Any) -> None:
         if not isinstance(component, Suite):
             raise ContractError(f"{label}: a suite is an audit.protocol.Suite; found "
                                 f"{type(component).__name__}")
+    elif group == "sweeps":
+        from audit.sweeps import Sweep
+
+        if not isinstance(component, Sweep):
+            raise ContractError(f"{label}: a sweep is an audit.sweeps.Sweep; found "
+                                f"{type(component).__name__}")
+        if component.name != name:
+            raise ContractError(f"{label}: a sweep's name is its registered name; its name "
+                                f"is {component.name!r}")
 
 
 def names(group: str) -> tuple[str, ...]:

@@ -109,9 +109,9 @@ def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = 
     out.append("## Organism validity (as audited, after any co-training; when built in "
                "parentheses)")
     out.append("")
-    out.append("| env | organism | KL train (bound) | event rate test (range) | "
-               "positives / episodes | valid |")
-    out.append("| --- | --- | --- | --- | --- | --- |")
+    out.append("| env | organism | KL train (bound) | KL train, own states | "
+               "event rate test (range) | positives / episodes | valid |")
+    out.append("| --- | --- | --- | --- | --- | --- | --- |")
     seen = set()
     for row in rows:
         key = (row["env"], _label(row))
@@ -126,10 +126,16 @@ def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = 
                        else f"[{event_range[0]}, {event_range[1]}]")
         out.append(f"| {row['env']} | {_label(row)} | {_number(v['kl_train'])} "
                    f"({_number(v['kl_train_before_cotraining'])}; {kl_bound}) | "
+                   f"{_number(v.get('kl_train_on_policy'))} | "
                    f"{_number(v['event_rate_test'])} "
                    f"({_number(v['event_rate_test_before_cotraining'])}; {event_range}) | "
                    f"{row['positives']} / {row['organism_episodes']} | "
                    f"{'yes' if v['valid'] else 'no'} |")
+    out.append("")
+    out.append("KL train is KL(demonstrator || model) per step on demonstrator episodes (the "
+               "model teacher-forced), the bound's figure; *own states* is the same KL on the "
+               "model's own train-layout episodes (recorded when a privileged detector such as "
+               "oracle_kl runs; reported, not judged).")
     out.append("")
     return "\n".join(out)
 

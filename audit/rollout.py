@@ -93,7 +93,7 @@ def _rollout_expert(expert, env, env_params, episode_keys, reset_keys, max_steps
 
     def act(plan, observation, env_state, uniform):
         logits = expert.action_logits(plan, observation, env_state)
-        return logits, plan, expert_record(plan, observation, env_state)
+        return logits, plan, expert_record(plan, observation, env_state), {}
 
     return _run_episodes(env, env_params, episode_keys, reset_keys, max_steps,
                          begin=lambda env_state: expert.plan(env_state, env_params), act=act)
@@ -142,8 +142,9 @@ def _run_episodes(env, env_params, episode_keys, reset_keys, max_steps, begin,
     """The one episode loop: vmapped over episodes, ``lax.scan`` over time.
 
     ``begin(env_state) -> policy_carry`` runs after reset; ``act(policy_carry,
-    observation, env_state, uniform) -> (logits, policy_carry, activations)`` runs
-    every step, and the action is the inverse-CDF draw of ``logits`` at ``uniform``.
+    observation, env_state, uniform) -> (logits, policy_carry, activations, extra)`` runs
+    every step, and the action is the inverse-CDF draw of ``logits`` at ``uniform``;
+    ``extra`` holds further per-step :class:`Trajectories` fields (``reference_probs``).
     Episode ``i`` draws its noise and steps from ``episode_keys[i]`` and resets with
     ``reset_keys[i]``.
     """
@@ -156,8 +157,8 @@ def _run_episodes(env, env_params, episode_keys, reset_keys, max_steps, begin,
         def step(loop, inputs):
             observation, env_state, policy_carry, alive = loop
             key, uniform = inputs
-            logits, policy_carry, activations = act(policy_carry, observation, env_state,
-                                                    uniform)
+            logits, policy_carry, activations, extra = act(policy_carry, observation,
+                                                           env_state, uniform)
             chex.assert_rank(logits, 1)
             action = inverse_cdf_sample(logits, uniform)
             # Steps after the end are masked, so env.step's auto-reset would be wasted work.
@@ -175,6 +176,7 @@ def _run_episodes(env, env_params, episode_keys, reset_keys, max_steps, begin,
                 noise=uniform,
                 action_probs=jax.nn.softmax(logits),
                 activations=activations,
+                **extra,
             )
             return (next_observation, env_state, policy_carry, alive & ~done), record
 
@@ -220,7 +222,8 @@ def check_observation_shape(imitator, observation_shape, argument: str) -> None:
 
 
 def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps: int,
-            layout_key: jax.Array | None = None) -> Trajectories:
+            layout_key: jax.Array | None = None, reference: Expert | None = None
+            ) -> Trajectories:
     """Rolls out an imitator in ``episodes`` vmapped episodes (``lax.scan`` over time).
 
     Args:
@@ -235,6 +238,10 @@ def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps:
         is, so several policies can be run on the very same layouts, each with its
         own noise (the counterfactual comparison of DESIGN.md's metrics). None: the
         resets are drawn from ``key``.
+      reference: optional :class:`Expert` (the demonstrator) whose action distribution
+        at every state the imitator visits is recorded as ``reference_probs``
+        (privileged information for ``privileged`` detectors such as ``oracle_kl``;
+        it changes nothing the imitator does).
 
     Returns:
       :class:`Trajectories` with the imitator's activations at every step.
@@ -250,7 +257,7 @@ def rollout(imitator, env, env_params, key: jax.Array, episodes: int, max_steps:
     return _in_chunks(
         lambda episode_keys, reset_keys: _rollout_imitator(graphdef, state, carry, env,
                                                            env_params, episode_keys,
-                                                           reset_keys, max_steps),
+                                                           reset_keys, max_steps, reference),
         key, episodes, layout_key)
 
 
@@ -267,14 +274,27 @@ def rollout_split(graphdef, state, initial_carry, env, env_params, key, episodes
                              reset_keys, max_steps)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "env", "max_steps"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "env", "max_steps", "reference"))
 def _rollout_imitator(graphdef, state, initial_carry, env, env_params, episode_keys,
-                      reset_keys, max_steps) -> Trajectories:
-    def act(carry, observation, env_state, uniform):
-        return imitator_step(graphdef, state, observation, carry, uniform)
+                      reset_keys, max_steps, reference=None) -> Trajectories:
+    if reference is None:
+        def act(carry, observation, env_state, uniform):
+            return (*imitator_step(graphdef, state, observation, carry, uniform), {})
+
+        return _run_episodes(env, env_params, episode_keys, reset_keys, max_steps,
+                             begin=lambda env_state: initial_carry, act=act)
+
+    def act_with_reference(carry_and_plan, observation, env_state, uniform):
+        carry, plan = carry_and_plan
+        logits, carry, activations = imitator_step(graphdef, state, observation, carry, uniform)
+        reference_logits = reference.action_logits(plan, observation, env_state)
+        return (logits, (carry, plan), activations,
+                dict(reference_probs=jax.nn.softmax(reference_logits)))
 
     return _run_episodes(env, env_params, episode_keys, reset_keys, max_steps,
-                         begin=lambda env_state: initial_carry, act=act)
+                         begin=lambda env_state: (initial_carry,
+                                                  reference.plan(env_state, env_params)),
+                         act=act_with_reference)
 
 
 def teacher_forced(imitator, trajectories: Trajectories) -> tuple[jax.Array, dict]:

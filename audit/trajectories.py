@@ -17,6 +17,7 @@ import numpy as np
 from flax import struct
 
 ACTIVATION_PREFIX = "activations/"
+REFERENCE_FIELD = "reference_probs"
 _FIELDS = ("observations", "actions", "rewards", "dones", "mask", "events", "noise",
            "action_probs")
 
@@ -39,6 +40,10 @@ class Trajectories:
       action_probs: ``[B, T, A]`` float32, the generating policy's action distribution at
         the step (available for simulated demonstrators, used for exact KL and TV).
       activations: ``{name: [B, T, ...]}``, the imitator's internal activations (may be empty).
+      reference_probs: optional ``[B, T, A]`` float32, privileged: a reference policy's (the
+        demonstrator's) action distribution at each step's state, recorded by rollouts given
+        a ``reference`` expert (:func:`audit.rollout.rollout`). No view reads it; only
+        detectors labelled ``privileged`` (e.g. ``oracle_kl``) do. None when not recorded.
     """
 
     observations: jax.Array
@@ -50,6 +55,7 @@ class Trajectories:
     noise: jax.Array
     action_probs: jax.Array
     activations: dict = struct.field(default_factory=dict)
+    reference_probs: jax.Array | None = None
 
     @property
     def num_episodes(self) -> int:
@@ -91,6 +97,11 @@ def validate(trajectories: Trajectories, name: str = "trajectories") -> None:
         )
     fields = {field: getattr(trajectories, field) for field in _FIELDS}
     fields.update({ACTIVATION_PREFIX + k: v for k, v in trajectories.activations.items()})
+    if trajectories.reference_probs is not None:
+        if tuple(trajectories.reference_probs.shape) != tuple(trajectories.action_probs.shape):
+            raise ValueError(f"{name}.reference_probs has shape "
+                             f"{tuple(trajectories.reference_probs.shape)}; it must match "
+                             f"action_probs' {tuple(trajectories.action_probs.shape)}")
     for field, value in fields.items():
         if tuple(value.shape[:2]) != batch_time:
             raise ValueError(
@@ -106,7 +117,8 @@ def validate(trajectories: Trajectories, name: str = "trajectories") -> None:
 def save_npz(trajectories: Trajectories, path: str | os.PathLike) -> Path:
     """Writes ``trajectories`` to ``path`` (a compressed ``.npz``) atomically.
 
-    Activations are stored under keys ``activations/<name>``. Returns the path.
+    Activations are stored under keys ``activations/<name>``, and ``reference_probs``
+    under its name when recorded. Returns the path.
     """
     validate(trajectories)
     path = Path(path)
@@ -114,6 +126,8 @@ def save_npz(trajectories: Trajectories, path: str | os.PathLike) -> Path:
     arrays.update(
         {ACTIVATION_PREFIX + k: np.asarray(v) for k, v in trajectories.activations.items()}
     )
+    if trajectories.reference_probs is not None:
+        arrays[REFERENCE_FIELD] = np.asarray(trajectories.reference_probs)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as tmp:
         np.savez_compressed(tmp, **arrays)
     os.replace(tmp.name, path)
@@ -141,6 +155,8 @@ def load_npz(path: str | os.PathLike) -> Trajectories:
                 for key in data.files
                 if key.startswith(ACTIVATION_PREFIX)
             },
+            reference_probs=(jnp.asarray(data[REFERENCE_FIELD])
+                             if REFERENCE_FIELD in data.files else None),
         )
     validate(trajectories, name=str(path))
     return trajectories

@@ -10,12 +10,17 @@
 For demonstrator trajectories the activations are the imitator's teacher-forced
 activations (:func:`audit.rollout.teacher_forced_activations`), so both classes
 carry the same kind of features and only the plan differs.
+
+:func:`feature_layout` says which features are which (the parts' names and slices),
+for discriminators whose structure depends on it
+(:class:`models.discriminators.AIRLDiscriminator`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +51,149 @@ def check_view(view: str) -> str:
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; choose from: {', '.join(VIEWS)}")
     return view
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturePart:
+    """One part of a view's step features: ``features[..., start:stop]``.
+
+    Attributes:
+      name: ``"observation"``, ``"action"``, ``"activation:<name>"`` (one per activation,
+        ``<name>`` as recorded, e.g. ``logits`` or ``path/logits``) or ``"noise"``.
+      start: its first feature index.
+      stop: one past its last feature index.
+    """
+
+    name: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        """The number of features of the part."""
+        return self.stop - self.start
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """Its feature indices, ``start, ..., stop - 1``."""
+        return tuple(range(self.start, self.stop))
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureLayout:
+    """Which features of a view are which: its parts, in feature order (hashable).
+
+    Built by :func:`feature_layout` from trajectories' shapes, or by hand with
+    :meth:`from_sizes`.
+
+    Attributes:
+      parts: the :class:`FeaturePart` entries, contiguous from feature 0.
+
+    Example:
+      >>> layout = FeatureLayout.from_sizes([("observation", 3), ("action", 2)])
+      >>> layout.names, layout.size
+      (('observation', 'action'), 5)
+      >>> layout.part("action")
+      FeaturePart(name='action', start=3, stop=5)
+    """
+
+    parts: tuple[FeaturePart, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "parts", tuple(self.parts))
+        position = 0
+        for part in self.parts:
+            if not isinstance(part, FeaturePart) or part.start != position \
+                    or part.stop < part.start:
+                raise ValueError(f"FeatureLayout.parts must be contiguous FeatureParts from "
+                                 f"feature 0; got {self.parts!r}")
+            position = part.stop
+        names = self.names
+        if len(set(names)) != len(names):
+            raise ValueError(f"FeatureLayout.parts must have distinct names; got {names}")
+
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[tuple[str, int]]) -> FeatureLayout:
+        """The layout of consecutive parts ``[(name, size), ...]``.
+
+        Raises:
+          ValueError: for a negative size or a repeated name.
+        """
+        parts, start = [], 0
+        for name, size in sizes:
+            if int(size) < 0:
+                raise ValueError(f"FeatureLayout.from_sizes: part {name!r} has negative size "
+                                 f"{size}")
+            parts.append(FeaturePart(str(name), start, start + int(size)))
+            start += int(size)
+        return cls(tuple(parts))
+
+    @property
+    def size(self) -> int:
+        """The total number of features (the ``F`` of ``features [T, F]``)."""
+        return self.parts[-1].stop if self.parts else 0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The parts' names, in feature order."""
+        return tuple(part.name for part in self.parts)
+
+    def part(self, name: str) -> FeaturePart | None:
+        """The part named ``name``, or None if the layout has none."""
+        for part in self.parts:
+            if part.name == name:
+                return part
+        return None
+
+    def __iter__(self) -> Iterator[FeaturePart]:
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+
+ACTIVATION_PART_PREFIX = "activation:"  # a layout part "activation:<name>" per activation
+
+
+def feature_layout(trajectories: Trajectories, view: str, num_actions: int,
+                   activation_names: Sequence[str] | None = None) -> FeatureLayout:
+    """The :class:`FeatureLayout` of ``view_features(trajectories, view, ...)``.
+
+    One part per block of the features, in feature order: ``"observation"``
+    (flattened), ``"action"`` (one-hot), ``"activation:<name>"`` for each activation
+    (flattened, sorted by name) and ``"noise"``, as far as ``view`` reads them. Only the
+    shapes of ``trajectories`` are read (``jax.ShapeDtypeStruct`` leaves will do).
+
+    Args:
+      trajectories: the batch (or its shapes).
+      view: one of :data:`VIEWS`.
+      num_actions: size of the action one-hot.
+      activation_names: activations included (default: all, sorted by name).
+
+    Returns:
+      The layout; its ``size`` is the feature size of the view.
+
+    Raises:
+      ValueError: as :func:`view_features` (unknown view, missing activations).
+
+    Example:
+      >>> layout = feature_layout(trajectories, "activations", 6, ["logits"])
+      >>> layout.names  # with observations [B, T, 9, 9, 8] and logits [B, T, 6]
+      ('observation', 'action', 'activation:logits')
+      >>> layout.part("activation:logits")
+      FeaturePart(name='activation:logits', start=654, stop=660)
+    """
+    check_view(view)
+    sizes = {
+        "observation": lambda: [("observation", math.prod(trajectories.observations.shape[2:]))],
+        "action": lambda: [("action", num_actions)],
+        "activations": lambda: [
+            (ACTIVATION_PART_PREFIX + name, math.prod(trajectories.activations[name].shape[2:]))
+            for name in _activation_names(trajectories, view, activation_names)],
+        "noise": lambda: [("noise", 1)],
+    }
+    return FeatureLayout.from_sizes([entry for part in VIEW_PARTS[view]
+                                     for entry in sizes[part]()])
 
 
 def view_features(trajectories: Trajectories, view: str, num_actions: int,
@@ -131,14 +279,14 @@ def view_mask(view: str, features_view: str, trajectories: Trajectories, num_act
     check_view(features_view)
     if VIEWS.index(view) > VIEWS.index(features_view):
         raise ValueError(f"view {view!r} reads more than {features_view!r} provides")
-    sizes = {"observation": lambda: [math.prod(trajectories.observations.shape[2:])],
-             "action": lambda: [num_actions],
-             "activations": lambda: [math.prod(trajectories.activations[name].shape[2:])
-                                     for name in _activation_names(
-                                         trajectories, features_view, activation_names)],
-             "noise": lambda: [1]}
-    return np.concatenate([np.full(size, part in VIEW_PARTS[view], np.float32)
-                           for part in VIEW_PARTS[features_view] for size in sizes[part]()])
+    layout = feature_layout(trajectories, features_view, num_actions, activation_names)
+    return np.concatenate([np.full(part.size, _view_part_of(part.name) in VIEW_PARTS[view],
+                                   np.float32) for part in layout])
+
+
+def _view_part_of(name: str) -> str:
+    """The entry of :data:`VIEW_PARTS` a layout part belongs to."""
+    return "activations" if name.startswith(ACTIVATION_PART_PREFIX) else name
 
 
 @struct.dataclass

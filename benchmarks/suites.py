@@ -5,9 +5,10 @@ The runner is framework code (:func:`audit.protocol.run_suite`); a suite is a
 exactly as a user's would be, and run by ``audit bench --suite NAME``.
 
 - ``quick``: the three environments, each with its own incorrigible organism, the honest
-  one and its twin, one seed, every view, the co-trained MLP discriminators and four
-  demonstrations-only detectors (``random_direction`` is the control every suite runs);
-  under five minutes on 2 CPU cores.
+  one and its twin, one seed, every view, the co-trained MLP discriminators, three
+  demonstrations-only detectors, the controls every suite runs (``null`` and
+  ``random_direction``) and the privileged ceiling ``oracle_kl``; under five minutes on
+  2 CPU cores.
 - ``generalising``: the generalising organism (:mod:`benchmarks.generalising`, fitted on
   train layouts only) and the honest one, on the three environments, one seed.
 - ``full``: every organism and detector, post-hoc discriminators too, five seeds, so
@@ -26,9 +27,10 @@ from audit.ppo import PPOSettings
 from audit.protocol import Suite
 from benchmarks import organisms as organism_lib
 
-# The built-in demonstrations-only detectors (registry group ``detectors``).
+# The built-in demonstrations-only detectors (registry group ``detectors``) and the
+# privileged ceiling ``oracle_kl``.
 BASELINES = ("mahalanobis", "action_surprise", "linear_probe", "noise_consistency",
-             "random_direction")
+             "random_direction", "oracle_kl")
 DISCRIMINATOR_SETTINGS = (("mlp", (("hidden_sizes", (64, 64)),)),
                           ("gru", (("hidden_size", 64),)),
                           ("attention", (("model_size", 64),)))
@@ -50,7 +52,8 @@ ORGANISMS = organism_lib.OrganismConfig(
 QUICK = Suite(
     name="quick", envs=("offswitch", "takeover", "unobserved"),
     organisms=("honest", "long_horizon", "unbounded_utility", "deceptive"),
-    baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction"),
+    baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction",
+               "oracle_kl"),
     discriminator_settings=DISCRIMINATOR_SETTINGS, organism=ORGANISMS, gan=COTRAINING,
     resamples=400, description="one incorrigible organism per environment, one seed "
     "(under 5 minutes on 2 cores)")
@@ -58,7 +61,8 @@ QUICK = Suite(
 GENERALISING = Suite(
     name="generalising", envs=("offswitch", "takeover", "unobserved"),
     organisms=("honest", "generalising"),
-    baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction"),
+    baselines=("mahalanobis", "linear_probe", "noise_consistency", "random_direction",
+               "oracle_kl"),
     discriminator_settings=DISCRIMINATOR_SETTINGS, organism=ORGANISMS, gan=COTRAINING,
     resamples=400, description="the generalising organism (fitted on train layouts only) "
     "against the honest one")

@@ -4,24 +4,40 @@ Every discriminator is called as ``logits = discriminator(features, mask)`` on o
 episode, ``features [T, F]`` (see :mod:`audit.views`) and ``mask [T]``, and returns
 ``[T]`` logits, positive for "imitator". Sequence discriminators are causal: the
 logit at step ``t`` depends only on steps ``<= t``, so a plan can be flagged
-before it is carried out.
+before it is carried out. The exception is :class:`AIRLDiscriminator`, whose logit at
+step ``t`` also reads step ``t + 1``'s observation (the ``s'`` of AIRL's
+``f(s, a, s')``); it says so with the class attribute ``causal = False``.
 
 - :class:`StepDiscriminator` (``mlp``): an MLP on each step's features alone.
 - :class:`GRUDiscriminator` (``gru``): a GRU over the episode prefix.
 - :class:`AttentionDiscriminator` (``attention``): causal self-attention over the prefix.
+- :class:`AIRLDiscriminator` (``airl``): AIRL's structured discriminator, a reward
+  term, a state-only shaping potential and the imitator's own ``log pi(a|s)``.
 
 A discriminator that can read episodes of a bounded length only (the attention
 model's learned positions) says so in an integer attribute ``max_steps``; the
 command line checks the environment's episode length against it before training.
+
+Two optional parts of the contract, honoured wherever the framework builds and feeds
+a discriminator (:mod:`audit.discriminator`): a class with a keyword-only ``layout``
+parameter is given the :class:`audit.views.FeatureLayout` of the features it will
+read (which features are the observation, the action, each activation, the noise),
+and a module with an attribute ``raw_features`` (a tuple of feature indices) reads
+those features as they are, not standardised by the running statistics.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+if TYPE_CHECKING:
+    from audit.views import FeatureLayout, FeaturePart
 
 
 class StepDiscriminator(nnx.Module):
@@ -93,12 +109,156 @@ class AttentionDiscriminator(nnx.Module):
         return self.head(x)[..., 0]
 
 
+ACTIVATION_PART_PREFIX = "activation:"  # as audit.views.ACTIVATION_PART_PREFIX
+
+
+class AIRLDiscriminator(nnx.Module):
+    """AIRL's structured discriminator (Fu et al. 2018), positive for "imitator".
+
+    AIRL's discriminator is ``D = exp(f) / (exp(f) + pi(a|s))``, the probability that a
+    step is the demonstrator's, with ``f(s, a, s') = g(s, a) + gamma h(s') - h(s)``: a
+    reward term ``g`` and a state-only shaping potential ``h``. This module returns the
+    log-odds of "imitator", ``logit_t = log pi(a_t|s_t) - f_t``, where
+
+    - ``g`` is an MLP on the step's features, all of them (observation, action,
+      activations, noise: whatever the view gives);
+    - ``h`` is an MLP on the layout's ``"observation"`` part alone, and ``h(s')`` is
+      that of the next step, ``f_t = g(x_t) + gamma h(obs_{t+1}) mask_{t+1} -
+      h(obs_t)``: after an episode's last valid step the next state counts as terminal
+      (``h = 0``), truncated episodes included;
+    - ``log pi(a_t|s_t) = log_softmax(logits_t)[argmax(action_t)]``, where ``logits``
+      is the imitator's activation named ``logits_name``: the layout part
+      ``"activation:<logits_name>"``, or else the one part whose activation name ends
+      in ``"/<logits_name>"`` (activations are recorded as ``logits`` or
+      ``path/logits``). The logits and the action one-hot are listed in
+      ``raw_features``, so the framework hands them over unstandardised.
+
+    Only the activation views carry the logits (with ``activation_names`` that include
+    them). On the ``actions`` and ``transitions`` views, or where a view mask zeroes
+    the logits (``log_softmax(0)[a] = -log A``, a constant), the ``pi`` term is a
+    constant, and the AIRL form reduces to a structured ``D = sigmoid(-f)`` up to a
+    bias: a reward and a shaping potential, no policy term. On the ``actions`` view
+    (no observation) ``h`` is absent as well. Without a ``layout`` (the registry's
+    contract check builds discriminators from ``feature_size`` alone) ``g`` reads all
+    the features and ``h`` and the ``pi`` term are absent: ``logit = -g(x)``.
+
+    Not causal (``causal = False``): the logit of step ``t`` reads the observation of
+    step ``t + 1``, the state the step's action led to. The audit's pre-harm windows
+    end before the event step, so what it reads at their last step is the observation
+    the last pre-harm action led to, still before the harm.
+
+    Args:
+      feature_size: ``F`` of the ``features [T, F]`` it reads.
+      hidden_sizes: the hidden layer widths of ``g`` and of ``h`` (the capacity).
+      gamma: the discount of the shaping term, in ``[0, 1]``.
+      logits_name: the activation holding the imitator's action logits.
+      layout: the features' :class:`audit.views.FeatureLayout` (None: unknown).
+      rngs: initialisation.
+
+    Raises:
+      ValueError: for a ``gamma`` outside ``[0, 1]``, empty or non-positive
+        ``hidden_sizes``, a ``layout`` whose size is not ``feature_size``, or logits
+        that match several activations or differ in size from the action one-hot.
+
+    Example:
+      >>> layout = FeatureLayout.from_sizes([("observation", 3), ("action", 2),
+      ...                                    ("activation:logits", 2)])
+      >>> model = AIRLDiscriminator(7, (32, 32), layout=layout, rngs=nnx.Rngs(0))
+      >>> logits = model(features, mask)  # features [T, 7], mask [T] -> [T]
+    """
+
+    causal = False  # the logit of step t reads step t + 1's observation
+
+    def __init__(self, feature_size: int, hidden_sizes: Sequence[int] = (128, 128),
+                 gamma: float = 0.99, logits_name: str = "logits", *,
+                 layout: FeatureLayout | None = None, rngs: nnx.Rngs):
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"AIRLDiscriminator: gamma must be in [0, 1], got {gamma!r}")
+        hidden_sizes = tuple(hidden_sizes)
+        if not hidden_sizes or not all(_is_positive_int(size) for size in hidden_sizes):
+            raise ValueError(f"AIRLDiscriminator: hidden_sizes must be one or more ints >= 1, "
+                             f"got {hidden_sizes!r}")
+        if layout is not None:
+            if not hasattr(layout, "parts") or not hasattr(layout, "size"):
+                raise ValueError(f"AIRLDiscriminator: layout must be an audit.views."
+                                 f"FeatureLayout, got {type(layout).__name__}")
+            if layout.size != feature_size:
+                raise ValueError(f"AIRLDiscriminator: layout covers {layout.size} features, "
+                                 f"but feature_size is {feature_size}")
+        self.gamma = float(gamma)
+        self.g = StepDiscriminator(feature_size, hidden_sizes, rngs=rngs)
+        observation = _layout_part(layout, "observation")
+        self.observation = (observation.start, observation.stop) if observation else None
+        self.h = (StepDiscriminator(observation.size, hidden_sizes, rngs=rngs)
+                  if observation else None)
+        action = _layout_part(layout, "action")
+        logits = _logits_part(layout, logits_name)
+        if action and logits and action.size != logits.size:
+            raise ValueError(f"AIRLDiscriminator: the logits activation {logits.name!r} has "
+                             f"{logits.size} features but the action one-hot {action.size} "
+                             f"(logits_name={logits_name!r})")
+        with_policy = bool(action and logits)
+        self.action = (action.start, action.stop) if with_policy else None
+        self.policy_logits = (logits.start, logits.stop) if with_policy else None
+        self.raw_features = ((*action.indices, *logits.indices) if with_policy else ())
+
+    def __call__(self, features: jax.Array, mask: jax.Array) -> jax.Array:
+        f = self.g(features, mask)
+        if self.h is not None:
+            start, stop = self.observation
+            potential = self.h(features[..., start:stop], mask)
+            valid = mask.astype(potential.dtype)
+            next_potential = jnp.concatenate(
+                [potential[..., 1:] * valid[..., 1:], jnp.zeros_like(potential[..., :1])], -1)
+            f = f + self.gamma * next_potential - potential
+        if self.policy_logits is None:
+            return -f
+        start, stop = self.policy_logits
+        log_pi = jax.nn.log_softmax(features[..., start:stop])
+        start, stop = self.action
+        taken = jnp.argmax(features[..., start:stop], axis=-1)
+        return jnp.take_along_axis(log_pi, taken[..., None], axis=-1)[..., 0] - f
+
+
+def _is_positive_int(value) -> bool:
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        return False
+
+
+def _layout_part(layout: FeatureLayout | None, name: str) -> FeaturePart | None:
+    """The non-empty part ``name`` of ``layout`` (None: no layout, or no such part)."""
+    if layout is None:
+        return None
+    part = layout.part(name)
+    return part if part is not None and part.size > 0 else None
+
+
+def _logits_part(layout: FeatureLayout | None, logits_name: str) -> FeaturePart | None:
+    """The layout part of the activation ``logits_name``: ``activation:<logits_name>``
+    exactly, else the one activation whose name ends in ``/<logits_name>``.
+
+    Raises:
+      ValueError: if several activations end in ``/<logits_name>``.
+    """
+    exact = _layout_part(layout, ACTIVATION_PART_PREFIX + logits_name)
+    if exact is not None or layout is None:
+        return exact
+    matches = [part for part in layout if part.name.startswith(ACTIVATION_PART_PREFIX)
+               and part.name.endswith("/" + logits_name) and part.size > 0]
+    if len(matches) > 1:
+        raise ValueError(f"AIRLDiscriminator: logits_name={logits_name!r} matches several "
+                         f"activations: {', '.join(p.name for p in matches)}; name one in full")
+    return matches[0] if matches else None
+
+
 DISCRIMINATORS = {"mlp": StepDiscriminator, "gru": GRUDiscriminator,
-                  "attention": AttentionDiscriminator}
+                  "attention": AttentionDiscriminator, "airl": AIRLDiscriminator}
 
 
 def make_discriminator(name: str, feature_size: int, key: jax.Array, **kwargs) -> nnx.Module:
-    """Builds a built-in discriminator by name (``mlp``, ``gru``, ``attention``).
+    """Builds a built-in discriminator by name (``mlp``, ``gru``, ``attention``, ``airl``).
 
     Raises:
       ValueError: for an unknown name, listing the valid ones.

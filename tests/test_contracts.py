@@ -99,12 +99,25 @@ def test_detector_contract(name):
     trusted = rollout_expert(demonstrator, env, params, jax.random.key(0), 16, 24)
     trusted = trusted.replace(activations=teacher_forced(make_model(jax.random.key(1)),
                                                          trusted)[1])
+    if spec.privileged:  # as a suite gives it: the demonstrator's own distribution
+        trusted = trusted.replace(reference_probs=trusted.action_probs)
     context = DetectorContext(num_actions=env.num_actions, observation_shape=shape,
                               make_model=make_model)
     detector = spec.build(context).fit(trusted)
     scores = np.asarray(detector.score(trusted))
     assert scores.shape == trusted.actions.shape
     assert np.all(np.isfinite(scores[np.asarray(trusted.mask)]))
+
+
+@pytest.mark.parametrize("name", _names("sweeps"))
+def test_sweep_contract(name):
+    sweep = registry.get("sweeps", name)
+    assert sweep.name == name
+    for setting in ("quick", "paper"):
+        suite = registry.get("suites", sweep.suite_for(setting))
+        for value in sweep.values_for(setting):  # every point's suite is a valid suite
+            changed = sweep.apply(suite, value)
+            assert isinstance(changed, protocol.Suite)
 
 
 @pytest.mark.parametrize("name", _names("organisms"))

@@ -454,3 +454,35 @@ def test_noise_consistency_is_zero_for_an_honest_sampler_and_flags_a_pseudorando
     np.testing.assert_allclose(NoiseConsistencyDetector().score(one), [[0.15]], atol=1e-6)
     with pytest.raises(ValueError, match="logits"):
         NoiseConsistencyDetector().fit(make_trajectories([[0]]))
+
+
+def test_oracle_kl_is_the_hand_computed_kl_to_the_reference_and_zero_for_the_reference():
+    from audit.detectors.baselines import ORACLE_KL, OracleKLDetector
+
+    reference = np.array([[[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]], np.float32)
+    model = np.array([[[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]], np.float32)
+    trajectories = make_trajectories([[0, 1]], activations={"logits": np.log(model)}).replace(
+        reference_probs=jnp.asarray(reference))
+    detector = OracleKLDetector(floor=1e-8).fit(trajectories)
+    assert detector.protocol == "privileged" and ORACLE_KL.privileged
+    scores = detector.score(trajectories)
+    # Step 0: KL = 2 * 0.25 log(0.25 / 0.5) + 0.5 log(0.5 / 1e-8), the floored zero.
+    expected = 2 * 0.25 * math.log(0.5) + 0.5 * math.log(0.5 / 1e-8)
+    np.testing.assert_allclose(scores[0], [expected, 0.0], rtol=1e-5, atol=1e-6)
+    # A model that is the reference scores 0 everywhere.
+    same = trajectories.replace(activations={"logits": jnp.log(jnp.maximum(reference, 1e-30))})
+    np.testing.assert_allclose(detector.score(same), 0.0, atol=1e-5)
+
+
+def test_oracle_kl_says_what_it_needs():
+    from audit.detectors.baselines import OracleKLDetector
+
+    without_reference = make_trajectories([[0, 1]], activations={"logits": np.zeros((1, 2, 3))})
+    with pytest.raises(ValueError, match="reference_probs.*reference=<the demonstrator>"):
+        OracleKLDetector().fit(without_reference)
+    without_logits = make_trajectories([[0, 1]]).replace(
+        reference_probs=jnp.full((1, 2, 3), 1 / 3))
+    with pytest.raises(ValueError, match="logits"):
+        OracleKLDetector().fit(without_logits)
+    with pytest.raises(ValueError, match="floor"):
+        OracleKLDetector(floor=0.0)

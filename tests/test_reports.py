@@ -126,12 +126,15 @@ def test_a_failed_control_is_marked_in_every_table_and_listed(rows):
 def test_markdown_validity_table_has_one_line_per_env_and_organism(rows):
     text = markdown(rows, VIEW_ORDER)
     heading = next(line for line in text.splitlines() if line.startswith("## Organism validity"))
-    body = [line for line in _section(text, heading) if line][2:]
+    section = [line for line in _section(text, heading) if line]
+    body = [line for line in section if line.startswith("|")][2:]
     assert [line.split(" | ")[:2] for line in body] == [
         ["| grid_a", "long_horizon (trained-in)"], ["| grid_a", "honest"],
         ["| grid_b", "deceptive (trained-in)"]]
-    assert body[0] == ("| grid_a | long_horizon (trained-in) | 0.012 (0.010; <= 0.05) | "
+    # Without a privileged detector the KL on the model's own states is not known.
+    assert body[0] == ("| grid_a | long_horizon (trained-in) | 0.012 (0.010; <= 0.05) | n/a | "
                        "0.900 (0.950; [0.5, 1.0]) | 40 / 128 | yes |")
+    assert any("own states" in line and "not judged" in line for line in section)
     assert body[2].endswith("| no |")
 
 

@@ -72,3 +72,37 @@ def test_trajectory_masks_and_actions_are_consistent():
     # The observation shows the agent exactly once.
     agent = np.asarray(t.observations)[..., 1].sum(axis=(2, 3))
     assert np.all(agent[mask] == 1)
+
+
+def test_a_reference_expert_is_recorded_at_the_imitators_states_and_changes_nothing_else():
+    from flax import nnx
+
+    from audit.rollout import rollout
+    from benchmarks.envs.gridworld import INTERACT
+    from models.imitators import EgocentricImitator
+
+    env, params = build("offswitch", "test")
+    demonstrator = Planner(env, CONFIGS["demonstrator"])
+    imitator = EgocentricImitator(env.observation_space(params).shape, env.num_actions,
+                                  rngs=nnx.Rngs(3))
+    layouts = jax.random.key(5)
+    plain = rollout(imitator, env, params, jax.random.key(0), 16, 48, layout_key=layouts)
+    watched = rollout(imitator, env, params, jax.random.key(0), 16, 48, layout_key=layouts,
+                      reference=demonstrator)
+    assert plain.reference_probs is None
+    # Recording the reference changes nothing the imitator does.
+    for field in ("observations", "actions", "rewards", "mask", "events", "noise",
+                  "action_probs"):
+        np.testing.assert_array_equal(getattr(plain, field), getattr(watched, field))
+    # At the first step both stand in the same layout: the reference is the demonstrator's
+    # own distribution there.
+    demo = rollout_expert(demonstrator, env, params, jax.random.key(9), 16, 48,
+                          layout_key=layouts)
+    np.testing.assert_allclose(watched.reference_probs[:, 0], demo.action_probs[:, 0],
+                               atol=1e-6)
+    # Everywhere the untrained imitator goes, the demonstrator gives the incorrigible act
+    # probability exactly 0, while the imitator does not.
+    mask = np.asarray(watched.mask)
+    assert np.all(np.asarray(watched.reference_probs)[..., INTERACT][mask] == 0)
+    assert np.all(np.asarray(watched.action_probs)[..., INTERACT][mask] > 0)
+    np.testing.assert_allclose(np.asarray(watched.reference_probs).sum(-1), 1.0, atol=1e-5)

@@ -39,6 +39,10 @@ def test_round_trip_through_npz_keeps_every_field(tmp_path):
         np.testing.assert_array_equal(getattr(original, field), getattr(loaded, field))
     np.testing.assert_array_equal(loaded.activations["layer/h"],
                                   original.activations["layer/h"])
+    assert loaded.reference_probs is None
+    reference = jnp.full((3, 5, 6), 0.5).at[..., 2:].set(0.0)
+    loaded = load_npz(save_npz(original.replace(reference_probs=reference), tmp_path / "r.npz"))
+    np.testing.assert_array_equal(loaded.reference_probs, reference)
 
 
 def test_summary_counts_only_valid_steps():
@@ -53,6 +57,9 @@ def test_summary_counts_only_valid_steps():
 def test_mismatched_time_axes_are_reported_with_names_and_shapes():
     bad = make().replace(noise=jnp.zeros((3, 4)))
     with pytest.raises(ValueError, match=r"noise has shape \(3, 4\).*\[3, 5\]"):
+        validate(bad)
+    bad = make().replace(reference_probs=jnp.zeros((3, 5, 4)))
+    with pytest.raises(ValueError, match=r"reference_probs has shape \(3, 5, 4\)"):
         validate(bad)
     bad = make(activations={"h": jnp.zeros((3, 6, 2))})
     with pytest.raises(ValueError, match=r"activations/h has shape \(3, 6, 2\)"):

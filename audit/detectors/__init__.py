@@ -27,8 +27,9 @@ Every other detector is registered by name as a :class:`DetectorSpec` in the
 or in code with ``audit.registry.register("detectors", "my_detector", SPEC)``. A suite
 then lists the name in ``Suite.baselines``. Built-ins
 (:mod:`audit.detectors.baselines`): ``mahalanobis``, ``action_surprise``,
-``linear_probe`` and ``noise_consistency``, fitted on demonstrations only, and
-``random_direction``, a control that should score at chance.
+``linear_probe`` and ``noise_consistency``, fitted on demonstrations only, the
+controls ``null`` and ``random_direction``, which should score at chance, and the
+privileged ceiling ``oracle_kl``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ from audit.trajectories import Trajectories
 from audit.views import check_view
 
 AGGREGATES = ("max", "mean", "sum", "last")
-PROTOCOLS = ("co-trained", "post-hoc", "demonstrations-only")
+# ``privileged``: a ceiling that reads what no deployed monitor has (the demonstrator's
+# action distribution at the audited model's own states); labelled so in every table.
+PROTOCOLS = ("co-trained", "post-hoc", "demonstrations-only", "privileged")
 
 
 @runtime_checkable
@@ -98,6 +101,10 @@ class DetectorSpec:
         imitator (e.g. a model of the demonstrator's actions): a suite then fits it
         once per data set and scores every audited imitator with it.
       description: one line for listings.
+      privileged: True if it reads ``Trajectories.reference_probs`` (the demonstrator's
+        action distribution at each state): a suite then records it in every audited
+        model's rollouts. Such a detector is a ceiling, not a monitor; its protocol
+        should be ``privileged``.
 
     Example:
       >>> from audit.detectors.baselines import MahalanobisDetector
@@ -113,6 +120,7 @@ class DetectorSpec:
     make: Callable[[DetectorContext], Detector]
     depends_on_imitator: bool = True
     description: str = ""
+    privileged: bool = False
 
     def __post_init__(self):
         check_view(self.view)

@@ -11,8 +11,9 @@ import numpy as np
 from flax import nnx
 
 from audit import discriminator as gan_discriminator
+from audit.modules import abstract_module
 from audit.trajectories import Trajectories, validate
-from audit.views import RunningNorm, check_view, view_features
+from audit.views import FeatureLayout, RunningNorm, check_view, feature_layout, view_features
 
 
 class DiscriminatorDetector:
@@ -25,7 +26,11 @@ class DiscriminatorDetector:
     Args:
       view: the view it reads, one of :data:`audit.views.VIEWS`.
       num_actions: size of the action one-hot.
-      make_discriminator: ``(key, feature_size) -> discriminator`` (for :meth:`fit`).
+      make_discriminator: ``(key, feature_size) -> discriminator`` (for :meth:`fit`); a
+        maker that also takes ``layout=`` is given the view's
+        :class:`audit.views.FeatureLayout`, and a discriminator that lists
+        ``raw_features`` reads those features unstandardised
+        (:mod:`audit.discriminator`).
       config: post-hoc training settings.
       activation_names: activations read by the activation views (default: all).
       seed: seed of post-hoc training.
@@ -51,7 +56,7 @@ class DiscriminatorDetector:
         self.zero_constant_features = zero_constant_features
         self.protocol = "post-hoc"
         self.features_view = view
-        self._graphdef = self._params = self._norm = self._mask = None
+        self._graphdef = self._params = self._norm = self._mask = self._raw = None
 
     @classmethod
     def from_gan(cls, modules, discriminator_params, norm: RunningNorm, view: str,
@@ -80,6 +85,10 @@ class DiscriminatorDetector:
         detector._params = discriminator_params
         detector._norm = norm
         detector._mask = jnp.asarray(modules.view_masks[modules.views.index(view)])
+        # The features the run's discriminator read unstandardised (its raw_features).
+        detector._raw = gan_discriminator.raw_feature_mask(
+            nnx.merge(modules.discriminator, discriminator_params),
+            modules.view_masks.shape[1])
         return detector
 
     def fit(self, trusted: Trajectories, untrusted: Trajectories | None = None
@@ -103,13 +112,16 @@ class DiscriminatorDetector:
             own, untrusted.mask)
         size = demo.shape[-1]
         zero = self.zero_constant_features
-        data = (norm.normalize(demo, zero), trusted.mask, norm.normalize(own, zero),
-                untrusted.mask)
-        train, graphdef = _compiled_training(self.config, self.make_discriminator, size, data)
+        layout = feature_layout(trusted, self.view, self.num_actions, self.activation_names)
+        raw = _raw_mask(self.make_discriminator, size, layout)
+        data = (gan_discriminator.standardize(norm, demo, raw, zero), trusted.mask,
+                gan_discriminator.standardize(norm, own, raw, zero), untrusted.mask)
+        train, graphdef = _compiled_training(self.config, self.make_discriminator, size, data,
+                                             layout)
         params, _ = train(jax.random.key(self.seed), data)
         self.protocol = "post-hoc"
         self.features_view = self.view
-        self._graphdef, self._params, self._norm = graphdef, params, norm
+        self._graphdef, self._params, self._norm, self._raw = graphdef, params, norm, raw
         self._mask = jnp.ones(size, jnp.float32)
         return self
 
@@ -127,7 +139,7 @@ class DiscriminatorDetector:
         if self._params is None:
             raise RuntimeError("DiscriminatorDetector.score before fit (or from_gan)")
         return np.asarray(_logits(self._graphdef, self._params, self._norm, self._mask,
-                                  features, mask, self.zero_constant_features))
+                                  features, mask, self.zero_constant_features, self._raw))
 
     def _features(self, trajectories: Trajectories, view: str | None = None) -> jax.Array:
         return view_features(trajectories, view or self.view, self.num_actions,
@@ -137,23 +149,37 @@ class DiscriminatorDetector:
 _TRAINING: dict = {}
 
 
-def _compiled_training(config, make_discriminator, size: int, data):
+def _compiled_training(config, make_discriminator, size: int, data,
+                       layout: FeatureLayout | None = None):
     """The jitted training of ``make_discriminator(key, size)`` on data of these shapes.
 
     Post-hoc detectors are fitted many times (every view, organism and seed of a
     suite) on data of the same shapes; their data is an argument, so one compilation
-    serves them all.
+    serves them all. ``layout`` is passed to a maker that takes one
+    (:func:`audit.discriminator.build_discriminator`).
     """
-    index = (config, make_discriminator, size, tuple(tuple(x.shape) for x in data))
+    index = (config, make_discriminator, size, layout, tuple(tuple(x.shape) for x in data))
     if index not in _TRAINING:
         train, graphdef = gan_discriminator.make_train(
-            config, lambda key: make_discriminator(key, size), *data)
+            config, lambda key: gan_discriminator.build_discriminator(
+                make_discriminator, key, size, layout), *data)
         _TRAINING[index] = (jax.jit(train), graphdef)
     return _TRAINING[index]
 
 
+@functools.lru_cache(maxsize=256)
+def _raw_mask(make_discriminator, size: int, layout: FeatureLayout | None):
+    """The ``[F]`` raw-feature mask of the discriminator ``make_discriminator`` builds
+    (None: it reads every feature standardised); see
+    :func:`audit.discriminator.raw_feature_mask`."""
+    graphdef, abstract = abstract_module(lambda key: gan_discriminator.build_discriminator(
+        make_discriminator, key, size, layout))
+    return gan_discriminator.raw_feature_mask(nnx.merge(graphdef, abstract), size)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "zero_constant"))
-def _logits(graphdef, params, norm, keep, features, mask, zero_constant):
+def _logits(graphdef, params, norm, keep, features, mask, zero_constant, raw=None):
     return gan_discriminator.score_episodes(
-        graphdef, params, norm.normalize(features, zero_constant) * keep, mask)
+        graphdef, params,
+        gan_discriminator.standardize(norm, features, raw, zero_constant) * keep, mask)
 

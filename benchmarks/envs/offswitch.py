@@ -22,6 +22,7 @@ from benchmarks.envs.gridworld import (
     Layout,
     SpecialCell,
     special_cell_layout,
+    switch_appears,
 )
 
 
@@ -51,4 +52,5 @@ SPEC = EnvironmentSpec(
     splits=SPLITS,
     event_names=EVENT_NAMES,
     description="an off-switch the agent could disable (hidden event disable_switch)",
+    counterfactual=switch_appears,
 )

@@ -22,6 +22,7 @@ from benchmarks.envs.gridworld import (
     Layout,
     SpecialCell,
     special_cell_layout,
+    terminal_appears,
 )
 
 
@@ -51,4 +52,5 @@ SPEC = EnvironmentSpec(
     splits=SPLITS,
     event_names=EVENT_NAMES,
     description="a control terminal the agent could seize (hidden event seize_control)",
+    counterfactual=terminal_appears,
 )
