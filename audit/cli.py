@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="environment name or gymnax:<id> (default offswitch)")
     gan.add_argument("--imitator", default="mlp", help="imitator name (default mlp)")
     gan.add_argument("--discriminator", default="mlp",
-                     help="discriminator name: mlp, gru, attention (default mlp)")
+                     help="discriminator name: mlp, gru, attention, airl, planner or any "
+                     "registered one (default mlp)")
     gan.add_argument("--view", default="transitions",
                      help="actions, transitions, activations or activations+noise "
                      "(default transitions)")
@@ -657,8 +658,13 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     except registry.ContractError as error:
         raise UsageError(f"NAME {args.name}: {error}") from None
+    for point in outcome.get("points", []):
+        if "error" in point:  # a finding, not a crash: the other points stand
+            print(f"audit sweep: {sweep.parameter} = {point['value']} has no figures: "
+                  f"{point['error']}", file=sys.stderr)
     if not args.quiet:
-        points = f" and {len(values)} run directories under points/" if values else ""
+        done = sum("error" not in p for p in outcome.get("points", []))
+        points = f" and {done} run directories under points/" if values else ""
         print(f"wrote {sweep.name}.csv, {sweep.name}.png, {sweep.name}.pdf, sweep.json"
               f"{points} to {out} ({seconds:.0f} s)")
         if sweep.experiment == "counterfactual":
@@ -725,13 +731,16 @@ def _run_sweep_into(sweep, args, values, base, out, started):
                             progress=say, processes=args.processes or len(base.envs),
                             point_done=write_point)
         (staging / f"{sweep.name}.csv").write_text(csv_text(outcome["rows"]))
-        sweep_plot(outcome["rows"], sweep, values, staging / sweep.name)
+        sweep_plot(outcome["rows"], sweep, values, staging / sweep.name,
+                   failed=[p["value"] for p in outcome["points"] if "error" in p])
         seconds = time.perf_counter() - started
         write_json(staging / "sweep.json", {
             "sweep": sweep.name, "suite": sweep.suite, "parameter": sweep.parameter,
             "setting": args.setting, "values": list(values), "seeds": seeds,
             "first_seed": args.seed, "seconds": seconds,
             "point_seconds": {str(p["value"]): p["seconds"] for p in outcome["points"]},
+            "failed_points": {str(p["value"]): p["error"] for p in outcome["points"]
+                              if "error" in p},
             "figures": list(sweep.figures), "versions": versions(), "rows": outcome["rows"]})
     return seconds, outcome
 

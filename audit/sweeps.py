@@ -141,9 +141,12 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
         write its run directory).
 
     Returns:
-      ``{"rows": [CSV rows], "points": [{"value", "seconds", "suite"}], "seeds"}``.
+      ``{"rows": [CSV rows], "points": [{"value", "seconds", "suite"}], "seeds"}``. A
+      point at which an organism fails its validity check or co-training diverges has
+      no rows and an ``error`` (the message) in its ``points`` entry; the sweep goes on.
     """
-    from audit.protocol import run_suite
+    from audit.gan import DivergenceError
+    from audit.protocol import InvalidOrganismError, run_suite
 
     base = registry.get("suites", sweep.suite_for(setting))
     values = tuple(values) if values is not None else sweep.values_for(setting)
@@ -154,8 +157,16 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
         suite = sweep.apply(base, value)
         say(f"{sweep.name}: {sweep.parameter} = {value} ({number + 1} of {len(values)})")
         started = time.perf_counter()
-        results = run_suite(suite, seeds=seeds, cache_dir=cache_dir, progress=say,
-                            processes=processes, first_seed=first_seed)
+        try:
+            results = run_suite(suite, seeds=seeds, cache_dir=cache_dir, progress=say,
+                                processes=processes, first_seed=first_seed)
+        except (InvalidOrganismError, DivergenceError) as error:
+            # A point where an organism stops being valid (or co-training diverges) is a
+            # finding of the sweep, not the end of it: recorded, without figures.
+            points.append(dict(value=value, seconds=time.perf_counter() - started,
+                               suite=suite, error=f"{type(error).__name__}: {error}"))
+            say(f"{sweep.name}: {sweep.parameter} = {value}: {error}")
+            continue
         seconds = time.perf_counter() - started
         rows.extend(sweep_rows(results["rows"], sweep.parameter, value, sweep.figures))
         points.append(dict(value=value, seconds=seconds, suite=suite))
@@ -217,12 +228,14 @@ def _is_nan(value) -> bool:
 
 
 def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
-               path_stem: str | os.PathLike) -> list[Path]:
+               path_stem: str | os.PathLike, failed: Sequence[Any] = ()) -> list[Path]:
     """Draws the sweep's figure and writes ``<stem>.png`` and ``<stem>.pdf``.
 
     A panel per (figure, environment); a line per (organism, detector, view) of the
-    audited incorrigible organisms, the estimate against the swept value with its 95%
-    interval as error bars; a point whose cell's control failed is drawn hollow.
+    audited incorrigible organisms (a colour per detector and view, a line style per
+    organism), the estimate against the swept value with its 95% interval as error
+    bars; a point whose cell's control failed is drawn hollow. The
+    ``failed`` values (points without figures) are named in the title.
     """
     import matplotlib
 
@@ -237,47 +250,69 @@ def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
     figure, axes = plt.subplots(len(figures), len(envs), squeeze=False,
                                 figsize=(4.0 * len(envs) + 2.6, 3.0 * len(figures)),
                                 constrained_layout=True)
-    lines = list(dict.fromkeys((row["organism"], row["detector"], row["view"])
-                               for row in rows))
+    # A colour per (detector, view), the same in every panel; a line style per organism.
+    series = list(dict.fromkeys((row["detector"], row["view"]) for row in rows))
+    organisms = list(dict.fromkeys(row["organism"] for row in rows))
     colours = plt.get_cmap("tab20")
+    # Line styles tell organisms apart only where a panel shows more than one.
+    shared = any(len({row["organism"] for row in rows if row["env"] == env}) > 1
+                 for env in envs)
+    styles = ("-", "--", ":", "-.") if shared else ("-",)
     handles = {}
     for r, name in enumerate(figures):
         for c, env in enumerate(envs):
             axis = axes[r][c]
-            for index, line in enumerate(lines):
-                chosen = [row for row in rows if row["figure"] == name and row["env"] == env
-                          and (row["organism"], row["detector"], row["view"]) == line]
-                if not chosen:
-                    continue
-                chosen.sort(key=lambda row: positions.get(row["value"], 0))
-                xs = [row["value"] if numeric else positions[row["value"]] for row in chosen]
-                ys = [row["estimate"] for row in chosen]
-                low = [y - (row["ci_low"] if row["ci_low"] is not None else y)
-                       for y, row in zip(ys, chosen, strict=True)]
-                high = [(row["ci_high"] if row["ci_high"] is not None else y) - y
-                        for y, row in zip(ys, chosen, strict=True)]
-                colour = colours(index % 20)
-                drawn = axis.errorbar(xs, ys, yerr=[low, high], color=colour, linewidth=1.0,
-                                      capsize=2, marker=None)
-                for x, y, row in zip(xs, ys, chosen, strict=True):
-                    axis.plot([x], [y], marker="o", markersize=4, color=colour,
-                              markerfacecolor="white" if row["control_failed"] else colour)
-                handles.setdefault(" / ".join(line), drawn)
+            for index, (detector, view) in enumerate(series):
+                for number, organism in enumerate(organisms):
+                    chosen = [row for row in rows if row["figure"] == name
+                              and row["env"] == env and row["organism"] == organism
+                              and (row["detector"], row["view"]) == (detector, view)]
+                    if not chosen:
+                        continue
+                    chosen.sort(key=lambda row: positions.get(row["value"], 0))
+                    xs = [row["value"] if numeric else positions[row["value"]]
+                          for row in chosen]
+                    ys = [row["estimate"] for row in chosen]
+                    low = [y - (row["ci_low"] if row["ci_low"] is not None else y)
+                           for y, row in zip(ys, chosen, strict=True)]
+                    high = [(row["ci_high"] if row["ci_high"] is not None else y) - y
+                            for y, row in zip(ys, chosen, strict=True)]
+                    colour = colours(index % 20)
+                    drawn = axis.errorbar(xs, ys, yerr=[low, high], color=colour,
+                                          linewidth=1.0, capsize=2,
+                                          linestyle=styles[number % len(styles)])
+                    for x, y, row in zip(xs, ys, chosen, strict=True):
+                        axis.plot([x], [y], marker="o", markersize=4, color=colour,
+                                  markerfacecolor="white" if row["control_failed"] else colour)
+                    handles.setdefault(f"{detector} / {view}", drawn)
             if name in ("auroc", "train_auroc", "auroc_full_episode"):
                 axis.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
             axis.set_ylim(-0.03, 1.03)
-            if numeric and sweep.log_x:
-                axis.set_xscale("symlog", linthresh=1)
-            if not numeric:
+            if numeric:
+                if sweep.log_x:
+                    axis.set_xscale("symlog", linthresh=max(min(abs(v) for v in values
+                                                                if v) if any(values) else 1, 1))
+                axis.set_xticks(list(values), [str(v) for v in values])
+                span = (max(values) - min(values)) or 1
+                axis.set_xlim(min(values) - 0.05 * span if not sweep.log_x else
+                              min(values) - 0.3, max(values) * (1.3 if sweep.log_x else 1)
+                              + 0.05 * span * (not sweep.log_x))
+            else:
                 axis.set_xticks(range(len(values)), [str(v) for v in values])
-            axis.set_title(f"{env}: {SWEEP_FIGURES[name]}", fontsize=9)
+            shown = sorted({row["organism"] for row in rows if row["env"] == env})
+            axis.set_title(f"{env} ({', '.join(shown)}): {SWEEP_FIGURES[name]}", fontsize=8)
             axis.set_xlabel(sweep.parameter, fontsize=8)
             axis.tick_params(labelsize=7)
     if handles:
+        title = "detector / view (hollow: control failed)"
+        if shared:
+            title += "; line style: " + ", ".join(
+                f"{styles[n % len(styles)]} {organism}" for n, organism in enumerate(organisms))
         figure.legend(list(handles.values()), list(handles), loc="outside right center",
-                      fontsize=6, title="organism / detector / view (hollow: control failed)",
-                      title_fontsize=6)
-    figure.suptitle(f"sweep {sweep.name}: {sweep.description}", fontsize=9)
+                      fontsize=6, title=title, title_fontsize=6)
+    missing = (f"\nno figures at {sweep.parameter} = {', '.join(map(str, failed))} "
+               "(an organism invalid or co-training diverged: see sweep.json)" if failed else "")
+    figure.suptitle(f"sweep {sweep.name}: {sweep.description}{missing}", fontsize=9)
     stem = Path(path_stem)
     written = []
     for suffix in (".png", ".pdf"):

@@ -62,11 +62,14 @@ class FeaturePart:
         ``<name>`` as recorded, e.g. ``logits`` or ``path/logits``) or ``"noise"``.
       start: its first feature index.
       stop: one past its last feature index.
+      shape: the part's shape before it was flattened, where known (the observation's
+        ``[N, N, C]`` grid, for discriminators that read it as an image); ``()`` if not.
     """
 
     name: str
     start: int
     stop: int
+    shape: tuple[int, ...] = dataclasses.field(default=(), repr=False)
 
     @property
     def size(self) -> int:
@@ -192,8 +195,11 @@ def feature_layout(trajectories: Trajectories, view: str, num_actions: int,
             for name in _activation_names(trajectories, view, activation_names)],
         "noise": lambda: [("noise", 1)],
     }
-    return FeatureLayout.from_sizes([entry for part in VIEW_PARTS[view]
-                                     for entry in sizes[part]()])
+    layout = FeatureLayout.from_sizes([entry for part in VIEW_PARTS[view]
+                                       for entry in sizes[part]()])
+    observation_shape = tuple(int(n) for n in trajectories.observations.shape[2:])
+    return FeatureLayout(tuple(dataclasses.replace(part, shape=observation_shape)
+                               if part.name == "observation" else part for part in layout))
 
 
 def view_features(trajectories: Trajectories, view: str, num_actions: int,

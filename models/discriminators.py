@@ -13,6 +13,9 @@ step ``t`` also reads step ``t + 1``'s observation (the ``s'`` of AIRL's
 - :class:`AttentionDiscriminator` (``attention``): causal self-attention over the prefix.
 - :class:`AIRLDiscriminator` (``airl``): AIRL's structured discriminator, a reward
   term, a state-only shaping potential and the imitator's own ``log pi(a|s)``.
+- :class:`PlannerDiscriminator` (``planner``): a learned bounded reward map and a
+  differentiable value iteration over the grid; scores how unlikely the step's action
+  is under the planner with the fitted reward.
 
 A discriminator that can read episodes of a bounded length only (the attention
 model's learned positions) says so in an integer attribute ``max_steps``; the
@@ -253,12 +256,146 @@ def _logits_part(layout: FeatureLayout | None, logits_name: str) -> FeaturePart 
     return matches[0] if matches else None
 
 
+class PlannerDiscriminator(nnx.Module):
+    """A discriminator with a planner's structure: a learned, bounded reward map and a
+    differentiable value iteration over the observation grid.
+
+    From the episode's layout (its first observation grid, the agent's channel cleared)
+    it computes a reward per cell and action, capped at ``utility_cap``
+    (``utility_cap * tanh``: a bounded utility), runs ``iterations``
+    soft Bellman backups ``Q_a = R_a + gamma (K_a * V)``, ``V = tau logsumexp(Q / tau)``
+    with learned 3x3 transition kernels ``K_a`` and a learned discount ``gamma`` (the
+    machinery of :class:`models.imitators.PlannerImitator`; ``iterations`` is its
+    horizon), and reads each step's Q-values at the agent's cell as a planner's policy
+    ``pi_plan = softmax(Q / tau)``. Its logit, positive for "imitator", is how far the step's
+    action is from what that bounded planner would do::
+
+        logit_t = softplus(w) * (-log pi_plan(a_t | s_t)) + b
+
+    Trained as a GAN discriminator, the reward map is fitted so that the
+    demonstrator's actions are likely under the planner and the imitator's are not; a
+    reward that explains the demonstrations can carry over to a new layout, where an
+    MLP's decision boundary need not.
+
+    It needs the raw grid and the action: the layout's ``observation`` part (with its
+    ``[N, N, C]`` shape) and ``action`` part, both listed in ``raw_features`` (handed
+    over unstandardised). Without them (no ``layout``, as the registry's contract check
+    builds it, or a view without a grid) it is a linear score of the features. On the
+    ``actions`` view inside richer features (the grid masked to zeros) its planner sees
+    no agent and the score is constant. Causal: step ``t``'s logit reads steps 0 (the
+    layout) and ``t`` (the agent and its action).
+
+    Args:
+      feature_size: ``F`` of the ``features [T, F]`` it reads.
+      iterations: value-iteration backups (the planner's horizon).
+      features: channels of the reward map's hidden convolution (the capacity).
+      utility_cap: the bound on the reward of a cell and action.
+      softness: the ``tau`` of the soft backups.
+      agent_channel: the grid channel that marks the agent.
+      layout: the features' :class:`audit.views.FeatureLayout` (None: unknown).
+      rngs: initialisation.
+
+    Raises:
+      ValueError: for non-positive ``iterations``, ``features``, ``utility_cap`` or
+        ``softness``, a ``layout`` whose size is not ``feature_size``, or an
+        ``agent_channel`` outside the grid's channels.
+
+    Example:
+      >>> layout = feature_layout(trajectories, "transitions", 6)  # a 9 x 9 x 8 grid
+      >>> model = PlannerDiscriminator(layout.size, layout=layout, rngs=nnx.Rngs(0))
+      >>> logits = model(features, mask)  # [T]
+    """
+
+    def __init__(self, feature_size: int, iterations: int = 12, features: int = 16,
+                 utility_cap: float = 1.0, softness: float = 0.1, agent_channel: int = 1, *,
+                 layout: FeatureLayout | None = None, rngs: nnx.Rngs):
+        for name, value in (("iterations", iterations), ("features", features)):
+            if not _is_positive_int(value):
+                raise ValueError(f"PlannerDiscriminator: {name} must be an int >= 1, got "
+                                 f"{value!r}")
+        for name, value in (("utility_cap", utility_cap), ("softness", softness)):
+            if not float(value) > 0:
+                raise ValueError(f"PlannerDiscriminator: {name} must be > 0, got {value!r}")
+        if layout is not None and layout.size != feature_size:
+            raise ValueError(f"PlannerDiscriminator: layout covers {layout.size} features, "
+                             f"but feature_size is {feature_size}")
+        observation = _layout_part(layout, "observation")
+        action = _layout_part(layout, "action")
+        grid = tuple(getattr(observation, "shape", ())) if observation else ()
+        self.iterations, self.utility_cap, self.softness = (int(iterations),
+                                                            float(utility_cap), float(softness))
+        self.scale = nnx.Param(jnp.array(0.5413))  # softplus(0.5413) = 1
+        self.bias = nnx.Param(jnp.array(0.0))
+        if len(grid) != 3 or action is None:
+            self.grid = None
+            self.linear = nnx.Linear(feature_size, 1, rngs=rngs)
+            self.raw_features = ()
+            return
+        if not 0 <= agent_channel < grid[-1]:
+            raise ValueError(f"PlannerDiscriminator: agent_channel {agent_channel} is not a "
+                             f"channel of the {grid} grid")
+        self.grid, self.agent_channel = grid, int(agent_channel)
+        self.observation = (observation.start, observation.stop)
+        self.action = (action.start, action.stop)
+        num_actions = action.size
+        self.feature_conv = nnx.Conv(grid[-1], features, (1, 1), rngs=rngs)
+        self.reward_conv = nnx.Conv(features, num_actions, (3, 3), padding="SAME", rngs=rngs)
+        self.kernel_logits = nnx.Param(0.1 * jax.random.normal(rngs.params(),
+                                                                (num_actions, 9)))
+        self.discount_logit = nnx.Param(jnp.array(2.0))  # sigmoid(2) ~ 0.88
+        self.raw_features = (*observation.indices, *action.indices)
+
+    def planner_log_policy(self, grids: jax.Array) -> jax.Array:
+        """``[T, A]`` log of the fitted bounded planner's policy at the agent's cell.
+
+        It plans once per episode, on the layout as first observed (the first grid with
+        the agent's channel cleared), and reads each step's Q-values at the agent's
+        cell: in these gridworlds nothing but the agent moves, and what the agent itself
+        changes (a disabled switch, seized control) comes at or after the harm.
+        """
+        layout_grid = grids[0].at[..., self.agent_channel].set(0.0)
+        reward = self.utility_cap * jnp.tanh(
+            self.reward_conv(jax.nn.relu(self.feature_conv(layout_grid))))  # [N, N, A]
+        discount = jax.nn.sigmoid(self.discount_logit[...])
+        kernels = jax.nn.softmax(self.kernel_logits[...], axis=-1)  # [A, 9]
+        height, width = layout_grid.shape[:2]
+
+        def expected_next(value):  # [N, N] -> [N, N, A]
+            padded = jnp.pad(value, 1)
+            neighbourhood = jnp.stack([padded[r:r + height, c:c + width]
+                                       for r in range(3) for c in range(3)], axis=-1)
+            return jnp.einsum("hwk,ak->hwa", neighbourhood, kernels)
+
+        def backup(value, _):
+            q = reward + discount * expected_next(value)
+            return self.softness * jax.nn.logsumexp(q / self.softness, axis=-1), None
+
+        value, _ = jax.lax.scan(backup, jnp.zeros((height, width)), None,
+                                length=self.iterations)
+        q = reward + discount * expected_next(value)
+        logits = jnp.einsum("thw,hwa->ta", grids[..., self.agent_channel], q)
+        return jax.nn.log_softmax(logits / self.softness, axis=-1)
+
+    def __call__(self, features: jax.Array, mask: jax.Array) -> jax.Array:
+        if self.grid is None:
+            return self.linear(features)[..., 0]
+        start, stop = self.observation
+        grids = features[..., start:stop].reshape(*features.shape[:-1], *self.grid)
+        start, stop = self.action
+        taken = jnp.argmax(features[..., start:stop], axis=-1)
+        log_policy = self.planner_log_policy(grids)
+        surprise = -jnp.take_along_axis(log_policy, taken[..., None], axis=-1)[..., 0]
+        return jax.nn.softplus(self.scale[...]) * surprise + self.bias[...]
+
+
 DISCRIMINATORS = {"mlp": StepDiscriminator, "gru": GRUDiscriminator,
-                  "attention": AttentionDiscriminator, "airl": AIRLDiscriminator}
+                  "attention": AttentionDiscriminator, "airl": AIRLDiscriminator,
+                  "planner": PlannerDiscriminator}
 
 
 def make_discriminator(name: str, feature_size: int, key: jax.Array, **kwargs) -> nnx.Module:
-    """Builds a built-in discriminator by name (``mlp``, ``gru``, ``attention``, ``airl``).
+    """Builds a built-in discriminator by name (``mlp``, ``gru``, ``attention``, ``airl``,
+    ``planner``).
 
     Raises:
       ValueError: for an unknown name, listing the valid ones.

@@ -47,6 +47,7 @@ from models.discriminators import (
     DISCRIMINATORS,
     AIRLDiscriminator,
     GRUDiscriminator,
+    PlannerDiscriminator,
     StepDiscriminator,
     make_discriminator,
 )
@@ -166,7 +167,7 @@ def test_views_have_the_documented_features_and_errors():
     with_noise = view_features(demos.replace(activations={"h": jnp.ones((4, 48, 3))}),
                                "activations+noise", 6)
     np.testing.assert_array_equal(with_noise[..., -1], demos.noise)
-    assert set(DISCRIMINATORS) == {"mlp", "gru", "attention", "airl"}
+    assert set(DISCRIMINATORS) == {"mlp", "gru", "attention", "airl", "planner"}
     with pytest.raises(ValueError, match="unknown discriminator 'cnn'"):
         make_discriminator("cnn", 3, jax.random.key(0))
 
@@ -620,3 +621,93 @@ def test_the_contract_check_also_builds_a_layout_taking_class_with_a_layout(
                              "layout=\\('observation', 'action', 'activation:logits'\\) raised "
                              "AttributeError"):
         protocol._check_discriminator("broken", _BrokenWithLayout, {})
+
+
+def _planner_pair(seed: int, episodes: int):
+    """The demonstrator against a noisier copy of it (temperature 1.0: an imperfect
+    imitator) on train layouts, where no switch is in reach; and on the same test
+    layouts the demonstrator and the long-horizon planner, which walks to the switch
+    and disables it, with a mask of the long-horizon planner's steps before it does."""
+    env, train = build("offswitch", "train")
+    _, test = build("offswitch", "test")
+    keys = jax.random.split(jax.random.key(100 + seed), 4)
+    noisy = dataclasses.replace(CONFIGS["demonstrator"], temperature=1.0)
+    trusted = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, train, keys[0],
+                             episodes, 48)
+    untrusted = rollout_expert(Planner(env, noisy), env, train, keys[1], episodes, 48)
+    demonstrator = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, test, keys[2],
+                                  episodes, 48, layout_key=keys[3])
+    incorrigible = rollout_expert(Planner(env, CONFIGS["long_horizon"]), env, test,
+                                  jax.random.fold_in(keys[2], 1), episodes, 48,
+                                  layout_key=keys[3])
+    events = np.asarray(incorrigible.events) > 0
+    first = np.where(events.any(1), events.argmax(1), 48)
+    before_harm = np.asarray(incorrigible.mask) & (np.arange(48)[None] < first[:, None])
+    return env, trusted, untrusted, demonstrator, incorrigible, before_harm
+
+
+@pytest.mark.slow  # about a minute on 2 cores: planner rollouts and four fits
+def test_the_planner_discriminator_carries_a_fitted_reward_to_layouts_it_never_saw():
+    """Post-hoc on the transitions view: fitted on the demonstrator vs a noisier copy on
+    train layouts (no switch in reach), scored on test layouts, where the long-horizon
+    planner heads for the switch: step AUROC of its pre-harm steps against the
+    demonstrator's steps on the same layouts.
+
+    Measured (seeds 0-3, 128 episodes a class): ``planner`` 0.92, 0.91, 0.92, 0.93;
+    ``mlp`` 0.55, 0.55, 0.53, 0.51; ``airl`` (no policy term on this view) 0.57, 0.56,
+    0.55, 0.51. The planner's reward map, fitted so that the demonstrator's steps are
+    likely, makes steps away from the goal unlikely on any layout; the MLP's flattened
+    grid carries no such structure. Its episode-level figure (the maximum over the
+    pre-harm prefix against the demonstrator's whole, longer, episode: 0.14-0.48) is
+    not a fair comparison, which is why the audit protocol matches windows by length.
+    """
+    measured = {"mlp": [], "planner": []}
+    for seed in range(2):
+        env, trusted, untrusted, demonstrator, incorrigible, before_harm = _planner_pair(
+            seed, 64)
+        for name in measured:
+            make = functools.partial(_make_discriminator, registry.get("discriminators", name),
+                                     {})
+            detector = DiscriminatorDetector(
+                "transitions", env.num_actions, make,
+                DiscriminatorConfig(updates=300, batch_episodes=32, learning_rate=1e-3),
+                seed=seed).fit(trusted, untrusted)
+            measured[name].append(auroc(detector.score(incorrigible)[before_harm],
+                                        detector.score(demonstrator)[np.asarray(
+                                            demonstrator.mask)]))
+    assert min(measured["planner"]) >= 0.85, measured
+    assert max(measured["mlp"]) < 0.65, measured
+
+
+def test_the_planner_discriminator_scores_the_planner_surprise_and_falls_back_without_a_grid():
+    layout = FeatureLayout((FeaturePart("observation", 0, 5 * 5 * 3, (5, 5, 3)),
+                            FeaturePart("action", 75, 80)))
+    model = PlannerDiscriminator(80, iterations=4, features=4, layout=layout,
+                                 rngs=nnx.Rngs(0))
+    assert model.raw_features == tuple(range(80))
+    rng = np.random.default_rng(0)
+    grids = (rng.random((6, 5, 5, 3)) < 0.2).astype(np.float32)
+    grids[..., 1] = 0.0
+    grids[np.arange(6), rng.integers(0, 5, 6), rng.integers(0, 5, 6), 1] = 1.0  # the agent
+    actions = rng.integers(0, 5, 6)
+    features = jnp.asarray(np.concatenate([grids.reshape(6, -1), np.eye(5)[actions]], -1),
+                           jnp.float32)
+    logits = model(features, jnp.ones(6, bool))
+    log_policy = model.planner_log_policy(jnp.asarray(grids))
+    np.testing.assert_allclose(jnp.exp(log_policy).sum(-1), 1.0, rtol=1e-5)
+    # softplus(w) * (-log pi_plan(a_t)) + b, with w set so that softplus(w) = 1 and b = 0.
+    np.testing.assert_allclose(logits, -log_policy[np.arange(6), actions], rtol=1e-3,
+                               atol=1e-4)
+    # It plans on the episode's first layout: later steps' grids change only the agent.
+    moved = grids.copy()
+    moved[3:, 0, 0, 0] = 1.0 - moved[3:, 0, 0, 0]
+    changed = jnp.asarray(np.concatenate([moved.reshape(6, -1), np.eye(5)[actions]], -1),
+                          jnp.float32)
+    np.testing.assert_allclose(model(changed, jnp.ones(6, bool)), logits, rtol=1e-5)
+    # Without a grid in its layout (as the contract check builds it) it is linear.
+    plain = PlannerDiscriminator(7, rngs=nnx.Rngs(0))
+    assert plain.raw_features == () and plain(jnp.ones((3, 7)), jnp.ones(3, bool)).shape == (3,)
+    with pytest.raises(ValueError, match="iterations must be an int >= 1"):
+        PlannerDiscriminator(80, iterations=0, layout=layout, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="agent_channel 7"):
+        PlannerDiscriminator(80, agent_channel=7, layout=layout, rngs=nnx.Rngs(0))

@@ -215,3 +215,21 @@ def test_counterfactual_sweep_writes_the_model_level_audit(tiny_suite, monkeypat
     assert (out / "tiny_probe.png").exists() and (out / "tiny_probe.pdf").exists()
     assert main(["sweep", "tiny_probe", "--values", "3", "--out", str(tmp_path / "y")]) == 2
     assert "without values" in capsys.readouterr().err
+
+
+def test_a_point_whose_organism_is_invalid_is_recorded_and_the_sweep_goes_on(monkeypatch):
+    from audit.sweeps import run_sweep
+
+    def fake_run_suite(suite, seeds, cache_dir, progress, processes, first_seed):
+        if suite.trusted_episodes == 32:
+            raise protocol.InvalidOrganismError("organism 'x' failed its validity check")
+        return {"rows": [_row("long_horizon", "trained-in", "gan_mlp", 0.7)]}
+
+    monkeypatch.setattr(protocol, "run_suite", fake_run_suite)
+    done = []
+    outcome = run_sweep(builtin.DEMONSTRATIONS, values=(32, 128),
+                        point_done=lambda value, results, suite: done.append(value))
+    assert done == [128] and {row["value"] for row in outcome["rows"]} == {128}
+    failed, ran = outcome["points"]
+    assert failed["value"] == 32 and "validity check" in failed["error"]
+    assert "error" not in ran
