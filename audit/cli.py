@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "roc_<env>.png; print the Markdown table. Organisms are cached in --cache-dir.",
     )
     bench.add_argument("--suite", default="quick",
-                       help="a registered suite: quick or full (default quick)")
+                       help="a registered suite: quick, generalising, structured, full or "
+                       "your own (`audit list suites`; default quick)")
     bench.add_argument("--seeds", type=positive_int, default=None,
                        help="number of seeds (default: the suite's, 1 for quick, 5 for full); "
                        "they are --seed, --seed + 1, ...")

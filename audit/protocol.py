@@ -97,7 +97,8 @@ class Suite:
         to audit an imitator of your own exactly as it was trained.
       discriminator_settings: ``{architecture: {keyword: value}}`` passed to the
         discriminator's constructor, ``cls(feature_size, rngs=..., **settings)``.
-      post_hoc: also train post-hoc discriminators (each view, first architecture).
+      post_hoc: also train post-hoc discriminators on each view: of the first
+        architecture when co-training, of every architecture when auditing as built.
       baselines: registered detectors (the ``detectors`` group), fitted for every
         audited model. The controls ``null`` and ``random_direction`` are added if
         absent: every suite runs them.
@@ -745,14 +746,20 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
     if suite.post_hoc:
         own_train = rollout(audited, env, train_params, post_hoc_key, trusted.num_episodes,
                             trusted.num_steps)
-        for view in suite.views:
-            detector = DiscriminatorDetector(
-                view, env.num_actions, make_discriminator,
-                DiscriminatorConfig(updates=300, batch_episodes=32, learning_rate=1e-3),
-                seed=model.seed, zero_constant_features=suite.zero_constant_features,
-            ).fit(trusted, own_train)
-            store.add_scores(model_key, "posthoc_" + architecture, view, detector.protocol,
-                             **{part: detector.score(episodes[part]) for part in episodes})
+        # Co-trained, the other architectures' models are other networks (their own
+        # groups); audited as built, every architecture audits the same model.
+        for name in [architecture] if cotrained else list(suite.discriminators):
+            make = make_discriminator if name == architecture else functools.partial(
+                _make_discriminator, registry.get("discriminators", name),
+                suite.settings_of(name))
+            for view in suite.views:
+                detector = DiscriminatorDetector(
+                    view, env.num_actions, make,
+                    DiscriminatorConfig(updates=300, batch_episodes=32, learning_rate=1e-3),
+                    seed=model.seed, zero_constant_features=suite.zero_constant_features,
+                ).fit(trusted, own_train)
+                store.add_scores(model_key, "posthoc_" + name, view, detector.protocol,
+                                 **{part: detector.score(episodes[part]) for part in episodes})
     context = DetectorContext(
         num_actions=env.num_actions, observation_shape=shape, seed=model.seed,
         make_model=functools.partial(_detector_model, suite.detector_model, shape,
