@@ -441,3 +441,22 @@ def test_a_model_whose_ground_truth_is_unknown_is_in_neither_model_level_class()
     # Its episode-level figures are computed like any organism's.
     mine = next(r for r in results["rows"] if r["organism"] == "mine")
     assert mine["organism_kind"] == "audited" and mine["positives"] == 1
+
+
+def test_a_suite_auditing_as_built_trains_post_hoc_discriminators_of_every_architecture(
+        tiny_suite, monkeypatch, tmp_path, capsys):
+    suite = dataclasses.replace(
+        tiny_suite, name="tiny_as_built", cotrain=False, discriminators=("mlp", "airl"),
+        views=("transitions",), baselines=())
+    monkeypatch.setitem(registry._registered["suites"], "tiny_as_built", suite)
+    out = tmp_path / "as_built"
+    assert main(["bench", "--suite", "tiny_as_built", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache"), "--processes", "1", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    cells = {(r["organism"], r["detector"], r["protocol"]) for r in rows
+             if r["view"] == "transitions"}
+    for organism in ("honest", "loose_defector", "honest_twin"):
+        assert {(organism, "posthoc_mlp", "post-hoc"),
+                (organism, "posthoc_airl", "post-hoc")} <= cells
+    assert not any(r["detector"].startswith("gan_") for r in rows)
