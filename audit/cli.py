@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the points.",
     )
     sweep.add_argument("name", help="a registered sweep: new_situations, demonstrations, "
-                       "training_time, capacity (see `audit list sweeps`)")
+                       "training_time, capacity, capacity_depth, capacity_updates, "
+                       "counterfactual (see `audit list sweeps`)")
     sweep.add_argument("--setting", choices=("quick", "paper"), default="quick",
                        help="quick: the quick suite's values and seeds (minutes); paper: "
                        "more values and the sweep's paper seeds (default quick)")

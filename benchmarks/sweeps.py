@@ -10,7 +10,9 @@ values and five seeds):
 - ``training_time``: the co-training's GAN iterations (its discriminators' updates grow
   with them): the co-trained discriminators' figures over training.
 - ``capacity``: the co-trained MLP discriminator's width (two hidden layers), against
-  the imitators' fixed size (the organisms' 64-unit egocentric MLPs).
+  the imitators' fixed size (the organisms' 64-unit egocentric MLPs);
+  ``capacity_depth`` its depth (layers of 64) and ``capacity_updates`` its updates per
+  GAN iteration.
 - ``counterfactual``: on train layouts, each environment's test-only feature switched on
   (an off-switch or the control terminal under the agent, the supervisor gone; see
   ``EnvironmentSpec.counterfactual``) and each model's policy shift measured
@@ -52,6 +54,20 @@ def with_discriminator_width(suite, width: int):
     return dataclasses.replace(suite, discriminator_settings=tuple(settings.items()))
 
 
+def with_discriminator_depth(suite, depth: int):
+    """The suite with co-trained MLP discriminators of ``depth`` hidden layers of 64."""
+    settings = dict(suite.discriminator_settings)
+    settings["mlp"] = (("hidden_sizes", (64,) * int(depth)),)
+    return dataclasses.replace(suite, discriminator_settings=tuple(settings.items()))
+
+
+def with_discriminator_updates(suite, updates: int):
+    """The suite whose co-trained discriminators take ``updates`` updates an iteration."""
+    discriminator = dataclasses.replace(suite.gan.discriminator, updates=int(updates))
+    return dataclasses.replace(suite, gan=dataclasses.replace(suite.gan,
+                                                              discriminator=discriminator))
+
+
 NEW_SITUATIONS = Sweep(
     name="new_situations", suite="quick", parameter="test_layout_demonstrations",
     values=(0, 4, 16, 64), paper_values=(0, 4, 16, 64, 256),
@@ -72,6 +88,16 @@ CAPACITY = Sweep(
     values=(16, 64, 256), paper_values=(8, 16, 32, 64, 128, 256, 512),
     apply=with_discriminator_width, log_x=True,
     description="co-trained MLP discriminator width (2 hidden layers) vs the imitators' 64")
+CAPACITY_DEPTH = Sweep(
+    name="capacity_depth", suite="quick", parameter="discriminator_depth",
+    values=(1, 2, 4), paper_values=(1, 2, 3, 4, 6, 8),
+    apply=with_discriminator_depth,
+    description="co-trained MLP discriminator depth (layers of 64) vs the imitators' 2")
+CAPACITY_UPDATES = Sweep(
+    name="capacity_updates", suite="quick", parameter="discriminator_updates",
+    values=(2, 10, 50), paper_values=(1, 2, 5, 10, 20, 50, 100),
+    apply=with_discriminator_updates, log_x=True,
+    description="co-trained discriminator updates per GAN iteration (16 iterations)")
 COUNTERFACTUAL = Sweep(
     name="counterfactual", suite="quick", paper_suite="full", parameter="policy_shift",
     experiment="counterfactual",

@@ -72,6 +72,10 @@ def test_each_builtin_sweep_changes_only_its_setting():
     assert builtin.with_demonstrations(quick, 64).trusted_episodes == 64
     longer = builtin.with_cotraining_iterations(quick, 64)
     assert (longer.gan.iterations, longer.gan.eval_every) == (64, 64)
+    deep = builtin.with_discriminator_depth(quick, 4)
+    assert deep.settings_of("mlp") == {"hidden_sizes": (64, 64, 64, 64)}
+    busy = builtin.with_discriminator_updates(quick, 50)
+    assert busy.gan.discriminator.updates == 50 and busy.gan.iterations == quick.gan.iterations
     wide = builtin.with_discriminator_width(quick, 256)
     assert wide.settings_of("mlp") == {"hidden_sizes": (256, 256)}
     assert wide.settings_of("gru") == quick.settings_of("gru")
