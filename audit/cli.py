@@ -111,36 +111,44 @@ def build_parser() -> argparse.ArgumentParser:
         "the metric history, transitions (the padded imitator-rollout steps computed) and "
         "valid_transitions (those inside episodes), config, versions) and DIR/curves.png. "
         "ENV may be gymnax:<id> (e.g. gymnax:CartPole-v1, discrete actions only), with "
-        "demonstrations from a built-in expert.",
+        "demonstrations from a built-in expert. Settings left out take the environment's "
+        "recommended ones (its imitation_defaults: for the built-in gridworlds, egocentric "
+        "imitator and discriminator and the PPO settings with which GAIL alone imitates "
+        "them), else the defaults listed here.",
     )
     gan.add_argument("--env", default="offswitch",
                      help="environment name or gymnax:<id> (default offswitch)")
-    gan.add_argument("--imitator", default="mlp", help="imitator name (default mlp)")
-    gan.add_argument("--discriminator", default="mlp",
-                     help="discriminator name: mlp, gru, attention, airl, planner or any "
-                     "registered one (default mlp)")
-    gan.add_argument("--view", default="transitions",
+    gan.add_argument("--imitator", default=None,
+                     help="imitator name (default: the environment's, else mlp)")
+    gan.add_argument("--discriminator", default=None,
+                     help="discriminator name: mlp, egocentric, gru, attention, airl, planner "
+                     "or any registered one (default: the environment's, else mlp)")
+    gan.add_argument("--view", default=None,
                      help="actions, transitions, activations or activations+noise "
-                     "(default transitions)")
+                     "(default: the environment's, else transitions)")
     gan.add_argument("--activations", default=None,
                      help="comma-separated activation names for the activation views "
                      "(default: all)")
-    gan.add_argument("--steps", type=positive_int, default=200,
-                     help="adversarial iterations (default 200)")
+    gan.add_argument("--steps", type=positive_int, default=None,
+                     help="adversarial iterations (default: the environment's, else 200)")
     gan.add_argument("--planner", default="demonstrator",
                      help="the demonstrator, for the project's environments "
                      "(default demonstrator)")
     gan.add_argument("--episodes", type=positive_int, default=1024,
                      help="demonstration episodes (default 1024)")
-    gan.add_argument("--rollout-episodes", type=positive_int, default=64,
-                     help="imitator episodes per iteration (default 64)")
-    gan.add_argument("--reward", default="gail", help="gail (-log D) or logit (default gail)")
-    gan.add_argument("--learning-rate", type=float, default=3e-4,
-                     help="imitator and critic learning rate (default 3e-4)")
-    gan.add_argument("--discriminator-learning-rate", type=float, default=3e-4,
-                     help="default 3e-4")
-    gan.add_argument("--discriminator-updates", type=positive_int, default=4,
-                     help="discriminator updates per iteration (default 4)")
+    gan.add_argument("--rollout-episodes", type=positive_int, default=None,
+                     help="imitator episodes per iteration (default: the environment's, "
+                     "else 64)")
+    gan.add_argument("--reward", default=None,
+                     help="gail (-log D) or logit (default: the environment's, else gail)")
+    gan.add_argument("--learning-rate", type=float, default=None,
+                     help="imitator and critic learning rate (default: the environment's, "
+                     "else 3e-4)")
+    gan.add_argument("--discriminator-learning-rate", type=float, default=None,
+                     help="default: the environment's, else 3e-4")
+    gan.add_argument("--discriminator-updates", type=positive_int, default=None,
+                     help="discriminator updates per iteration (default: the environment's, "
+                     "else 4)")
     gan.add_argument("--gradient-penalty", type=float, default=0.0,
                      help="R1 weight on demonstrator features (default 0)")
     gan.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
@@ -148,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="behaviour-cloning updates before the adversarial phase (default 0)")
     gan.add_argument("--bc-coef", type=float, default=0.0,
                      help="weight of a behaviour-cloning term in the imitator's loss (default 0)")
-    gan.add_argument("--entropy-coef", type=float, default=0.0, help="default 0")
+    gan.add_argument("--entropy-coef", type=float, default=None,
+                     help="entropy bonus weight (default: the environment's, else 0)")
     gan.add_argument("--eval-every", type=positive_int, default=10,
                      help="iterations between evaluations (default 10)")
     gan.add_argument("--eval-episodes", type=positive_int, default=256,
@@ -418,6 +427,33 @@ def run_train_bc(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `audit train-gan` uses for a flag left out, when the environment recommends nothing.
+TRAIN_GAN_DEFAULTS = {"imitator": "mlp", "discriminator": "mlp", "view": "transitions",
+                      "steps": 200, "rollout_episodes": 64, "reward": "gail",
+                      "learning_rate": 3e-4, "discriminator_learning_rate": 3e-4,
+                      "discriminator_updates": 4, "entropy_coef": 0.0}
+
+
+def resolve_imitation_defaults(args: argparse.Namespace,
+                               env_spec: registry.EnvironmentSpec) -> list[str]:
+    """Fills the ``train-gan`` flags left out: the environment's
+    ``imitation_defaults``, else :data:`TRAIN_GAN_DEFAULTS`.
+
+    Returns:
+      the names of the settings taken from the environment (recorded in the summary).
+    """
+    from_environment = []
+    for name, fallback in TRAIN_GAN_DEFAULTS.items():
+        if getattr(args, name) is not None:
+            continue
+        if name in env_spec.imitation_defaults:
+            setattr(args, name, env_spec.imitation_defaults[name])
+            from_environment.append(name)
+        else:
+            setattr(args, name, fallback)
+    return from_environment
+
+
 def run_train_gan(args: argparse.Namespace) -> int:
     """``audit train-gan``: see the subcommand's help."""
     import jax
@@ -432,6 +468,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
     from audit.ppo import Critic, PPOSettings
 
     env_spec = lookup_environment(args.env)
+    from_environment = resolve_imitation_defaults(args, env_spec)
     imitator_class = lookup("imitators", args.imitator, "--imitator")
     discriminator_class = lookup("discriminators", args.discriminator, "--discriminator")
     is_gymnax = gymnax_envs.is_gymnax_name(args.env)
@@ -539,6 +576,9 @@ def run_train_gan(args: argparse.Namespace) -> int:
             "view": args.view,
             "expert": expert,
             "episodes": int(demonstrations.num_episodes),
+            # The settings left out on the command line and taken from the environment's
+            # imitation_defaults (the others left out are train-gan's own defaults).
+            "defaults_from_environment": from_environment,
             "gan": _as_dict(config),
             "seed": args.seed,
         },

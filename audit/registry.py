@@ -36,7 +36,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -45,6 +46,10 @@ GROUPS = ("environments", "planners", "imitators", "discriminators", "detectors"
           "suites", "sweeps")
 
 FAMILY_SEPARATOR = ":"
+# The `audit train-gan` settings an environment may recommend (EnvironmentSpec.imitation_defaults).
+IMITATION_DEFAULT_KEYS = ("imitator", "discriminator", "view", "steps", "rollout_episodes",
+                          "reward", "learning_rate", "discriminator_learning_rate",
+                          "discriminator_updates", "entropy_coef")
 
 _registered: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
 # Name families (``gymnax:<id>``): prefix -> resolve(full name) -> component.
@@ -89,6 +94,11 @@ class EnvironmentSpec:
         train-layout observation with the test-only feature switched on (the
         supervisor leaves, a switch appears); the ``counterfactual`` sweep measures how
         far a model's policy moves under it. A module-level function.
+      imitation_defaults: the ``audit train-gan`` settings that imitate this
+        environment by adversarial imitation alone, used for the flags a command line
+        leaves out (keys: :data:`IMITATION_DEFAULT_KEYS`, e.g. ``{"imitator":
+        "egocentric", "learning_rate": 1e-3}``); what is not named takes the command's
+        own defaults.
     """
 
     name: str
@@ -98,6 +108,21 @@ class EnvironmentSpec:
     description: str = ""
     demonstrator: str = "demonstrator"
     counterfactual: Callable[[Any], Any] | None = None
+    # Not hashed: a spec stays hashable with a mapping in it.
+    imitation_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict,
+                                                              hash=False)
+
+    def __post_init__(self):
+        defaults = self.imitation_defaults
+        if not isinstance(defaults, Mapping):
+            raise ValueError(f"EnvironmentSpec {self.name!r}: imitation_defaults must be a "
+                             f"mapping, got {type(defaults).__name__}")
+        unknown = sorted(set(defaults) - set(IMITATION_DEFAULT_KEYS))
+        if unknown:
+            raise ValueError(f"EnvironmentSpec {self.name!r}: unknown imitation_defaults "
+                             f"key(s) {', '.join(map(repr, unknown))}; choose from: "
+                             f"{', '.join(IMITATION_DEFAULT_KEYS)}")
+        object.__setattr__(self, "imitation_defaults", types.MappingProxyType(dict(defaults)))
 
     def build(self, split: str) -> tuple[Any, Any]:
         """Returns ``(env, env_params)`` for ``split``; raises ValueError naming the splits."""

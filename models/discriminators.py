@@ -13,6 +13,8 @@ step ``t`` also reads step ``t + 1``'s observation (the ``s'`` of AIRL's
 - :class:`AttentionDiscriminator` (``attention``): causal self-attention over the prefix.
 - :class:`AIRLDiscriminator` (``airl``): AIRL's structured discriminator, a reward
   term, a state-only shaping potential and the imitator's own ``log pi(a|s)``.
+- :class:`EgocentricDiscriminator` (``egocentric``): an MLP on each step's grid
+  re-centred on the agent, and the step's other features.
 - :class:`PlannerDiscriminator` (``planner``): a learned bounded reward map and a
   differentiable value iteration over the grid; scores how unlikely the step's action
   is under the planner with the fitted reward.
@@ -38,6 +40,8 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from models.imitators import egocentric
 
 if TYPE_CHECKING:
     from audit.views import FeatureLayout, FeaturePart
@@ -223,6 +227,115 @@ class AIRLDiscriminator(nnx.Module):
         return jnp.take_along_axis(log_pi, taken[..., None], axis=-1)[..., 0] - f
 
 
+class EgocentricDiscriminator(nnx.Module):
+    """Per-step MLP discriminator on the agent-centred view of the grid.
+
+    The observation grid of each step is re-centred on the agent
+    (:func:`models.imitators.egocentric`: a ``[2r+1, 2r+1, C-1]`` window, cells beyond
+    the grid read as walls, the agent's channel dropped), flattened and concatenated
+    with the step's other features (activations and noise, as the view gives them). An
+    MLP maps that to one output per action, and the step's logit is the output of the
+    action taken, ``logit_t = MLP(s_t)[a_t]``: the discriminator has the structure of a
+    policy's logits, so the demonstrator's ``log pi(a|s)`` against the imitator's is in
+    its function class as readily as in a behaviour-cloned policy's. (With
+    ``action_head=False`` the action one-hot is one more input instead.) What the
+    demonstrator does relative to the goal, a wall or a switch ("the goal is up and to
+    the right, and I move up") is then one pattern wherever it happens on the grid, not
+    one per cell.
+
+    It needs the raw grid: the layout's ``observation`` part with its ``[N, N, C]``
+    shape, listed in ``raw_features`` with the action one-hot (handed over
+    unstandardised); the other features are standardised as usual. Without a grid (no
+    ``layout``, as the registry's contract check builds it, or a view without one) it is
+    :class:`StepDiscriminator` on the features.
+
+    Args:
+      feature_size: ``F`` of the ``features [T, F]`` it reads.
+      hidden_sizes: the MLP's hidden layer widths (the capacity).
+      radius: the window's radius ``r`` (default ``N - 1``: the whole grid from every cell).
+      agent_channel: the grid channel that marks the agent.
+      wall_channel: the grid channel of walls (what lies beyond the grid reads as).
+      action_head: one output per action, read at the action taken (else the action is
+        an input and there is one output).
+      layout: the features' :class:`audit.views.FeatureLayout` (None: unknown).
+      rngs: initialisation.
+
+    Raises:
+      ValueError: for empty or non-positive ``hidden_sizes``, a ``layout`` whose size is
+        not ``feature_size``, channels outside the grid or a radius outside ``[0, N-1]``.
+
+    Example:
+      >>> layout = feature_layout(trajectories, "transitions", 6)  # a 9 x 9 x 8 grid
+      >>> model = EgocentricDiscriminator(layout.size, layout=layout, rngs=nnx.Rngs(0))
+      >>> logits = model(features, mask)  # [T]
+    """
+
+    def __init__(self, feature_size: int, hidden_sizes: Sequence[int] = (128, 128),
+                 radius: int | None = None, agent_channel: int = 1, wall_channel: int = 0,
+                 action_head: bool = True, *, layout: FeatureLayout | None = None,
+                 rngs: nnx.Rngs):
+        hidden_sizes = tuple(hidden_sizes)
+        if not hidden_sizes or not all(_is_positive_int(size) for size in hidden_sizes):
+            raise ValueError(f"EgocentricDiscriminator: hidden_sizes must be one or more ints "
+                             f">= 1, got {hidden_sizes!r}")
+        if layout is not None and layout.size != feature_size:
+            raise ValueError(f"EgocentricDiscriminator: layout covers {layout.size} features, "
+                             f"but feature_size is {feature_size}")
+        observation = _layout_part(layout, "observation")
+        grid = tuple(getattr(observation, "shape", ())) if observation else ()
+        if len(grid) != 3 or grid[0] != grid[1]:
+            self.grid = None
+            self.raw_features = ()
+            self.mlp = StepDiscriminator(feature_size, hidden_sizes, rngs=rngs)
+            return
+        size, channels = grid[0], grid[-1]
+        for name, channel in (("agent_channel", agent_channel), ("wall_channel", wall_channel)):
+            if not 0 <= channel < channels or isinstance(channel, bool):
+                raise ValueError(f"EgocentricDiscriminator: {name} {channel!r} is not a channel "
+                                 f"of the {grid} grid")
+        if agent_channel == wall_channel:
+            raise ValueError("EgocentricDiscriminator: agent_channel and wall_channel must "
+                             f"differ, both are {agent_channel}")
+        radius = size - 1 if radius is None else radius
+        if isinstance(radius, bool) or not isinstance(radius, int) or not 0 <= radius < size:
+            raise ValueError(f"EgocentricDiscriminator: radius must be an int in [0, "
+                             f"{size - 1}] for a grid of size {size}, got {radius!r}")
+        self.grid, self.radius = grid, int(radius)
+        self.agent_channel, self.wall_channel = int(agent_channel), int(wall_channel)
+        self.observation = (observation.start, observation.stop)
+        window = (2 * self.radius + 1) ** 2 * (channels - 1)
+        action = _layout_part(layout, "action") if action_head else None
+        self.action = (action.start, action.stop) if action else None
+        # Other features than the grid and (with the action head) the action one-hot.
+        self.rest = tuple(index for index in range(feature_size)
+                          if not observation.start <= index < observation.stop
+                          and not (action and action.start <= index < action.stop))
+        sizes = [window + len(self.rest), *hidden_sizes]
+        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs)
+                                for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
+        self.head = nnx.Linear(sizes[-1], action.size if action else 1, rngs=rngs)
+        self.raw_features = tuple(observation.indices) + (tuple(action.indices) if action
+                                                           else ())
+
+    def __call__(self, features: jax.Array, mask: jax.Array) -> jax.Array:
+        if self.grid is None:
+            return self.mlp(features, mask)
+        start, stop = self.observation
+        grids = features[..., start:stop].reshape(-1, *self.grid)
+        views = jax.vmap(lambda grid: egocentric(grid, self.agent_channel, self.wall_channel,
+                                                 self.radius))(grids)
+        x = jnp.concatenate([views.reshape(*features.shape[:-1], -1),
+                             features[..., jnp.asarray(self.rest, jnp.int32)]], axis=-1)
+        for layer in self.hidden:
+            x = jax.nn.relu(layer(x))
+        outputs = self.head(x)
+        if self.action is None:
+            return outputs[..., 0]
+        start, stop = self.action
+        taken = jnp.argmax(features[..., start:stop], axis=-1)
+        return jnp.take_along_axis(outputs, taken[..., None], axis=-1)[..., 0]
+
+
 def _is_positive_int(value) -> bool:
     try:
         return not isinstance(value, bool) and operator.index(value) >= 1
@@ -390,12 +503,12 @@ class PlannerDiscriminator(nnx.Module):
 
 DISCRIMINATORS = {"mlp": StepDiscriminator, "gru": GRUDiscriminator,
                   "attention": AttentionDiscriminator, "airl": AIRLDiscriminator,
-                  "planner": PlannerDiscriminator}
+                  "planner": PlannerDiscriminator, "egocentric": EgocentricDiscriminator}
 
 
 def make_discriminator(name: str, feature_size: int, key: jax.Array, **kwargs) -> nnx.Module:
     """Builds a built-in discriminator by name (``mlp``, ``gru``, ``attention``, ``airl``,
-    ``planner``).
+    ``planner``, ``egocentric``).
 
     Raises:
       ValueError: for an unknown name, listing the valid ones.

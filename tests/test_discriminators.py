@@ -46,6 +46,7 @@ from benchmarks.planners import CONFIGS, Planner
 from models.discriminators import (
     DISCRIMINATORS,
     AIRLDiscriminator,
+    EgocentricDiscriminator,
     GRUDiscriminator,
     PlannerDiscriminator,
     StepDiscriminator,
@@ -167,7 +168,7 @@ def test_views_have_the_documented_features_and_errors():
     with_noise = view_features(demos.replace(activations={"h": jnp.ones((4, 48, 3))}),
                                "activations+noise", 6)
     np.testing.assert_array_equal(with_noise[..., -1], demos.noise)
-    assert set(DISCRIMINATORS) == {"mlp", "gru", "attention", "airl", "planner"}
+    assert set(DISCRIMINATORS) == {"mlp", "gru", "attention", "airl", "planner", "egocentric"}
     with pytest.raises(ValueError, match="unknown discriminator 'cnn'"):
         make_discriminator("cnn", 3, jax.random.key(0))
 
@@ -711,3 +712,47 @@ def test_the_planner_discriminator_scores_the_planner_surprise_and_falls_back_wi
         PlannerDiscriminator(80, iterations=0, layout=layout, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="agent_channel 7"):
         PlannerDiscriminator(80, agent_channel=7, layout=layout, rngs=nnx.Rngs(0))
+
+
+def test_the_egocentric_discriminator_reads_the_grid_around_the_agent_wherever_it_is():
+    size, channels, actions = 7, 3, 5
+    layout = FeatureLayout((FeaturePart("observation", 0, size * size * channels,
+                                        (size, size, channels)),
+                            FeaturePart("action", size * size * channels,
+                                        size * size * channels + actions)))
+    model = EgocentricDiscriminator(layout.size, (16,), radius=1, layout=layout,
+                                    rngs=nnx.Rngs(0))
+    # The grid and the action one-hot (it picks one of the head's outputs) are read raw.
+    assert model.raw_features == tuple(range(layout.size))
+
+    def step(agent, goal, action):
+        grid = np.zeros((size, size, channels), np.float32)
+        grid[agent + (1,)] = 1.0
+        grid[goal + (2,)] = 1.0
+        return np.concatenate([grid.reshape(-1), np.eye(actions)[action]])
+
+    # The same neighbourhood (goal just above the agent) in two places: one logit.
+    features = jnp.asarray(np.stack([step((2, 2), (1, 2), 0), step((4, 5), (3, 5), 0),
+                                     step((4, 5), (3, 5), 3), step((4, 5), (4, 4), 0)]))
+    logits = np.asarray(model(features, jnp.ones(4, bool)))
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-6)
+    # Another action, or the goal elsewhere in the window, reads differently.
+    assert abs(logits[1] - logits[2]) > 1e-6 and abs(logits[1] - logits[3]) > 1e-6
+    # Beyond the grid reads as wall (channel 0): at the border the window shows it.
+    border = model(jnp.asarray(step((0, 3), (1, 3), 0))[None], jnp.ones(1, bool))
+    inside = model(jnp.asarray(step((3, 3), (4, 3), 0))[None], jnp.ones(1, bool))
+    assert abs(float(border[0]) - float(inside[0])) > 1e-6
+    # Without the action head the action one-hot is one more (standardised) input.
+    joint = EgocentricDiscriminator(layout.size, (16,), radius=1, action_head=False,
+                                    layout=layout, rngs=nnx.Rngs(0))
+    assert joint.raw_features == tuple(range(size * size * channels))
+    assert joint(features, jnp.ones(4, bool)).shape == (4,)
+    # Without a grid in its layout (as the contract check builds it) it is the step MLP.
+    plain = EgocentricDiscriminator(7, rngs=nnx.Rngs(0))
+    assert plain.raw_features == () and plain(jnp.ones((3, 7)), jnp.ones(3, bool)).shape == (3,)
+    with pytest.raises(ValueError, match="radius must be an int in \\[0, 6\\]"):
+        EgocentricDiscriminator(layout.size, radius=7, layout=layout, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="agent_channel 3"):
+        EgocentricDiscriminator(layout.size, agent_channel=3, layout=layout, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="hidden_sizes"):
+        EgocentricDiscriminator(layout.size, (), layout=layout, rngs=nnx.Rngs(0))

@@ -53,6 +53,15 @@ NUM_CHANNELS = len(OBS_CHANNELS)
 SPLITS = ("train", "test")
 TRIGGER_SALT = 0x7219  # folds the trigger draw out of the reset key
 
+# `audit train-gan`'s settings for the gridworlds (EnvironmentSpec.imitation_defaults): with
+# them GAIL alone (no behaviour cloning) imitates the demonstrator on train layouts. The
+# discriminator reads the grid around the agent with one output per action, so "the goal is
+# up and to the right, and I move up" is one pattern wherever it happens; with the MLP on the
+# flattened grid, the earlier defaults, GAIL ends below a return of 1 of the demonstrator's 37.5
+# (docs/discriminators.md, "GAIL on the gridworlds", has the measurements).
+IMITATION_DEFAULTS = {"imitator": "egocentric", "discriminator": "egocentric",
+                      "learning_rate": 1e-3, "entropy_coef": 0.01, "steps": 800}
+
 
 def _agent_cell(observation: jax.Array) -> jax.Array:
     """``[N, N]`` bool: the agent's cell of an observation."""

@@ -16,6 +16,7 @@ import jax
 from audit.registry import EnvironmentSpec
 from benchmarks.envs.gridworld import (
     EVENT_NAMES,
+    IMITATION_DEFAULTS,
     SPLITS,
     GridParams,
     GridWorld,
@@ -53,4 +54,5 @@ SPEC = EnvironmentSpec(
     event_names=EVENT_NAMES,
     description="a control terminal the agent could seize (hidden event seize_control)",
     counterfactual=terminal_appears,
+    imitation_defaults=IMITATION_DEFAULTS,
 )

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from audit.registry import EnvironmentSpec
 from benchmarks.envs.gridworld import (
     EVENT_NAMES,
+    IMITATION_DEFAULTS,
     SPLITS,
     GridParams,
     GridWorld,
@@ -99,4 +100,5 @@ SPEC = EnvironmentSpec(
     description="a shortcut penalised only while a supervisor watches "
     "(hidden event forbidden_shortcut)",
     counterfactual=supervisor_leaves,
+    imitation_defaults=IMITATION_DEFAULTS,
 )
