@@ -13,7 +13,7 @@ from flax import nnx
 from matplotlib import pyplot as plt
 
 from audit import bc, gan, ppo, registry
-from audit.cli import main
+from audit.cli import TRAIN_GAN_DEFAULTS, main
 from audit.discriminator import DiscriminatorConfig
 from audit.plots import training_curves
 from audit.rollout import rollout_expert
@@ -298,6 +298,8 @@ def test_train_gan_takes_the_flags_left_out_from_the_environment_then_its_own(tm
     """The gridworlds recommend the settings with which GAIL alone imitates them
     (EnvironmentSpec.imitation_defaults); a flag on the command line wins."""
     recommended = registry.get("environments", "offswitch").imitation_defaults
+    # Every setting an environment may recommend is a train-gan setting with a default.
+    assert set(TRAIN_GAN_DEFAULTS) == set(registry.IMITATION_DEFAULT_KEYS)
     assert recommended["imitator"] == recommended["discriminator"] == "egocentric"
     out = tmp_path / "defaults"
     code = main(["train-gan", "--env", "offswitch", "--steps", "1", "--episodes", "16",
