@@ -240,9 +240,10 @@ def test_gail_alone_with_default_flags_imitates_every_gridworld(env, tmp_path, c
 
     The issue's bar is KL <= 0.1 nats and return >= 90% of the demonstrator's on train
     layouts. Measured (seed 5, docs/discriminators.md "GAIL alone on the gridworlds"):
-    KL 0.071 / 0.098 / 0.070 and return 85.8% / 80.5% / 67.0% (offswitch, takeover,
-    unobserved; unobserved after 1200 iterations). The KL part is asserted; a return
-    below the bar is reported as an expected failure with the figures, not hidden.
+    KL 0.071 / 0.098 / 0.058 and return 85.8% / 80.5% / 53.4% (offswitch, takeover,
+    unobserved; this test's run for unobserved, the other two the same command outside
+    pytest). The KL part is asserted; a return below the bar is reported as an expected
+    failure with the figures, not hidden.
     """
     out = tmp_path / env
     code = main(["train-gan", "--env", env, "--seed", "5", "--quiet", "--out", str(out)])
