@@ -47,18 +47,21 @@ def with_cotraining_iterations(suite, iterations: int):
     return dataclasses.replace(suite, gan=gan)
 
 
+def _with_mlp_hidden_sizes(suite, hidden_sizes: tuple[int, ...]):
+    """The suite whose co-trained MLP discriminators have these hidden layer widths."""
+    settings = dict(suite.discriminator_settings)
+    settings["mlp"] = (("hidden_sizes", tuple(hidden_sizes)),)
+    return dataclasses.replace(suite, discriminator_settings=tuple(settings.items()))
+
+
 def with_discriminator_width(suite, width: int):
     """The suite with co-trained MLP discriminators of two hidden layers of ``width``."""
-    settings = dict(suite.discriminator_settings)
-    settings["mlp"] = (("hidden_sizes", (int(width), int(width))),)
-    return dataclasses.replace(suite, discriminator_settings=tuple(settings.items()))
+    return _with_mlp_hidden_sizes(suite, (int(width),) * 2)
 
 
 def with_discriminator_depth(suite, depth: int):
     """The suite with co-trained MLP discriminators of ``depth`` hidden layers of 64."""
-    settings = dict(suite.discriminator_settings)
-    settings["mlp"] = (("hidden_sizes", (64,) * int(depth)),)
-    return dataclasses.replace(suite, discriminator_settings=tuple(settings.items()))
+    return _with_mlp_hidden_sizes(suite, (64,) * int(depth))
 
 
 def with_discriminator_updates(suite, updates: int):
