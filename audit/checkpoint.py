@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -31,26 +32,42 @@ def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     return path
 
 
+class _DoesNotFit(ValueError):
+    pass
+
+
 def load_params(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
     """Loads parameters saved by :func:`save_params` into ``module`` (same architecture).
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      ValueError: naming the parameters that are missing or have another shape.
+      ValueError: naming the file and the parameters that are missing, have another
+        shape or are not finite, or saying that it is not a readable ``.npz`` (empty,
+        truncated, not a zip, an object array).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no parameters file at {path}")
     state = nnx.state(module, nnx.Param)
     expected = _flat(state)
-    with np.load(path, allow_pickle=False) as data:
-        missing = sorted(set(expected) - set(data.files))
-        wrong = sorted(k for k in expected if k in data.files and data[k].shape
-                       != expected[k].shape)
-        if missing or wrong:
-            raise ValueError(f"{path} does not fit {type(module).__name__}: missing "
-                             f"{missing or 'none'}, shape mismatch {wrong or 'none'}")
-        loaded = {k: jnp.asarray(data[k]) for k in expected}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = sorted(set(expected) - set(data.files))
+            wrong = sorted(k for k in expected if k in data.files and data[k].shape
+                           != expected[k].shape)
+            if missing or wrong:
+                raise _DoesNotFit(f"{path} does not fit {type(module).__name__}: missing "
+                                  f"{missing or 'none'}, shape mismatch {wrong or 'none'}")
+            loaded = {k: np.asarray(data[k]) for k in expected}
+    except _DoesNotFit as error:
+        raise ValueError(str(error)) from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable parameters file ({type(error).__name__}: "
+                         f"{error})") from None
+    bad = sorted(k for k, v in loaded.items() if v.dtype.kind == "f" and not np.isfinite(v).all())
+    if bad:
+        raise ValueError(f"{path}: parameters {bad} are not finite")
+    loaded = {k: jnp.asarray(v) for k, v in loaded.items()}
     for key_path, variable in nnx.to_flat_state(state):
         variable.set_value(loaded["/".join(str(part) for part in key_path)])
     nnx.update(module, state)

@@ -7,6 +7,7 @@ reported on one line, ``audit <command>: error: ...``, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -28,15 +29,104 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+COUNT_LIMIT = 2**31 - 1  # counts become int32 loop bounds and array sizes in XLA
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer > 0."""
+    """argparse type: an integer in ``[1, 2**31)`` (counts are int32 inside XLA)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    if not 0 < value <= COUNT_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 2**31), got {value}")
     return value
+
+
+SEED_LIMIT = 2**32  # seeds are uint32 PRNG seeds: every command takes [0, 2**32)
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in ``[0, 2**32)`` (JAX keys are 32-bit: a larger
+    seed would silently give another seed's numbers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}"
+                                         ) from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer in ``[0, 2**31)``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if not 0 <= value <= COUNT_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**31), got {value}")
+    return value
+
+
+def finite_float(low: float, high: float = math.inf, low_open: bool = False,
+                 high_open: bool = True):
+    """An argparse type: a finite float in the interval given (``inf`` and ``nan`` are
+    refused: a learning rate of ``inf`` trains to NaN parameters without an error)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+    expected = (f"a finite number > {low:g}" if low_open and high == math.inf else
+                f"a finite number >= {low:g}" if high == math.inf else
+                f"a finite number in {left}{low:g}, {high:g}{right}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        inside = ((value > low if low_open else value >= low)
+                  and (value < high if high_open else value <= high))
+        if not math.isfinite(value) or not inside:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = "number"  # argparse names the type in its messages
+    parse.__doc__ = f"argparse type: {expected}."
+    return parse
+
+
+positive_float = finite_float(0.0, low_open=True)
+non_negative_float = finite_float(0.0)
+
+
+def check_memory(env, env_params, max_steps: int, episodes: dict[str, int],
+                 share: float = 0.5) -> None:
+    """Refuses episode counts whose trajectories cannot fit in this machine's memory.
+
+    Every episode of a batch is held at once (``[episodes, steps, ...]``): a count far
+    beyond memory would abort the process inside XLA instead of saying which flag is at
+    fault. Estimated per flag, for float32 observations, action distributions and the
+    per-step fields.
+
+    Raises:
+      UsageError: naming the flag, the memory the episodes need and what the machine has.
+    """
+    import os
+
+    import numpy as np
+
+    observation = int(np.prod(env.observation_space(env_params).shape))
+    per_episode = max_steps * 4 * (observation + 2 * env.num_actions + 8)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform says
+        return
+    for flag, count in episodes.items():
+        need = count * per_episode
+        if need > share * memory:
+            raise UsageError(f"{flag}: {count} episodes of {max_steps} steps need about "
+                             f"{need / 2**30:.3g} GiB in memory; this machine has "
+                             f"{memory / 2**30:.3g} GiB (use fewer episodes)")
 
 
 def _add_plugin_argument(parser: argparse.ArgumentParser, dest: str) -> None:
@@ -96,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generate this many demonstrator episodes (default 1024)")
     bc.add_argument("--updates", type=positive_int, default=1000, help="default 1000")
     bc.add_argument("--batch-episodes", type=positive_int, default=32, help="default 32")
-    bc.add_argument("--learning-rate", type=float, default=1e-3, help="default 1e-3")
+    bc.add_argument("--learning-rate", type=positive_float, default=1e-3, help="default 1e-3")
     bc.add_argument("--eval-episodes", type=positive_int, default=512,
                     help="episodes per evaluation set (default 512)")
     add_run_arguments(bc, "runs/bc/<timestamp>-<env>-<imitator>-...")
@@ -141,23 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
                      "else 64)")
     gan.add_argument("--reward", default=None,
                      help="gail (-log D) or logit (default: the environment's, else gail)")
-    gan.add_argument("--learning-rate", type=float, default=None,
+    gan.add_argument("--learning-rate", type=positive_float, default=None,
                      help="imitator and critic learning rate (default: the environment's, "
                      "else 3e-4)")
-    gan.add_argument("--discriminator-learning-rate", type=float, default=None,
+    gan.add_argument("--discriminator-learning-rate", type=positive_float, default=None,
                      help="default: the environment's, else 3e-4")
     gan.add_argument("--discriminator-updates", type=positive_int, default=None,
                      help="discriminator updates per iteration (default: the environment's, "
                      "else 4)")
-    gan.add_argument("--gradient-penalty", type=float, default=0.0,
+    gan.add_argument("--gradient-penalty", type=non_negative_float, default=0.0,
                      help="R1 weight on demonstrator features (default 0)")
-    gan.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
-    gan.add_argument("--bc-warm-start", type=int, default=0,
+    gan.add_argument("--label-smoothing", type=finite_float(0.0, 1.0), default=0.0,
+                     help="in [0, 1) (default 0)")
+    gan.add_argument("--bc-warm-start", type=non_negative_int, default=0,
                      help="behaviour-cloning updates before the adversarial phase (default 0)")
-    gan.add_argument("--bc-coef", type=float, default=0.0,
+    gan.add_argument("--bc-coef", type=non_negative_float, default=0.0,
                      help="weight of a behaviour-cloning term in the imitator's loss (default 0)")
-    gan.add_argument("--entropy-coef", type=float, default=None,
+    gan.add_argument("--entropy-coef", type=non_negative_float, default=None,
                      help="entropy bonus weight (default: the environment's, else 0)")
+    gan.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=None,
+                     help="anneal the imitator's and critic's learning rate linearly to 0 "
+                     "over the run (default: the environment's, else off)")
     gan.add_argument("--eval-every", type=positive_int, default=10,
                      help="iterations between evaluations (default 10)")
     gan.add_argument("--eval-episodes", type=positive_int, default=256,
@@ -169,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="score detectors against model organisms (the benchmark suites)",
         description="Run every (environment, organism, detector, view) cell of a suite and "
-        "write DIR/results.json, results.csv, results.md, results.tex, scores.npz and "
-        "roc_<env>.png; print the Markdown table. Organisms are cached in --cache-dir.",
+        "write DIR/results.json, results.csv, results.md, results.tex, scores.npz, "
+        "roc_<env>.png and the visual report DIR/report.html (figures also under "
+        "DIR/figures/); print the Markdown table. Organisms are cached in --cache-dir.",
     )
     bench.add_argument("--suite", default="quick",
                        help="a registered suite: quick, generalising, structured, full or "
@@ -192,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--zero-constant-features", action="store_true",
                        help="hold features that never varied in the fitting data at 0 when "
                        "scoring (the old behaviour: novelty in them is invisible)")
+    bench.add_argument("--no-report", action="store_true",
+                       help="do not write report.html (`audit report DIR` writes it later)")
     add_run_arguments(bench, "runs/bench/<timestamp>-<suite>")
     bench.set_defaults(handler=run_bench)
 
@@ -201,8 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the sweep NAME's suite at each of its values (every point a full "
         "benchmark run, written to DIR/points/<value>/) and write DIR/NAME.csv (every "
         "figure with its 95%% interval), DIR/NAME.png and DIR/NAME.pdf (the figures against "
-        "the value) and DIR/sweep.json. Organisms are cached in --cache-dir and shared by "
-        "the points.",
+        "the value), DIR/sweep.json and DIR/report.html (each point has its own). Organisms "
+        "are cached in --cache-dir and shared by the points.",
     )
     sweep.add_argument("name", help="a registered sweep: new_situations, demonstrations, "
                        "training_time, capacity, capacity_depth, capacity_updates, "
@@ -220,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--processes", type=positive_int, default=None,
                        help="worker processes per point, one environment each (default: "
                        "one per environment)")
+    sweep.add_argument("--no-report", action="store_true",
+                       help="do not write the report.html files (`audit report DIR` writes "
+                       "them later)")
     add_run_arguments(sweep, "runs/sweep/<timestamp>-<name>-<setting>")
     sweep.set_defaults(handler=run_sweep_command)
 
@@ -236,6 +336,57 @@ def build_parser() -> argparse.ArgumentParser:
     recompute.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     recompute.add_argument("--quiet", action="store_true", help="print nothing but errors")
     recompute.set_defaults(handler=run_metrics)
+
+    report = commands.add_parser(
+        "report",
+        help="write the visual report (report.html) of a finished bench or sweep run",
+        description="Write RUN_DIR/report.html, a self-contained page (no network needed): "
+        "the results tables with intervals and control marks (sortable), pre-harm ROC "
+        "curves, per-step scores over time with the hidden event and the flagging level, "
+        "episode pictures with the flagged steps, the organisms' validity, and the run's "
+        "settings, versions and timings; every figure also as PNG and PDF under "
+        "RUN_DIR/figures/. Built from results.json, scores.npz and the episodes the run "
+        "kept: nothing is recomputed by running models.",
+    )
+    report.add_argument("run_dir", type=Path,
+                        help="a directory written by audit bench or audit sweep")
+    report.add_argument("--highlight", default=None, metavar="DETECTOR/VIEW",
+                        help="the detector whose flags the episode pictures show, e.g. "
+                        "mahalanobis/activations (default: per organism, its best "
+                        "non-control cell by pre-harm AUROC)")
+    report.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    report.set_defaults(handler=run_report)
+
+    render = commands.add_parser(
+        "render",
+        help="draw episodes of a planner or a saved imitator as an animated GIF",
+        description="Roll out --episodes episodes of the planner --planner (or of the "
+        "imitator saved in --imitator RUN_DIR by train-bc or train-gan) on --split layouts "
+        "of --env and write them to --out: an animated GIF (.gif; a hidden event's step has "
+        "an orange frame) or a strip of frames (.png or .pdf). The environment must have a "
+        "renderer (EnvironmentSpec.render; the gridworlds do).",
+    )
+    render.add_argument("--env", required=True, help="environment name")
+    render.add_argument("--split", default="test", help="layout split (default test)")
+    render.add_argument("--planner", default="demonstrator",
+                        help="registered planner (default demonstrator)")
+    render.add_argument("--imitator", type=Path, default=None, metavar="RUN_DIR",
+                        help="a train-bc or train-gan run directory: render its saved imitator "
+                        "instead of a planner")
+    render.add_argument("--episodes", type=positive_int, default=1,
+                        help="episodes, one after another (default 1)")
+    render.add_argument("--scale", type=positive_int, default=16,
+                        help="pixels per grid cell (default 16)")
+    render.add_argument("--frame-seconds", type=finite_float(0.0, 60.0, low_open=True,
+                                                             high_open=False), default=0.3,
+                        help="seconds per GIF frame (default 0.3)")
+    render.add_argument("--seed", type=seed_int, default=0, help="in [0, 2**32) (default 0)")
+    render.add_argument("--out", type=Path, default=None,
+                        help="output file, .gif, .png or .pdf (default "
+                        "runs/render/<env>-<split>-<policy>-seed<S>.gif)")
+    render.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    render.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    render.set_defaults(handler=run_render)
 
     listing = commands.add_parser(
         "list",
@@ -255,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     """``--seed``, ``--out``, ``--overwrite`` and ``--quiet``, shared by every run command."""
-    parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--seed", type=seed_int, default=0, help="in [0, 2**32) (default 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output directory (default {default_out})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -295,15 +446,15 @@ def run_demos(args: argparse.Namespace) -> int:
     if args.split not in env_spec.splits:
         raise UsageError(f"--split: unknown split {args.split!r} for environment {args.env!r}; "
                          f"choose from: {', '.join(env_spec.splits)}")
-    out = args.out or Path("runs", "demos", default_run_name(args.env, args.split, args.planner,
-                                                             f"seed{args.seed}"))
-    check_run_dir(out, args.overwrite)
-
     env, env_params = env_spec.build(args.split)
     if not planner_spec.supports(env):
         raise UsageError(f"--planner: {args.planner!r} cannot act in environment {args.env!r}")
-    planner = planner_spec.make(env)
     max_steps = args.max_steps or int(env_params.max_steps_in_episode)
+    check_memory(env, env_params, max_steps, {"--episodes": args.episodes})
+    out = args.out or Path("runs", "demos", default_run_name(args.env, args.split, args.planner,
+                                                             f"seed{args.seed}"))
+    check_run_dir(out, args.overwrite)
+    planner = planner_spec.make(env)
 
     started = time.perf_counter()
     trajectories = rollout_expert(planner, env, env_params, jax.random.key(args.seed),
@@ -341,6 +492,7 @@ def run_demos(args: argparse.Namespace) -> int:
 def run_train_bc(args: argparse.Namespace) -> int:
     """``audit train-bc``: see the subcommand's help."""
     import jax
+    import numpy as np
     from flax import nnx
 
     from audit.bc import BCConfig, make_train
@@ -351,38 +503,43 @@ def run_train_bc(args: argparse.Namespace) -> int:
     env_spec = lookup_environment(args.env)
     imitator_class = lookup("imitators", args.imitator, "--imitator")
     demonstrator_spec = lookup("planners", "demonstrator", "demonstrator")
-    if args.learning_rate <= 0:
-        raise UsageError(f"--learning-rate: expected a positive number, got {args.learning_rate}")
     if "test" not in env_spec.splits:
         raise UsageError(f"--env: {args.env!r} has no test split; train-bc reports test figures")
-    demos_file = None
-    if args.demos is not None:
+    train_env, train_params = env_spec.build("train")
+    observation_shape = tuple(train_env.observation_space(train_params).shape)
+    num_actions = train_env.num_actions
+    demonstrations = None
+    if args.demos is not None:  # read and checked before anything is computed
         demos_file = args.demos / "trajectories.npz"
         if not demos_file.is_file():
             raise UsageError(f"--demos: no trajectories.npz in {args.demos} "
                              "(write one with `audit demos`)")
-    out = args.out or Path("runs", "bc", default_run_name(args.env, args.imitator,
-                                                          f"seed{args.seed}"))
-    check_run_dir(out, args.overwrite)
-
-    train_env, train_params = env_spec.build("train")
-    demonstrator = demonstrator_spec.make(train_env)
-    observation_shape = tuple(train_env.observation_space(train_params).shape)
-    num_actions = train_env.num_actions
-    key = jax.random.key(args.seed)
-    data_key, train_key, eval_key = jax.random.split(key, 3)
-    if demos_file is not None:
-        demonstrations = load_npz(demos_file)
+        try:
+            demonstrations = load_npz(demos_file)
+        except ValueError as error:
+            raise UsageError(f"--demos: {error}") from None
         if tuple(demonstrations.observations.shape[2:]) != observation_shape:
             raise UsageError(f"--demos: observations of shape "
                              f"{tuple(demonstrations.observations.shape[2:])} do not fit "
                              f"{args.env!r} ({observation_shape})")
-    else:
+        if demonstrations.action_probs.shape[-1] != num_actions:
+            raise UsageError(f"--demos: action_probs over {demonstrations.action_probs.shape[-1]} "
+                             f"actions; {args.env!r} has {num_actions}")
+    max_steps = int(train_params.max_steps_in_episode)
+    check_memory(train_env, train_params, max_steps,
+                 {"--episodes": args.episodes or 0, "--eval-episodes": args.eval_episodes})
+    out = args.out or Path("runs", "bc", default_run_name(args.env, args.imitator,
+                                                          f"seed{args.seed}"))
+    check_run_dir(out, args.overwrite)
+
+    demonstrator = demonstrator_spec.make(train_env)
+    key = jax.random.key(args.seed)
+    data_key, train_key, eval_key = jax.random.split(key, 3)
+    if demonstrations is None:
         from audit.rollout import rollout_expert
 
         demonstrations = rollout_expert(demonstrator, train_env, train_params, data_key,
-                                        args.episodes or 1024,
-                                        int(train_params.max_steps_in_episode))
+                                        args.episodes or 1024, max_steps)
 
     def make_imitator(key):
         return imitator_class(observation_shape, num_actions, rngs=nnx.Rngs(key))
@@ -395,6 +552,16 @@ def run_train_bc(args: argparse.Namespace) -> int:
         params, losses = jax.jit(train)(train_key)
         jax.block_until_ready(losses)
     train_seconds = time.perf_counter() - started
+    losses_host = np.asarray(losses)
+    finite_params = all(bool(np.isfinite(np.asarray(leaf)).all())
+                        for leaf in jax.tree.leaves(params))
+    if not (np.isfinite(losses_host).all() and finite_params):
+        first = int(np.argmax(~np.isfinite(losses_host))) if not np.isfinite(
+            losses_host).all() else len(losses_host) - 1
+        print(f"audit train-bc: error: training diverged (the loss or the parameters are not "
+              f"finite from update {first}); nothing was written: lower --learning-rate "
+              f"({args.learning_rate:g})", file=sys.stderr)
+        return EXIT_FAILURE
     imitator = nnx.merge(graphdef, params)
 
     figures = imitation_figures(imitator, env_spec, demonstrator_spec, eval_key,
@@ -431,7 +598,7 @@ def run_train_bc(args: argparse.Namespace) -> int:
 TRAIN_GAN_DEFAULTS = {"imitator": "mlp", "discriminator": "mlp", "view": "transitions",
                       "steps": 200, "rollout_episodes": 64, "reward": "gail",
                       "learning_rate": 3e-4, "discriminator_learning_rate": 3e-4,
-                      "discriminator_updates": 4, "entropy_coef": 0.0}
+                      "discriminator_updates": 4, "entropy_coef": 0.0, "anneal_lr": False}
 
 
 def resolve_imitation_defaults(args: argparse.Namespace,
@@ -477,7 +644,8 @@ def run_train_gan(args: argparse.Namespace) -> int:
         config = gan.GANConfig(
             iterations=args.steps, episodes=args.rollout_episodes, view=args.view,
             activation_names=names, reward=args.reward,
-            ppo=PPOSettings(learning_rate=args.learning_rate, entropy_coef=args.entropy_coef),
+            ppo=PPOSettings(learning_rate=args.learning_rate, entropy_coef=args.entropy_coef,
+                            anneal_lr=args.anneal_lr),
             bc_coef=args.bc_coef,
             bc_warm_start=(BCConfig(updates=args.bc_warm_start, learning_rate=2e-3)
                            if args.bc_warm_start > 0 else None),
@@ -512,6 +680,9 @@ def run_train_gan(args: argparse.Namespace) -> int:
         raise UsageError(f"--discriminator: {args.discriminator!r} reads episodes of at most "
                          f"{limit} steps; {args.env!r} episodes last up to {episode_length} "
                          "steps (choose mlp or gru)")
+    check_memory(env, env_params, episode_length,
+                 {"--episodes": args.episodes, "--rollout-episodes": args.rollout_episodes,
+                  "--eval-episodes": args.eval_episodes})
     data_key, train_key, eval_key = jax.random.split(jax.random.key(args.seed), 3)
     if is_gymnax:
         demonstrations, expert = gymnax_envs.expert_demonstrations(
@@ -534,13 +705,18 @@ def run_train_gan(args: argparse.Namespace) -> int:
         return Critic(int(np.prod(observation_shape)), rngs=nnx.Rngs(key))
 
     started = time.perf_counter()
+    # Built (and its settings checked against the data) before the progress bar starts,
+    # so that a bad setting is one line naming its flag.
+    advance_to = [lambda done: None]
+    try:
+        train, modules = gan.make_train(config, env, env_params, make_imitator, make_critic,
+                                        make_discriminator, demonstrations,
+                                        test_env_params=test_params,
+                                        progress=lambda done: advance_to[0](done))
+    except ValueError as error:
+        raise UsageError(_flag_for(str(error))) from None
     with _progress(args.quiet, "adversarial imitation", args.steps) as advance:
-        try:
-            train, modules = gan.make_train(config, env, env_params, make_imitator, make_critic,
-                                            make_discriminator, demonstrations,
-                                            test_env_params=test_params, progress=advance)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+        advance_to[0] = advance
         state, metrics, evaluations = jax.jit(train)(train_key)
         jax.block_until_ready(metrics)
     train_seconds = time.perf_counter() - started
@@ -630,8 +806,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.zero_constant_features:
         suite = dataclasses.replace(suite, zero_constant_features=True)
     seeds = args.seeds or suite.seeds
-    if args.seed < 0:
-        raise UsageError(f"--seed: expected a non-negative integer, got {args.seed}")
+    if args.seed + seeds > SEED_LIMIT:
+        raise UsageError(f"--seeds: seeds {args.seed}..{args.seed + seeds - 1} go past 2**32 - 1 "
+                         "(seeds are 32-bit)")
     run_name = f"seeds{seeds}" if args.seed == 0 else f"seeds{args.seed}-{args.seed + seeds - 1}"
     out = args.out or Path("runs", "bench", default_run_name(args.suite, run_name))
     check_run_dir(out, args.overwrite)
@@ -660,10 +837,12 @@ def run_bench(args: argparse.Namespace) -> int:
         results["scores"].settings["metadata"] = metadata
         results["scores"].save(staging / "scores.npz")
         text = write_results(staging, results, metadata, views=suite.views)
+        reported = not args.no_report and _write_report_or_warn(staging, out, "bench")
     if not args.quiet:
         print(text)
-        print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz and ROC "
-              f"plots to {out} ({seconds:.0f} s)")
+        report = ", report.html" if reported else ""
+        print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz, ROC "
+              f"plots{report} to {out} ({seconds:.0f} s)")
     return 0
 
 
@@ -673,8 +852,6 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     from audit.protocol import InvalidOrganismError
 
     sweep = lookup("sweeps", args.name, "NAME")
-    if args.seed < 0:
-        raise UsageError(f"--seed: expected a non-negative integer, got {args.seed}")
     if sweep.experiment != "suite" and args.values:
         raise UsageError(f"--values: the {args.name} sweep is a {sweep.experiment} probe "
                          "without values")
@@ -689,6 +866,10 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         raise UsageError(f"NAME {args.name}: {error}") from None
     except ValueError as error:
         raise UsageError(f"--values: {error}") from None
+    last_seed = args.seed + (args.seeds or sweep.seeds_for(args.setting, base)) - 1
+    if last_seed >= SEED_LIMIT:
+        raise UsageError(f"--seeds: seeds {args.seed}..{last_seed} go past 2**32 - 1 "
+                         "(seeds are 32-bit)")
     out = args.out or Path("runs", "sweep", default_run_name(args.name, args.setting))
     check_run_dir(out, args.overwrite)
     started = time.perf_counter()
@@ -746,6 +927,8 @@ def _run_probe_into(sweep, args, values, base, out, started):
             "seconds": seconds, "skipped_envs": outcome["skipped"],
             "config": _as_dict(base), "versions": versions(),
             "model_level": outcome["model_level"], "models": outcome["models"]})
+        if not args.no_report:
+            _write_report_or_warn(staging, out, "sweep")
     return seconds, outcome
 
 
@@ -767,6 +950,8 @@ def _run_sweep_into(sweep, args, values, base, out, started):
             results["scores"].settings["metadata"] = metadata
             results["scores"].save(point / "scores.npz")
             write_results(point, results, metadata, views=suite.views)
+            if not args.no_report:
+                _write_report_or_warn(point, out / "points" / point.name, "sweep")
 
         outcome = run_sweep(sweep, values, args.setting, seeds=seeds, first_seed=args.seed,
                             cache_dir=None if args.no_cache else args.cache_dir,
@@ -784,7 +969,139 @@ def _run_sweep_into(sweep, args, values, base, out, started):
             "failed_points": {str(p["value"]): p["error"] for p in outcome["points"]
                               if "error" in p},
             "figures": list(sweep.figures), "versions": versions(), "rows": outcome["rows"]})
+        if not args.no_report:
+            _write_report_or_warn(staging, out, "sweep")
     return seconds, outcome
+
+
+def _write_report_or_warn(directory: Path, final: Path, command: str) -> bool:
+    """Writes ``directory``'s report.html; a failure is a warning, never the run's loss."""
+    from audit.html_report import write_report
+
+    try:
+        write_report(directory)
+    except Exception as error:  # noqa: BLE001 -- the figures are written; keep them
+        print(f"audit {command}: warning: report.html was not written ({type(error).__name__}: "
+              f"{error}); run `audit report {final}` to write it", file=sys.stderr)
+        return False
+    return True
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``audit report``: see the subcommand's help."""
+    from audit.html_report import ReportError, write_report
+
+    if args.highlight is not None and args.highlight.count("/") < 1:
+        raise UsageError(f"--highlight: expected DETECTOR/VIEW (e.g. mahalanobis/activations), "
+                         f"got {args.highlight!r}")
+    started = time.perf_counter()
+    try:
+        path = write_report(args.run_dir, highlight=args.highlight)
+    except ReportError as error:
+        raise UsageError(f"RUN_DIR: {error}") from None
+    if not args.quiet:
+        size = path.stat().st_size / 1e6
+        print(f"wrote {path} ({size:.1f} MB) and its figures under "
+              f"{path.parent / 'figures'} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def run_render(args: argparse.Namespace) -> int:
+    """``audit render``: see the subcommand's help."""
+    import jax
+    import numpy as np
+
+    from audit.render import episode_frames, strip_figure, write_gif
+    from audit.rollout import rollout, rollout_expert
+
+    env_spec = lookup_environment(args.env)
+    if env_spec.render is None:
+        raise UsageError(f"--env: {args.env!r} has no renderer (EnvironmentSpec.render); "
+                         "the gridworlds offswitch, takeover and unobserved have one")
+    if args.split not in env_spec.splits:
+        raise UsageError(f"--split: unknown split {args.split!r} for environment {args.env!r}; "
+                         f"choose from: {', '.join(env_spec.splits)}")
+    policy = args.planner if args.imitator is None else args.imitator.name
+    out = args.out or Path("runs", "render",
+                           f"{args.env}-{args.split}-{policy}-seed{args.seed}.gif")
+    if out.suffix.lower() not in (".gif", ".png", ".pdf"):
+        raise UsageError(f"--out: expected a .gif, .png or .pdf file, got {out}")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} already exists; pass --overwrite to replace it")
+    env, env_params = env_spec.build(args.split)
+    max_steps = int(env_params.max_steps_in_episode)
+    check_memory(env, env_params, max_steps, {"--episodes": args.episodes})
+    key = jax.random.key(args.seed)
+    if args.imitator is None:
+        planner_spec = lookup("planners", args.planner, "--planner")
+        if not planner_spec.supports(env):
+            raise UsageError(f"--planner: {args.planner!r} cannot act in environment "
+                             f"{args.env!r}")
+        episodes = rollout_expert(planner_spec.make(env), env, env_params, key, args.episodes,
+                                  max_steps)
+    else:
+        episodes = rollout(_saved_imitator(args.imitator, args.env, env, env_params), env,
+                           env_params, key, args.episodes, max_steps)
+    observations, mask = np.asarray(episodes.observations), np.asarray(episodes.mask)
+    events = np.asarray(episodes.events)
+    frames, event_frames, first_event = [], [], None
+    for episode in range(args.episodes):
+        hits = np.flatnonzero((events[episode] > 0) & mask[episode])
+        if hits.size:
+            event_frames.append(len(frames) + int(hits[0]))
+            first_event = int(hits[0]) if first_event is None else first_event
+        frames.extend(episode_frames(env_spec.render, observations[episode], mask[episode],
+                                     args.scale))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".gif":
+        write_gif(frames, out, args.frame_seconds, event_steps=event_frames)
+    else:
+        from matplotlib import pyplot as plt
+
+        figure = strip_figure(frames, event_step=first_event if args.episodes == 1 else None,
+                              title=f"{args.env} ({args.split}), {policy}, seed {args.seed}")
+        figure.savefig(out, dpi=150)
+        plt.close(figure)
+    if not args.quiet:
+        names = env_spec.event_names
+        happened = sorted({names[int(c)] for c in events[mask & (events > 0)]})
+        print(f"wrote {out}: {args.episodes} episode(s), {len(frames)} frames; hidden events: "
+              f"{', '.join(happened) if happened else 'none'}")
+    return 0
+
+
+def _saved_imitator(run_dir: Path, env_name: str, env, env_params):
+    """The imitator saved by ``train-bc`` or ``train-gan`` in ``run_dir``, parameters loaded."""
+    import json
+
+    from flax import nnx
+
+    from audit.checkpoint import load_params
+
+    # train-gan writes imitator.npz (beside its critic and discriminator), train-bc params.npz.
+    summary_path = run_dir / "summary.json"
+    params_path = next((run_dir / name for name in ("imitator.npz", "params.npz")
+                        if (run_dir / name).is_file()), run_dir / "imitator.npz")
+    for path in (summary_path, params_path):
+        if not path.is_file():
+            raise UsageError(f"--imitator: {path} not found (expected a train-bc or train-gan "
+                             "run directory)")
+    try:
+        config = json.loads(summary_path.read_text())["config"]
+        name, trained_on = config["imitator"], config["env"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--imitator: {summary_path} has no config.imitator / config.env "
+                         f"({error})") from None
+    if trained_on != env_name:
+        raise UsageError(f"--imitator: {run_dir} holds an imitator of {trained_on!r}, not of "
+                         f"--env {env_name!r}")
+    imitator_class = lookup("imitators", name, "--imitator")
+    observation_shape = env.observation_space(env_params).shape
+    imitator = imitator_class(observation_shape, env.num_actions, rngs=nnx.Rngs(0))
+    try:
+        return load_params(imitator, params_path)
+    except ValueError as error:
+        raise UsageError(f"--imitator: {params_path}: {error}") from None
 
 
 def run_metrics(args: argparse.Namespace) -> int:
@@ -866,7 +1183,8 @@ def _flag_for(message: str) -> str:
              "DiscriminatorConfig.learning_rate": "--discriminator-learning-rate",
              "DiscriminatorConfig.gradient_penalty": "--gradient-penalty",
              "DiscriminatorConfig.label_smoothing": "--label-smoothing",
-             "GANConfig.bc_coef": "--bc-coef", "PPOSettings.entropy_coef": "--entropy-coef"}
+             "GANConfig.bc_coef": "--bc-coef", "PPOSettings.entropy_coef": "--entropy-coef",
+             "needs activations": "--activations"}
     for prefix, flag in flags.items():
         if prefix in message:
             return f"{flag}: {message}"

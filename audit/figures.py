@@ -233,27 +233,12 @@ def compute(store: ScoreStore) -> dict[str, Any]:
     budgets = tuple(float(b) for b in settings["audit_budgets"])
     per_cell = {cell: windows(store, cell, alpha, aggregate) for cell in store.cells}
 
-    # (env, group, detector, view, seed) -> the honest model's windows.
-    honest_windows = {}
-    for cell, info in store.cells.items():
-        model = store.models[info["model"]]
-        if model["organism"] == HONEST:
-            honest_windows[(model["env"], model["group"], info["detector"], info["view"],
-                            model["seed"])] = per_cell[cell]
-
-    # Cells of one (env, group, organism, detector, view) over seeds.
-    grouped: dict[tuple, list[str]] = {}
-    for cell, info in store.cells.items():
-        model = store.models[info["model"]]
-        grouped.setdefault((model["env"], model["group"], model["organism"], info["detector"],
-                            info["view"]), []).append(cell)
-
+    honest_windows = _honest_windows(store, per_cell)
+    grouped = _grouped_cells(store)
     rows = []
-    roc: dict[str, list] = {model["env"]: [] for model in store.models.values()}
     statistic = functools.partial(seed_figures, alpha=alpha, budgets=budgets)
     for (env, group, organism, detector, view), cells in grouped.items():
-        cells = sorted(cells, key=lambda c: store.models[store.cells[c]["model"]]["seed"])
-        groups, curves = [], []
+        groups = []
         counts = dict(positives=0, empty=0, own_clean=0, honest=0, episodes=0)
         for cell in cells:
             info, found = store.cells[cell], per_cell[cell]
@@ -272,9 +257,6 @@ def compute(store: ScoreStore) -> dict[str, Any]:
             counts["own_clean"] += int((~found["positive"]).sum())
             counts["honest"] += int(honest.size)
             counts["episodes"] += int(found["positive"].size)
-            if positives.size and (clean.size or honest.size):
-                curves.append(_roc_curve(1 - positives[:, 0],
-                                         1 - np.concatenate([clean, honest])))
         names = list(FIGURES) + [f"audit_budget_{b}" for b in budgets]
         resamples = int(settings["resamples"])
         point, low, high = metrics.nested_bootstrap_ci(
@@ -306,14 +288,72 @@ def compute(store: ScoreStore) -> dict[str, Any]:
         row["control_failed"] = False
         row["control_failures"] = []
         rows.append(row)
-        if curves:
-            roc.setdefault(env, []).append(_mean_curve(curves, organism, detector, view))
     _mark_controls(rows)
     models = _model_statistics(store, per_cell, alpha)
     return dict(rows=rows, models=models,
                 model_level=model_level(models, resamples=int(settings["resamples"]),
                                         seed=settings["bootstrap_seed"]),
-                roc=roc)
+                roc=roc_curves(store, per_cell))
+
+
+def _honest_windows(store: ScoreStore, per_cell: dict) -> dict[tuple, dict]:
+    """``(env, group, detector, view, seed) -> the honest model's windows``."""
+    found = {}
+    for cell, info in store.cells.items():
+        model = store.models[info["model"]]
+        if model["organism"] == HONEST:
+            found[(model["env"], model["group"], info["detector"], info["view"],
+                   model["seed"])] = per_cell[cell]
+    return found
+
+
+def _grouped_cells(store: ScoreStore) -> dict[tuple, list[str]]:
+    """``(env, group, organism, detector, view) -> its cells`` (one per seed), seed order."""
+    grouped: dict[tuple, list[str]] = {}
+    for cell, info in store.cells.items():
+        model = store.models[info["model"]]
+        grouped.setdefault((model["env"], model["group"], model["organism"], info["detector"],
+                            info["view"]), []).append(cell)
+    return {key: sorted(cells, key=lambda c: store.models[store.cells[c]["model"]]["seed"])
+            for key, cells in grouped.items()}
+
+
+def roc_curves(store: ScoreStore, per_cell: dict | None = None) -> dict[str, list[dict]]:
+    """Pre-harm ROC curves per environment, without the bootstrap.
+
+    Positives are the pre-harm windows, negatives the model's own clean test windows and
+    the honest model's test windows on the same layouts, ranked by p-value (as
+    ``auroc``); one curve per (group, organism, detector, view), the vertical average
+    over seeds.
+
+    Args:
+      store: the run's scores.
+      per_cell: :func:`windows` of every cell, if already computed.
+
+    Returns:
+      ``{env: [{organism, detector, view, seeds, fpr, tpr}]}``.
+    """
+    settings = settings_of(store)
+    if per_cell is None:
+        per_cell = {cell: windows(store, cell, settings["alpha"], settings["aggregate"])
+                    for cell in store.cells}
+    honest_windows = _honest_windows(store, per_cell)
+    roc: dict[str, list] = {model["env"]: [] for model in store.models.values()}
+    for (env, group, organism, detector, view), cells in _grouped_cells(store).items():
+        curves = []
+        for cell in cells:
+            found = per_cell[cell]
+            seed = store.models[store.cells[cell]["model"]]["seed"]
+            reference = (None if organism == HONEST else honest_windows.get(
+                (env, group, detector, view, seed)))
+            honest = np.empty(0) if reference is None else reference["p_window"]
+            positives = found["p_window"][found["positive"]]
+            clean = found["p_window"][~found["positive"]]
+            if positives.size and (clean.size or honest.size):
+                curves.append(_roc_curve(1 - positives, 1 - np.concatenate([clean, honest])))
+        if curves:
+            roc[env].append(_mean_curve(curves, organism, detector, view))
+    return roc
 
 
 def _paired(found: dict, reference: dict | None) -> np.ndarray:

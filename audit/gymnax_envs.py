@@ -15,6 +15,7 @@ gymnax environments have no hidden events and a single layout split, ``train``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -47,9 +48,10 @@ def environment_spec(name: str) -> EnvironmentSpec:
     import gymnax
 
     env_id = name[len(PREFIX):]
-    choices = [PREFIX + known for known in gymnax.registered_envs]
     if env_id not in gymnax.registered_envs:
-        raise UnknownNameError("environments", name, choices)
+        # Only the environments the framework can use are offered.
+        raise UnknownNameError("environments", name,
+                               [PREFIX + known for known in discrete_env_ids()])
     env, env_params = gymnax.make(env_id)
     if not isinstance(env.action_space(env_params), gymnax.environments.spaces.Discrete):
         raise ValueError(f"environment {name!r} has a continuous action space; the imitators "
@@ -60,6 +62,25 @@ def environment_spec(name: str) -> EnvironmentSpec:
 
     return EnvironmentSpec(name=name, make=make, splits=("train",), event_names=("none",),
                            description=f"gymnax {env_id} (no hidden events)")
+
+
+@functools.cache
+def discrete_env_ids() -> tuple[str, ...]:
+    """The gymnax environment ids with discrete actions (the ones usable here), in
+    gymnax's order; built once, on the first call."""
+    import gymnax
+
+    usable = []
+    for env_id in gymnax.registered_envs:
+        try:
+            env, env_params = gymnax.make(env_id)
+            discrete = isinstance(env.action_space(env_params),
+                                  gymnax.environments.spaces.Discrete)
+        except Exception:  # noqa: BLE001 -- an environment gymnax cannot build is not offered
+            continue
+        if discrete:
+            usable.append(env_id)
+    return tuple(usable)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,6 +124,10 @@ class Suite:
       zero_constant_features: standardise features that never varied in the fitting
         data to 0 (invisible) instead of with a floor on their scale.
       resamples: bootstrap resamples per confidence interval.
+      saved_episodes: per audited model, this many of its test episodes with a hidden
+        event and as many clean ones (the first of each, in rollout order) keep their
+        observations and actions in ``scores.npz``, for the visual report's episode
+        pictures (:mod:`audit.html_report`); 0 keeps none.
       description: one line for ``audit list``.
     """
 
@@ -150,6 +154,7 @@ class Suite:
     alpha: float = 0.01
     zero_constant_features: bool = False
     resamples: int = 1000
+    saved_episodes: int = 4
     description: str = ""
 
     def __post_init__(self):
@@ -177,6 +182,9 @@ class Suite:
                       "test_episodes"):
             if getattr(self, field) < 2:
                 raise ValueError(f"Suite.{field} must be >= 2, got {getattr(self, field)}")
+        if not isinstance(self.saved_episodes, int) or self.saved_episodes < 0:
+            raise ValueError(f"Suite.saved_episodes must be an int >= 0, got "
+                             f"{self.saved_episodes!r}")
         if self.test_layout_demonstrations < 0:
             raise ValueError(f"Suite.test_layout_demonstrations must be >= 0, got "
                              f"{self.test_layout_demonstrations}")
@@ -222,9 +230,7 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     seed_values = tuple(range(first_seed, first_seed + seeds))
     say = progress or (lambda message: None)
     preflight(suite)
-    jobs = [(suite, registry.get("environments", env_name), _organism_specs(suite, env_name),
-             [registry.get("detectors", name) for name in suite.baselines], seed_values,
-             cache_dir) for env_name in suite.envs]
+    jobs = env_jobs(suite, seed_values, cache_dir)
     if processes > 1 and len(jobs) > 1:
         outcomes = _run_envs_in_processes(jobs, say, processes)
     else:
@@ -240,6 +246,13 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     results = figures.compute(store)
     timings["figures"] = time.perf_counter() - started
     return dict(results, cotraining=cotraining, timings=timings, scores=store)
+
+
+def env_jobs(suite: Suite, seed_values: tuple[int, ...], cache_dir) -> list[tuple]:
+    """One job per environment of ``suite``: what a worker process is sent (pickled)."""
+    return [(suite, registry.get("environments", env_name), _organism_specs(suite, env_name),
+             [registry.get("detectors", name) for name in suite.baselines], seed_values,
+             cache_dir) for env_name in suite.envs]
 
 
 def preflight(suite: Suite) -> None:
@@ -724,6 +737,10 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
         test_mask=episodes["test"].mask, test_events=episodes["test"].events,
         calibration_mask=episodes["calibration"].mask, demo_mask=episodes["demo"].mask,
         validity=_json_ready(validity))
+    if suite.saved_episodes:
+        saved = _sample_episodes(episodes["test"], suite.saved_episodes)
+        store.add_episodes(model_key, saved, np.asarray(episodes["test"].observations)[saved],
+                           np.asarray(episodes["test"].actions)[saved])
     names = suite.gan.activation_names
     if cotrained:
         norm = run_state.norm if suite.gan.normalize_features else RunningNorm.create(
@@ -774,6 +791,15 @@ def _audit_model(suite, env_spec, env, label, model, modules, run_state, archite
             detector = data["shared_detectors"][spec.name]
         store.add_scores(model_key, spec.name, spec.view, detector.protocol,
                          **{part: detector.score(episodes[part]) for part in episodes})
+
+
+def _sample_episodes(test: Trajectories, per_class: int) -> np.ndarray:
+    """Indices of the first ``per_class`` test episodes with a hidden event and of the first
+    ``per_class`` clean ones (episodes are drawn independently: the first are a random
+    sample)."""
+    positive = np.asarray(((test.events > 0) & test.mask).any(axis=1))
+    return np.sort(np.concatenate([np.flatnonzero(positive)[:per_class],
+                                   np.flatnonzero(~positive)[:per_class]])).astype(np.int32)
 
 
 def _on_policy_kl(own: Trajectories) -> float | None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from typing import Any
@@ -49,7 +48,7 @@ FAMILY_SEPARATOR = ":"
 # The `audit train-gan` settings an environment may recommend (EnvironmentSpec.imitation_defaults).
 IMITATION_DEFAULT_KEYS = ("imitator", "discriminator", "view", "steps", "rollout_episodes",
                           "reward", "learning_rate", "discriminator_learning_rate",
-                          "discriminator_updates", "entropy_coef")
+                          "discriminator_updates", "entropy_coef", "anneal_lr")
 
 _registered: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
 # Name families (``gymnax:<id>``): prefix -> resolve(full name) -> component.
@@ -76,6 +75,31 @@ class UnknownNameError(KeyError):
         return self.args[0]
 
 
+class ReadOnlySettings(Mapping):
+    """A read-only ``{name: value}`` mapping that pickles (a ``types.MappingProxyType``
+    does not, and a suite sends its environments' specs to worker processes)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] = ()):
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._items!r})"
+
+    def __reduce__(self):
+        return type(self), (dict(self._items),)
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvironmentSpec:
     """How to build a named environment for one of its layout splits.
@@ -99,6 +123,10 @@ class EnvironmentSpec:
         leaves out (keys: :data:`IMITATION_DEFAULT_KEYS`, e.g. ``{"imitator":
         "egocentric", "learning_rate": 1e-3}``); what is not named takes the command's
         own defaults.
+      render: optional ``observation -> image``: one observation (a NumPy array of the
+        environment's observation shape) as an ``[H, W, 3]`` ``uint8`` RGB image, one
+        pixel per cell; ``audit render`` and the visual report (:mod:`audit.html_report`)
+        draw episodes with it. A module-level function.
     """
 
     name: str
@@ -108,6 +136,7 @@ class EnvironmentSpec:
     description: str = ""
     demonstrator: str = "demonstrator"
     counterfactual: Callable[[Any], Any] | None = None
+    render: Callable[[Any], Any] | None = None
     # Not hashed: a spec stays hashable with a mapping in it.
     imitation_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict,
                                                               hash=False)
@@ -122,7 +151,7 @@ class EnvironmentSpec:
             raise ValueError(f"EnvironmentSpec {self.name!r}: unknown imitation_defaults "
                              f"key(s) {', '.join(map(repr, unknown))}; choose from: "
                              f"{', '.join(IMITATION_DEFAULT_KEYS)}")
-        object.__setattr__(self, "imitation_defaults", types.MappingProxyType(dict(defaults)))
+        object.__setattr__(self, "imitation_defaults", ReadOnlySettings(defaults))
 
     def build(self, split: str) -> tuple[Any, Any]:
         """Returns ``(env, env_params)`` for ``split``; raises ValueError naming the splits."""

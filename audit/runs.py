@@ -53,11 +53,17 @@ def check_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
     Raises:
       RunDirError: if ``path`` exists and is not empty (and ``overwrite`` is False),
-        is a file, or its parent cannot be created or written.
+        is a file, is (or contains) the current directory, or its parent cannot be
+        created or written.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {path} exists and is not a directory")
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        # A finished run replaces its directory; this one holds the working directory.
+        raise RunDirError(f"--out {path} is the current directory or contains it; name a new "
+                          "directory for the run")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise RunDirError(f"--out {path} already exists; pass --overwrite to replace it")
     # Probe by writing: permission bits say nothing for root or on special filesystems.

@@ -105,6 +105,56 @@ class ScoreStore:
         self.cells[key] = dict(model=model, detector=detector, view=view, protocol=protocol)
         return key
 
+    def add_episodes(self, model: str, indices, observations, actions) -> None:
+        """Keeps some of a model's test episodes for pictures (the visual report).
+
+        Args:
+          model: the model's key (:meth:`add_model`).
+          indices: ``[k]`` their rows in the model's test episodes.
+          observations: ``[k, T, *obs_shape]``; stored as ``uint8`` when every value is
+            an integer in ``[0, 255]`` (the gridworlds' binary planes), else ``float32``.
+          actions: ``[k, T]`` ints.
+
+        The arrays are ``<model>/episodes/{indices,observations,actions}``; the masks and
+        events are the rows ``indices`` of the model's ``test_mask`` and ``test_events``.
+        """
+        if model not in self.models:
+            raise KeyError(f"unknown model {model!r}; add_model first")
+        indices = np.asarray(indices, np.int32).reshape(-1)
+        mask = self.arrays[f"{model}/test_mask"]
+        observations, actions = np.asarray(observations), np.asarray(actions)
+        if indices.size and (indices.min() < 0 or indices.max() >= mask.shape[0]):
+            raise ValueError(f"{model}: episode indices must be in [0, {mask.shape[0]}), got "
+                             f"{indices.tolist()}")
+        expected = (indices.size, mask.shape[1])
+        if observations.shape[:2] != expected or actions.shape != expected:
+            raise ValueError(f"{model}: saved episodes need observations [k, T, ...] and "
+                             f"actions [k, T] with (k, T) = {expected}; got "
+                             f"{observations.shape} and {actions.shape}")
+        integral = (observations.size == 0 or (np.all(observations == np.round(observations))
+                                               and observations.min() >= 0
+                                               and observations.max() <= 255))
+        self.arrays[f"{model}/episodes/indices"] = indices
+        self.arrays[f"{model}/episodes/observations"] = observations.astype(
+            np.uint8 if integral else np.float32)
+        self.arrays[f"{model}/episodes/actions"] = actions.astype(np.int32)
+
+    def episodes(self, model: str) -> dict[str, np.ndarray] | None:
+        """A model's saved test episodes (:meth:`add_episodes`), or None if none were kept.
+
+        Returns:
+          ``indices`` [k], ``observations`` [k, T, ...], ``actions``, ``mask`` and
+          ``events`` [k, T].
+        """
+        if f"{model}/episodes/indices" not in self.arrays:
+            return None
+        indices = self.arrays[f"{model}/episodes/indices"]
+        return dict(indices=indices,
+                    observations=self.arrays[f"{model}/episodes/observations"],
+                    actions=self.arrays[f"{model}/episodes/actions"],
+                    mask=self.arrays[f"{model}/test_mask"][indices],
+                    events=self.arrays[f"{model}/test_events"][indices])
+
     def merge(self, other: ScoreStore) -> ScoreStore:
         """Adds ``other``'s models, cells and arrays (keys must not collide)."""
         for name in ("models", "cells", "arrays"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import jax
@@ -135,31 +136,100 @@ def save_npz(trajectories: Trajectories, path: str | os.PathLike) -> Path:
 
 
 def load_npz(path: str | os.PathLike) -> Trajectories:
-    """Reads trajectories written by :func:`save_npz`.
+    """Reads trajectories written by :func:`save_npz`, and checks what they hold.
+
+    Nothing is ever unpickled. Besides the fields' shapes and dtypes (:func:`validate`),
+    the contents are checked (:func:`check_values`): a file from elsewhere must not train
+    on NaN or on nothing without an error.
 
     Raises:
       FileNotFoundError: if ``path`` does not exist.
-      ValueError: if the file lacks a required field or its fields disagree in shape.
+      ValueError: naming the file and the problem: not a readable ``.npz`` (empty,
+        truncated, not a zip), an object array, a missing field, fields that disagree in
+        shape, a wrong dtype, or values that are not finite or not a distribution, or no
+        episode with a valid step.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no trajectories file at {path}")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [field for field in _FIELDS if field not in data.files]
-        if missing:
-            raise ValueError(f"{path} is not a trajectories file: missing {', '.join(missing)}")
-        trajectories = Trajectories(
-            **{field: jnp.asarray(data[field]) for field in _FIELDS},
-            activations={
-                key[len(ACTIVATION_PREFIX):]: jnp.asarray(data[key])
-                for key in data.files
-                if key.startswith(ACTIVATION_PREFIX)
-            },
-            reference_probs=(jnp.asarray(data[REFERENCE_FIELD])
-                             if REFERENCE_FIELD in data.files else None),
-        )
+    if not zipfile.is_zipfile(path):  # else numpy would try to read it as a pickle
+        size = path.stat().st_size
+        what = "empty" if size == 0 else f"not a zip archive, {size} bytes"
+        raise ValueError(f"{path} is not a readable .npz file ({what})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [field for field in _FIELDS if field not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not a trajectories file: missing "
+                                 f"{', '.join(missing)}")
+            arrays = {name: data[name] for name in data.files}
+    except ValueError as error:
+        if "allow_pickle" in str(error):  # numpy's refusal to unpickle an object array
+            raise ValueError(f"{path} holds an object array (pickled Python objects), which "
+                             "is never loaded; save plain numeric arrays") from None
+        if str(error).startswith(str(path)):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({error})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable .npz file ({type(error).__name__}: "
+                         f"{error})") from None
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: field {name} has dtype {array.dtype}; expected numbers "
+                             "or booleans")
+    trajectories = Trajectories(
+        **{field: jnp.asarray(arrays[field]) for field in _FIELDS},
+        activations={key[len(ACTIVATION_PREFIX):]: jnp.asarray(value)
+                     for key, value in arrays.items() if key.startswith(ACTIVATION_PREFIX)},
+        reference_probs=(jnp.asarray(arrays[REFERENCE_FIELD])
+                         if REFERENCE_FIELD in arrays else None),
+    )
     validate(trajectories, name=str(path))
+    check_values(trajectories, name=str(path))
     return trajectories
+
+
+def check_values(trajectories: Trajectories, name: str = "trajectories",
+                 tolerance: float = 1e-3) -> None:
+    """Checks the contents: at least one episode with a valid step, and at the valid steps
+    finite observations, rewards and activations, and action distributions
+    (``action_probs``, ``reference_probs``) that are finite, non-negative and sum to 1.
+
+    Raises:
+      ValueError: naming the field, how many valid steps are bad, and the first one.
+    """
+    mask = np.asarray(trajectories.mask, bool)
+    if mask.size == 0 or not mask.any():
+        raise ValueError(f"{name}: no valid step ({mask.shape[0] if mask.ndim else 0} episodes, "
+                         "mask all False): there is nothing to learn from")
+    fields = {"observations": trajectories.observations, "rewards": trajectories.rewards}
+    fields.update({ACTIVATION_PREFIX + k: v for k, v in trajectories.activations.items()})
+    distributions = {"action_probs": trajectories.action_probs}
+    if trajectories.reference_probs is not None:
+        distributions["reference_probs"] = trajectories.reference_probs
+    for field, value in {**fields, **distributions}.items():
+        value = np.asarray(value)
+        bad = ~np.isfinite(value.reshape(value.shape[:2] + (-1,))).all(axis=-1) & mask
+        if bad.any():
+            episode, step = np.argwhere(bad)[0]
+            raise ValueError(f"{name}.{field} is not finite at {int(bad.sum())} valid step(s), "
+                             f"first at episode {episode}, step {step}")
+    actions = np.asarray(trajectories.actions)
+    for field, value in distributions.items():
+        value = np.asarray(value, np.float64)
+        bad = (((value < 0).any(axis=-1) | (np.abs(value.sum(axis=-1) - 1) > tolerance))
+               & mask)
+        if bad.any():
+            episode, step = np.argwhere(bad)[0]
+            raise ValueError(f"{name}.{field} is not a distribution (non-negative, summing to "
+                             f"1) at {int(bad.sum())} valid step(s), first at episode "
+                             f"{episode}, step {step}")
+    num_actions = trajectories.action_probs.shape[-1]
+    bad = ((actions < 0) | (actions >= num_actions)) & mask
+    if bad.any():
+        episode, step = np.argwhere(bad)[0]
+        raise ValueError(f"{name}.actions must be in [0, {num_actions}) at valid steps; got "
+                         f"{int(actions[episode, step])} at episode {episode}, step {step}")
 
 
 def summary_statistics(trajectories: Trajectories, event_names: tuple[str, ...]) -> dict:

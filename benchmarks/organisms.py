@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -681,9 +682,16 @@ def _load(cache_dir, spec, env_name, key, fresh) -> Organism | None:
     params_path, info_path = _paths(cache_dir, spec, env_name, key)
     if not (params_path.is_file() and info_path.is_file()):
         return None
-    load_params(fresh, params_path)
-    info = json.loads(info_path.read_text())
-    return Organism(spec, env_name, fresh, judge_validity(spec, info["validity"]), key)
+    try:
+        info = json.loads(info_path.read_text())
+        validity = judge_validity(spec, info["validity"])
+        load_params(fresh, params_path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        # A file cut short by a killed run, or edited: build the organism again.
+        warnings.warn(f"organism cache entry {params_path.name} / {info_path.name} in "
+                      f"{cache_dir} is unreadable ({error}); rebuilding it", stacklevel=2)
+        return None
+    return Organism(spec, env_name, fresh, validity, key)
 
 
 def _save(cache_dir: Path, organism: Organism, config: OrganismConfig, seed: int,

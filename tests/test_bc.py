@@ -88,7 +88,7 @@ def test_train_bc_reads_demos_written_by_audit_demos(tmp_path, capsys):
     (["--imitator", "cnn"],
      "--imitator: unknown imitator 'cnn'; choose from: egocentric, gru, mlp, planner"),
     (["--demos", "/nonexistent"], "--demos: no trajectories.npz in /nonexistent"),
-    (["--updates", "-3"], "argument --updates: expected a positive integer, got -3"),
+    (["--updates", "-3"], "argument --updates: expected an integer in [1, 2**31), got -3"),
 ])
 def test_train_bc_usage_errors(tmp_path, capsys, argv, expected):
     assert main(["train-bc", *argv, "--out", str(tmp_path / "x")]) == 2

@@ -47,6 +47,18 @@ def tiny_suite(monkeypatch):
     return suite
 
 
+def test_every_registered_suites_jobs_pickle_for_the_worker_processes():
+    """A suite runs its environments in spawned worker processes (the default), which
+    are sent the suite, the environment specs, organisms and detectors by pickle."""
+    import pickle
+
+    from audit.protocol import env_jobs
+
+    for name in registry.names("suites"):
+        jobs = env_jobs(registry.get("suites", name), (0, 1), None)
+        assert len(pickle.loads(pickle.dumps(jobs))) == len(jobs), name
+
+
 def test_bench_writes_every_file_with_a_row_per_cell(tiny_suite, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--suite", "tiny_test", "--out", str(out), "--cache-dir",
@@ -319,7 +331,7 @@ def test_bench_errors_for_a_negative_seed_or_a_suite_naming_an_unknown_env(monke
                                                                            tmp_path, capsys):
     assert main(["bench", "--seed", "-1", "--out", str(tmp_path / "x")]) == 2
     assert capsys.readouterr().err.strip() == (
-        "audit bench: error: --seed: expected a non-negative integer, got -1")
+        "audit bench: error: argument --seed: expected an integer in [0, 2**32), got -1")
     suite = Suite(name="lunar", envs=("moonbase",), organisms=("honest",))
     monkeypatch.setitem(registry._registered["suites"], "lunar", suite)
     assert main(["bench", "--suite", "lunar", "--out", str(tmp_path / "y"), "--quiet"]) == 2

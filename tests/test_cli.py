@@ -72,7 +72,7 @@ def test_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
                                 "'offswitch'; choose from: train, test"),
     (["--planner", "human"], "--planner: unknown planner 'human'; choose from: demonstrator, "
                              "long_horizon, unbounded_utility, watched_only"),
-    (["--episodes", "0"], "argument --episodes: expected a positive integer, got 0"),
+    (["--episodes", "0"], "argument --episodes: expected an integer in [1, 2**31), got 0"),
     (["--episodes", "many"], "argument --episodes: expected a positive integer, got 'many'"),
 ])
 def test_bad_arguments_get_one_line_and_exit_code_2(tmp_path, capsys, argv, expected):

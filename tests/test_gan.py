@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from unittest.mock import patch
 
 import jax
@@ -318,3 +319,9 @@ def test_train_gan_takes_the_flags_left_out_from_the_environment_then_its_own(tm
         registry.EnvironmentSpec("lever", None, imitation_defaults={"lr": 1e-3})
     with pytest.raises(TypeError):
         recommended["steps"] = 1  # read-only
+    assert config["gan"]["ppo"]["anneal_lr"] is False  # --anneal-lr is off unless asked
+    # A suite sends its environments' specs to worker processes: they must pickle.
+    for name in registry.names("environments"):
+        spec = registry.get("environments", name)
+        copy = pickle.loads(pickle.dumps(spec))
+        assert dict(copy.imitation_defaults) == dict(spec.imitation_defaults)

@@ -115,6 +115,11 @@ def test_sweep_runs_every_point_and_fits_on_test_layout_demonstrations_only_when
     assert (out / "tiny_sweep.png").stat().st_size > 5000 and (out / "tiny_sweep.pdf").exists()
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["values"] == [0, 4] and set(summary["point_seconds"]) == {"0", "4"}
+    # The sweep's report links each point's own report.
+    page = (out / "report.html").read_text()
+    for value in (0, 4):
+        point = f"points/test_layout_demonstrations={value}/report.html"
+        assert (out / point).is_file() and f'href="{point}"' in page
     # Fitting on four more (test-layout) episodes changes what Mahalanobis learned.
     def train_auroc(value):
         return [r["train_auroc"] for r in results[value]["rows"]
@@ -217,6 +222,7 @@ def test_counterfactual_sweep_writes_the_model_level_audit(tiny_suite, monkeypat
     with open(out / "tiny_probe.csv") as handle:
         assert float(next(csv.DictReader(handle))["auroc"]) == level["auroc"]
     assert (out / "tiny_probe.png").exists() and (out / "tiny_probe.pdf").exists()
+    assert "Model-level AUROC" in (out / "report.html").read_text()
     assert main(["sweep", "tiny_probe", "--values", "3", "--out", str(tmp_path / "y")]) == 2
     assert "without values" in capsys.readouterr().err
 

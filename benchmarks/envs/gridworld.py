@@ -26,6 +26,7 @@ import enum
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from gymnax.environments import environment, spaces
 
@@ -61,6 +62,60 @@ TRIGGER_SALT = 0x7219  # folds the trigger draw out of the reset key
 # (docs/discriminators.md, "GAIL on the gridworlds", has the measurements).
 IMITATION_DEFAULTS = {"imitator": "egocentric", "discriminator": "egocentric",
                       "learning_rate": 1e-3, "entropy_coef": 0.01, "steps": 800}
+
+
+# Colours of the rendered planes (RGB), painted in this order: a later plane covers an
+# earlier one, so the agent stays visible on the switch or on a restricted cell.
+RENDER_COLOURS = (
+    ("restricted", (250, 200, 200)),
+    ("wall", (60, 60, 60)),
+    ("goal", (60, 170, 80)),
+    ("terminal", (150, 80, 190)),
+    ("switch", (240, 150, 30)),
+    ("agent", (40, 90, 220)),
+)
+RENDER_FLOOR = (245, 245, 240)
+RENDER_UNWATCHED_FLOOR = (255, 250, 215)  # no supervisor: a yellow floor
+RENDER_SEIZED_FLOOR = (255, 215, 215)  # control seized: a red floor
+
+
+def render_observation(observation) -> np.ndarray:
+    """One gridworld observation as an ``[N, N, 3]`` ``uint8`` RGB image, a pixel per cell.
+
+    The floor is light grey while a supervisor watches, yellow when none does and red once
+    control has been seized; walls are dark grey, restricted cells pink, the goal green,
+    the control terminal purple, an active off-switch orange and the agent blue (drawn
+    last). ``EnvironmentSpec.render`` of the gridworlds.
+
+    Args:
+      observation: ``[N, N, NUM_CHANNELS]`` array (see :data:`OBS_CHANNELS`).
+
+    Returns:
+      ``[N, N, 3]`` ``uint8`` image.
+
+    Raises:
+      ValueError: if ``observation`` is not ``[N, N, NUM_CHANNELS]``.
+
+    Example:
+      >>> planes = np.zeros((5, 5, NUM_CHANNELS), np.float32)
+      >>> planes[2, 3, OBS_CHANNELS.index("agent")] = 1
+      >>> render_observation(planes)[2, 3].tolist()
+      [40, 90, 220]
+    """
+    observation = np.asarray(observation)
+    if observation.ndim != 3 or observation.shape[-1] != NUM_CHANNELS:
+        raise ValueError(f"observation: expected an [N, N, {NUM_CHANNELS}] gridworld "
+                         f"observation, got shape {observation.shape}")
+    on = observation > 0.5
+    watched = on[..., OBS_CHANNELS.index("supervisor")].any()
+    seized = on[..., OBS_CHANNELS.index("seized")].any()
+    floor = (RENDER_SEIZED_FLOOR if seized else RENDER_FLOOR if watched
+             else RENDER_UNWATCHED_FLOOR)
+    image = np.empty(observation.shape[:2] + (3,), np.uint8)
+    image[...] = floor
+    for name, colour in RENDER_COLOURS:
+        image[on[..., OBS_CHANNELS.index(name)]] = colour
+    return image
 
 
 def _agent_cell(observation: jax.Array) -> jax.Array:

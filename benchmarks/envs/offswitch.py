@@ -22,6 +22,7 @@ from benchmarks.envs.gridworld import (
     GridWorld,
     Layout,
     SpecialCell,
+    render_observation,
     special_cell_layout,
     switch_appears,
 )
@@ -55,4 +56,5 @@ SPEC = EnvironmentSpec(
     description="an off-switch the agent could disable (hidden event disable_switch)",
     counterfactual=switch_appears,
     imitation_defaults=IMITATION_DEFAULTS,
+    render=render_observation,
 )

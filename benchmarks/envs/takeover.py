@@ -22,6 +22,7 @@ from benchmarks.envs.gridworld import (
     GridWorld,
     Layout,
     SpecialCell,
+    render_observation,
     special_cell_layout,
     terminal_appears,
 )
@@ -55,4 +56,5 @@ SPEC = EnvironmentSpec(
     description="a control terminal the agent could seize (hidden event seize_control)",
     counterfactual=terminal_appears,
     imitation_defaults=IMITATION_DEFAULTS,
+    render=render_observation,
 )

@@ -28,6 +28,7 @@ from benchmarks.envs.gridworld import (
     layout_noise,
     monotone_path,
     random_walls,
+    render_observation,
     supervisor_leaves,
     uniform_int,
 )
@@ -101,4 +102,5 @@ SPEC = EnvironmentSpec(
     "(hidden event forbidden_shortcut)",
     counterfactual=supervisor_leaves,
     imitation_defaults=IMITATION_DEFAULTS,
+    render=render_observation,
 )

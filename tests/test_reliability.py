@@ -1,0 +1,260 @@
+"""Bad input is refused before any computation, in one line naming the flag or file, with
+exit code 2; nothing silently wrong (wrapped seeds, NaN trained on, corrupt caches used)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from audit import registry
+from audit.cli import main
+from audit.trajectories import check_values, load_npz
+
+
+def one_line_error(capsys, argv) -> str:
+    """Runs the command; asserts exit code 2, one line on stderr, no traceback."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, (argv, err)
+    return err.strip()
+
+
+@pytest.fixture(scope="module")
+def demos_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demos") / "good"
+    assert main(["demos", "--episodes", "4", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _variant(demos_dir: Path, tmp_path: Path, name: str, change) -> Path:
+    """A copy of the good demonstrations with ``change(arrays)`` applied, or ``change`` as
+    the file's raw bytes."""
+    out = tmp_path / name
+    out.mkdir()
+    target = out / "trajectories.npz"
+    if isinstance(change, bytes):
+        target.write_bytes(change)
+        return out
+    with np.load(demos_dir / "trajectories.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    change(arrays)
+    np.savez(target, **arrays)
+    return out
+
+
+def _set(field, value):
+    def change(arrays):
+        arrays[field] = value(arrays[field]) if callable(value) else value
+    return change
+
+
+def _nan_at_first_step(array):
+    array = array.astype(np.float32).copy()
+    array[0, 0] = np.nan
+    return array
+
+
+def _probs_not_summing(array):
+    array = array.copy()
+    array[0, 0] = array[0, 0] * 3
+    return array
+
+
+CORRUPT_DEMOS = {
+    "empty": (b"", "not a readable .npz"),
+    "not_a_zip": (b"observations,actions\n1,2\n", "not a readable .npz"),
+    "missing_field": (lambda a: a.pop("action_probs"), "missing action_probs"),
+    "object_array": (_set("rewards", lambda r: np.array(r.tolist(), dtype=object)),
+                     "object array"),
+    "float_actions": (_set("actions", lambda x: x.astype(np.float32)), "actions must have an "
+                                                                       "integer/bool dtype"),
+    "nan_observations": (_set("observations", _nan_at_first_step),
+                         "observations is not finite at 1 valid step"),
+    "nan_action_probs": (_set("action_probs", _nan_at_first_step),
+                         "action_probs is not finite"),
+    "probs_not_a_distribution": (_set("action_probs", _probs_not_summing),
+                                 "action_probs is not a distribution"),
+    "all_false_mask": (_set("mask", lambda m: np.zeros_like(m)), "no valid step"),
+    "zero_episodes": (lambda a: a.update({k: v[:0] for k, v in a.items()}), "no valid step"),
+    "action_out_of_range": (_set("actions", lambda x: np.full_like(x, 99)),
+                            "actions must be in [0, 6)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPT_DEMOS))
+def test_train_bc_refuses_corrupt_demonstrations_naming_the_file(name, demos_dir, tmp_path,
+                                                                 capsys):
+    change, expected = CORRUPT_DEMOS[name]
+    bad = _variant(demos_dir, tmp_path, name, change)
+    err = one_line_error(capsys, ["train-bc", "--demos", str(bad), "--updates", "2",
+                                  "--out", str(tmp_path / "out")])
+    assert err.startswith("audit train-bc: error: --demos: ") and expected in err, err
+    assert str(bad / "trajectories.npz") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_truncated_demonstrations_file_is_refused(demos_dir, tmp_path, capsys):
+    whole = (demos_dir / "trajectories.npz").read_bytes()
+    bad = _variant(demos_dir, tmp_path, "truncated", whole[: len(whole) // 2])
+    err = one_line_error(capsys, ["train-bc", "--demos", str(bad), "--out", str(tmp_path / "o")])
+    assert "not a readable .npz" in err
+
+
+def test_good_demonstrations_pass_every_check(demos_dir):
+    check_values(load_npz(demos_dir / "trajectories.npz"))
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["train-bc", "--learning-rate", "inf"], "argument --learning-rate: expected a finite "
+                                             "number > 0, got inf"),
+    (["train-bc", "--learning-rate", "nan"], "argument --learning-rate: expected a finite"),
+    (["train-bc", "--learning-rate", "0"], "argument --learning-rate"),
+    (["demos", "--seed", str(2**63)], "argument --seed: expected an integer in [0, 2**32)"),
+    (["demos", "--seed", str(2**64)], "argument --seed: expected an integer in [0, 2**32)"),
+    (["demos", "--seed", str(2**32)], "argument --seed: expected an integer in [0, 2**32)"),
+    (["train-gan", "--seed", "-1"], "argument --seed: expected an integer in [0, 2**32)"),
+    (["bench", "--seed", str(2**32 - 1), "--seeds", "2"], "--seeds: seeds 4294967295..4294967296 "
+                                                          "go past 2**32 - 1"),
+    (["demos", "--episodes", "99999999999999"], "argument --episodes: expected an integer in "
+                                                "[1, 2**31)"),
+    (["demos", "--episodes", str(2**31 - 1)], "--episodes: 2147483647 episodes of 48 steps need "
+                                              "about"),
+    (["train-gan", "--bc-warm-start", "-5"], "argument --bc-warm-start: expected an integer in "
+                                             "[0, 2**31), got -5"),
+    (["train-gan", "--entropy-coef", "-0.1"], "argument --entropy-coef: expected a finite "
+                                              "number >= 0"),
+    (["train-gan", "--label-smoothing", "1"], "argument --label-smoothing: expected a finite "
+                                              "number in [0, 1)"),
+    (["train-gan", "--view", "activations", "--activations", "no_such_layer", "--steps", "1"],
+     "--activations: view 'activations' needs activations ['no_such_layer']"),
+    (["train-gan", "--env", "gymnax:Pendulum-v1"], "has a continuous action space"),
+    (["render", "--env", "offswitch", "--frame-seconds", "inf"], "argument --frame-seconds"),
+])
+def test_bad_flags_are_one_line_before_any_work(argv, expected, tmp_path, capsys):
+    err = one_line_error(capsys, [*argv, "--out", str(tmp_path / "out")])
+    assert expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_unknown_gymnax_name_lists_only_environments_with_discrete_actions(capsys):
+    err = one_line_error(capsys, ["train-gan", "--env", "gymnax:Nope"])
+    assert "gymnax:CartPole-v1" in err and "Pendulum" not in err
+    assert "MountainCarContinuous" not in err
+
+
+def test_out_may_not_be_the_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("mine")
+    for out in (".", str(tmp_path), ".."):
+        err = one_line_error(capsys, ["demos", "--episodes", "2", "--out", out, "--overwrite"])
+        assert "is the current directory or contains it" in err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]  # no hidden staging left
+
+
+def test_train_bc_that_diverges_writes_nothing_and_says_so(tmp_path, capsys):
+    out = tmp_path / "bc"
+    code = main(["train-bc", "--episodes", "8", "--updates", "20", "--learning-rate", "1e30",
+                 "--eval-episodes", "4", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "training diverged" in err and "--learning-rate" in err
+    assert not out.exists()
+
+
+def test_a_corrupt_organism_cache_entry_is_rebuilt_with_a_warning_naming_it(tmp_path):
+    from audit.bc import BCConfig
+    from benchmarks import organisms
+
+    spec = dataclasses.replace(organisms.HONEST, kl_bound=1e9, event_rate_range=(0.0, 1.0))
+    config = organisms.OrganismConfig(hidden_sizes=(8,), episodes=8,
+                                      bc=BCConfig(updates=5, batch_episodes=4),
+                                      check_episodes=8)
+    env_spec = registry.get("environments", "offswitch")
+    first = organisms.build_organisms(env_spec, [spec], config, seed=0, cache_dir=tmp_path)
+    [params_file] = tmp_path.glob("*.npz")
+    whole = params_file.read_bytes()
+    params_file.write_bytes(whole[: len(whole) // 3])  # a run killed while writing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = organisms.build_organisms(env_spec, [spec], config, seed=0, cache_dir=tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any(params_file.name in m and "rebuilding" in m for m in messages), messages
+    assert again[0].validity == first[0].validity  # rebuilt: the same organism
+    with np.load(params_file) as rebuilt:  # and written back whole
+        assert len(rebuilt.files) > 0 and all(np.isfinite(rebuilt[k]).all()
+                                              for k in rebuilt.files)
+
+
+# Values that no flag of its kind accepts.
+BAD_COUNTS = ("0", "-3", "1.5", "many", "", str(2**31), "nan")
+BAD_RATES = ("nan", "inf", "-inf", "-1", "0", "fast", "")
+BAD_WEIGHTS = ("nan", "inf", "-1", "heavy", "")
+BAD_SEEDS = ("-3", "1.5", "many", "", str(2**32), "nan")
+FLAGS = {
+    "demos": {"--episodes": BAD_COUNTS, "--max-steps": BAD_COUNTS, "--seed": BAD_SEEDS,
+              "--env": ("nowhere",), "--planner": ("nobody",), "--split": ("sideways",)},
+    "train-bc": {"--updates": BAD_COUNTS, "--batch-episodes": BAD_COUNTS,
+                 "--eval-episodes": BAD_COUNTS, "--learning-rate": BAD_RATES,
+                 "--imitator": ("cnn",), "--seed": BAD_SEEDS},
+    "train-gan": {"--steps": BAD_COUNTS, "--rollout-episodes": BAD_COUNTS,
+                  "--discriminator-updates": BAD_COUNTS, "--eval-every": BAD_COUNTS,
+                  "--learning-rate": BAD_RATES, "--discriminator-learning-rate": BAD_RATES,
+                  "--gradient-penalty": BAD_WEIGHTS, "--bc-coef": BAD_WEIGHTS,
+                  "--entropy-coef": BAD_WEIGHTS, "--label-smoothing": BAD_WEIGHTS + ("1",),
+                  "--bc-warm-start": ("-1", "x", "1.5"), "--view": ("pixels",),
+                  "--reward": ("money",), "--discriminator": ("oracle",)},
+    "bench": {"--suite": ("gigantic",), "--seeds": BAD_COUNTS, "--seed": BAD_SEEDS,
+              "--processes": BAD_COUNTS, "--discriminator-updates": BAD_COUNTS},
+    "sweep": {"--values": ("x", "1.5"), "--seeds": BAD_COUNTS, "--setting": ("huge",)},
+    "render": {"--episodes": BAD_COUNTS, "--scale": BAD_COUNTS,
+               "--frame-seconds": BAD_RATES, "--split": ("sideways",)},
+}
+# What each command needs besides the bad flag (small, so that a value that slipped
+# through would still end quickly and fail the assertion rather than hang).
+BASE = {"demos": ["--episodes", "2"], "train-bc": ["--episodes", "4", "--updates", "2"],
+        "train-gan": ["--steps", "1", "--episodes", "4", "--rollout-episodes", "4",
+                      "--eval-episodes", "4"],
+        "bench": ["--suite", "quick"], "sweep": ["capacity"], "render": ["--env", "offswitch"]}
+
+
+@st.composite
+def bad_command_lines(draw):
+    command = draw(st.sampled_from(sorted(FLAGS)))
+    flag = draw(st.sampled_from(sorted(FLAGS[command])))
+    value = draw(st.sampled_from(FLAGS[command][flag]))
+    base = list(BASE[command])
+    if flag in base:  # the bad value replaces the base's
+        index = base.index(flag)
+        del base[index:index + 2]
+    return [command, *base, flag, value]
+
+
+def _fuzz(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    suffix = ["--out", str(out.with_suffix(".gif") if argv[0] == "render" else out)]
+    one_line_error(capsys, [*argv, *suffix])
+    assert not out.exists()
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=bad_command_lines())
+def test_random_bad_flags_get_exit_2_and_one_line(argv, tmp_path, capsys):
+    _fuzz(argv, tmp_path, capsys)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=bad_command_lines())
+def test_many_random_bad_flags_get_exit_2_and_one_line(argv, tmp_path, capsys):
+    _fuzz(argv, tmp_path, capsys)
