@@ -7,6 +7,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -72,3 +73,53 @@ def load_params(module: nnx.Module, path: str | os.PathLike) -> nnx.Module:
         variable.set_value(loaded["/".join(str(part) for part in key_path)])
     nnx.update(module, state)
     return module
+
+
+def save_pytree(tree, path: str | os.PathLike,
+                extra: dict[str, np.ndarray] | None = None) -> Path:
+    """Writes every leaf of a pytree of arrays to the ``.npz`` ``path`` atomically, in
+    ``jax.tree.leaves`` order (``leaf_00000``, ...), with the ``extra`` named arrays
+    beside them; :func:`load_pytree` reads the tree back into the same structure."""
+    leaves = jax.tree.leaves(tree)
+    arrays = {f"leaf_{index:05d}": np.asarray(leaf) for index, leaf in enumerate(leaves)}
+    clash = set(arrays) & set(extra or {})
+    if clash:
+        raise ValueError(f"extra arrays may not be named like leaves: {sorted(clash)}")
+    return save_arrays({**arrays, **(extra or {})}, path)
+
+
+def load_pytree(like, path: str | os.PathLike):
+    """Reads a pytree written by :func:`save_pytree` into the structure of ``like``.
+
+    Args:
+      like: a pytree of the same structure (arrays or ``jax.ShapeDtypeStruct``, e.g.
+        from ``jax.eval_shape``).
+      path: the file.
+
+    Returns:
+      ``like``'s structure holding the saved arrays (as ``jax.Array``).
+
+    Raises:
+      FileNotFoundError: if ``path`` does not exist.
+      ValueError: naming the file, if it is unreadable or its leaves do not match
+        ``like``'s in number, shape or dtype.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    expected, treedef = jax.tree.flatten(like)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            count = sum(name.startswith("leaf_") for name in data.files)
+            leaves = [data[f"leaf_{index:05d}"] for index in range(count)]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
+                         f"{error})") from None
+    if len(leaves) != len(expected):
+        raise ValueError(f"{path} holds {len(leaves)} arrays; the run's state has "
+                         f"{len(expected)}")
+    for index, (leaf, want) in enumerate(zip(leaves, expected, strict=True)):
+        if leaf.shape != tuple(want.shape) or leaf.dtype != np.dtype(want.dtype):
+            raise ValueError(f"{path}: array {index} is {leaf.dtype}{list(leaf.shape)}, the "
+                             f"run's state needs {np.dtype(want.dtype)}{list(want.shape)}")
+    return jax.tree.unflatten(treedef, [jnp.asarray(leaf) for leaf in leaves])

@@ -7,11 +7,15 @@ reported on one line, ``audit <command>: error: ...``, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from audit import registry
 from audit.runs import RunDirError, check_run_dir, default_run_name, run_dir, versions, write_json
@@ -252,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     gan.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=None,
                      help="anneal the imitator's and critic's learning rate linearly to 0 "
                      "over the run (default: the environment's, else off)")
+    gan.add_argument("--checkpoint-every", type=non_negative_int, default=100,
+                     help="save a checkpoint every this many iterations (rounded up to a "
+                     "multiple of --eval-every; 0: none) beside --out, for --resume "
+                     "(default 100)")
+    gan.add_argument("--resume", action="store_true",
+                     help="continue the killed run of this --out from its checkpoint (the "
+                     "same settings; the numbers are those of an uninterrupted run)")
     gan.add_argument("--eval-every", type=positive_int, default=10,
                      help="iterations between evaluations (default 10)")
     gan.add_argument("--eval-episodes", type=positive_int, default=256,
@@ -287,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--zero-constant-features", action="store_true",
                        help="hold features that never varied in the fitting data at 0 when "
                        "scoring (the old behaviour: novelty in them is invisible)")
+    bench.add_argument("--resume", action="store_true",
+                       help="continue the killed run of this --out: the environments it "
+                       "finished are loaded from its checkpoint, the others run")
     bench.add_argument("--no-report", action="store_true",
                        help="do not write report.html (`audit report DIR` writes it later)")
     add_run_arguments(bench, "runs/bench/<timestamp>-<suite>")
@@ -621,6 +635,151 @@ def resolve_imitation_defaults(args: argparse.Namespace,
     return from_environment
 
 
+class GANCheckpoints:
+    """The checkpoints of one ``train-gan`` run: ``.<out name>.checkpoint/`` beside
+    ``--out`` (the run directory itself appears only when the run is done).
+
+    ``progress.json`` holds the settings the run was started with, the next block and
+    the seconds trained so far; ``state-<block>.npz`` the run's state (every leaf of
+    :class:`audit.gan.GANState`, see :func:`audit.checkpoint.save_pytree`) and the
+    metrics and evaluations so far. Both are written atomically, the state first, so a
+    run killed at any moment leaves a consistent checkpoint.
+    """
+
+    def __init__(self, out: Path, settings: dict):
+        self.directory = out.parent / f".{out.name}.checkpoint"
+        self.settings = json.loads(json.dumps(settings, default=str))
+        self.out = out
+
+    def prepare(self, resume: bool, overwrite: bool) -> dict | None:
+        """Checks ``--resume`` / ``--overwrite`` against what is on disk; returns the
+        progress to resume from (None: start afresh)."""
+        progress_file = self.directory / "progress.json"
+        if resume:
+            if not progress_file.is_file():
+                raise UsageError(f"--resume: no checkpoint of --out {self.out} at "
+                                 f"{self.directory} (nothing to resume)")
+            try:
+                progress = json.loads(progress_file.read_text())
+            except (OSError, ValueError) as error:
+                raise UsageError(f"--resume: {progress_file} is unreadable ({error})") from None
+            if progress.get("settings") != self.settings:
+                theirs = progress.get("settings") or {}
+                differ = sorted(k for k in set(theirs) | set(self.settings)
+                                if theirs.get(k) != self.settings.get(k))
+                raise UsageError(f"--resume: the checkpoint at {self.directory} was written "
+                                 f"with other settings (differing: {', '.join(differ)}); "
+                                 "resume with the same flags, or --overwrite to start afresh")
+            return progress
+        if self.directory.exists():
+            if not overwrite:
+                raise UsageError(f"--out {self.out}: a killed run left its checkpoint at "
+                                 f"{self.directory}; pass --resume to continue it or "
+                                 "--overwrite to start afresh")
+            shutil.rmtree(self.directory)
+        return None
+
+    def save(self, state, metrics: dict, evaluations: dict, next_block: int,
+             seconds: float) -> None:
+        """Writes the state after ``next_block`` blocks, then the progress naming it."""
+        import numpy as np
+
+        from audit.checkpoint import save_pytree
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name = f"state-{next_block:06d}.npz"
+        extra = {f"metrics/{k}": np.asarray(v) for k, v in metrics.items()}
+        extra.update({f"evaluations/{k}": np.asarray(v) for k, v in evaluations.items()})
+        save_pytree(state, self.directory / name, extra)
+        write_json(self.directory / "progress.json",
+                   {"settings": self.settings, "next_block": next_block, "state_file": name,
+                    "seconds": seconds})
+        for old in self.directory.glob("state-*.npz"):
+            if old.name != name:
+                old.unlink()
+
+    def load(self, progress: dict, like) -> tuple[Any, dict, dict]:
+        """The state, metrics and evaluations saved with ``progress``."""
+        import numpy as np
+
+        from audit.checkpoint import load_pytree
+
+        path = self.directory / str(progress.get("state_file"))
+        try:
+            state = load_pytree(like, path)
+            with np.load(path, allow_pickle=False) as data:
+                metrics = {k[len("metrics/"):]: data[k] for k in data.files
+                           if k.startswith("metrics/")}
+                evaluations = {k[len("evaluations/"):]: data[k] for k in data.files
+                               if k.startswith("evaluations/")}
+        except (FileNotFoundError, ValueError) as error:
+            raise UsageError(f"--resume: {error}") from None
+        return state, metrics, evaluations
+
+    def remove(self) -> None:
+        """Deletes the checkpoints (the run is written)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _train_gan_in_chunks(train, modules, config, key, checkpoint_every: int,
+                         checkpoints: GANCheckpoints, resumed: dict | None):
+    """Runs ``train`` in chunks of blocks, checkpointing after each and stopping at the
+    first divergence; returns ``(state, metrics, evaluations, seconds_before)``.
+
+    Every chunk but the last is one compiled program (``first_block`` traced), so a run
+    resumed from a checkpoint computes exactly what the uninterrupted run computes.
+    """
+    import math
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from audit import gan
+
+    _, full, _ = gan.block_count(config)
+    per_chunk = math.ceil(checkpoint_every / config.eval_every) if checkpoint_every else 0
+    chunk = jax.jit(train, static_argnames=("num_blocks",))
+    started = time.perf_counter()
+    block, state, seconds_before = 0, None, 0.0
+    parts: list[tuple[dict, dict]] = []
+    if resumed is not None:
+        like = jax.eval_shape(lambda k: train(k, num_blocks=per_chunk)[0], key)
+        state, metrics, evaluations = checkpoints.load(resumed, like)
+        parts.append((metrics, evaluations))
+        block, seconds_before = int(resumed["next_block"]), float(resumed["seconds"])
+    diverged = False
+    while per_chunk and block + per_chunk < full and not diverged:
+        state, metrics, evaluations = chunk(key, resume=state, first_block=jnp.int32(block),
+                                            num_blocks=per_chunk)
+        parts.append(jax.tree.map(np.asarray, (metrics, evaluations)))
+        block += per_chunk
+        checkpoints.save(state, *_joined(parts), block,
+                         seconds_before + time.perf_counter() - started)
+        diverged = int(state.diverged_at) >= 0  # stop at once: the state is the last good
+    if diverged:
+        if len(modules.views) == 1:  # the internal, stacked form of a partial run
+            state = state.replace(
+                discriminator=jax.tree.map(lambda x: x[0], state.discriminator),
+                discriminator_opt=jax.tree.map(lambda x: x[0], state.discriminator_opt))
+    else:
+        last = jax.jit(functools.partial(train, first_block=block))
+        state, metrics, evaluations = last(key, resume=state)
+        parts.append(jax.tree.map(np.asarray, (metrics, evaluations)))
+    jax.block_until_ready(state)
+    metrics, evaluations = _joined(parts)
+    return state, metrics, evaluations, seconds_before
+
+
+def _joined(parts: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Metrics and evaluations of consecutive chunks, concatenated."""
+    import numpy as np
+
+    metrics = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    evaluations = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    return metrics, evaluations
+
+
 def run_train_gan(args: argparse.Namespace) -> int:
     """``audit train-gan``: see the subcommand's help."""
     import jax
@@ -712,14 +871,20 @@ def run_train_gan(args: argparse.Namespace) -> int:
         train, modules = gan.make_train(config, env, env_params, make_imitator, make_critic,
                                         make_discriminator, demonstrations,
                                         test_env_params=test_params,
-                                        progress=lambda done: advance_to[0](done))
+                                        progress=None if args.quiet else
+                                        lambda done: advance_to[0](done))
     except ValueError as error:
         raise UsageError(_flag_for(str(error))) from None
+    checkpoints = GANCheckpoints(out, {
+        "env": args.env, "imitator": args.imitator, "discriminator": args.discriminator,
+        "planner": args.planner, "episodes": args.episodes, "seed": args.seed,
+        "checkpoint_every": args.checkpoint_every, "gan": _as_dict(config)})
+    resumed = checkpoints.prepare(args.resume, args.overwrite)
     with _progress(args.quiet, "adversarial imitation", args.steps) as advance:
         advance_to[0] = advance
-        state, metrics, evaluations = jax.jit(train)(train_key)
-        jax.block_until_ready(metrics)
-    train_seconds = time.perf_counter() - started
+        state, metrics, evaluations, seconds_before = _train_gan_in_chunks(
+            train, modules, config, train_key, args.checkpoint_every, checkpoints, resumed)
+    train_seconds = seconds_before + time.perf_counter() - started
     metrics = {k: np.asarray(v).tolist() for k, v in metrics.items()}
     evaluations = {k: np.asarray(v).tolist() for k, v in evaluations.items()}
     imitator = nnx.merge(modules.actor, state.actor)
@@ -771,6 +936,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
         training_curves(metrics, evaluations, staging / "curves.png",
                         f"{args.imitator} imitator vs {args.discriminator} discriminator "
                         f"({args.view}) on {args.env}", views=modules.views)
+    checkpoints.remove()  # the run is written: nothing left to resume
     if diverged:
         try:
             gan.check_divergence(state)
@@ -796,7 +962,7 @@ def run_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
     from audit.gan import DivergenceError
-    from audit.protocol import InvalidOrganismError, run_suite
+    from audit.protocol import InvalidOrganismError, SuiteCheckpoint, run_suite
 
     suite = lookup("suites", args.suite, "--suite")
     if args.discriminator_updates:
@@ -814,13 +980,17 @@ def run_bench(args: argparse.Namespace) -> int:
     check_run_dir(out, args.overwrite)
     from audit.reports import write_results
 
+    checkpoint = SuiteCheckpoint(out.parent / f".{out.name}.checkpoint",
+                                 {"suite": _as_dict(suite),
+                                  "seed_values": list(range(args.seed, args.seed + seeds))})
+    _prepare_suite_checkpoint(checkpoint, out, args.resume, args.overwrite)
     started = time.perf_counter()
     with _stages(args.quiet, f"{args.suite} suite") as say:
         try:
             results = run_suite(suite, seeds=seeds,
                                 cache_dir=None if args.no_cache else args.cache_dir,
                                 progress=say, processes=args.processes or len(suite.envs),
-                                first_seed=args.seed)
+                                first_seed=args.seed, checkpoint=checkpoint)
         except (InvalidOrganismError, DivergenceError) as error:
             print(f"audit bench: error: {error}", file=sys.stderr)
             return EXIT_FAILURE
@@ -838,12 +1008,34 @@ def run_bench(args: argparse.Namespace) -> int:
         results["scores"].save(staging / "scores.npz")
         text = write_results(staging, results, metadata, views=suite.views)
         reported = not args.no_report and _write_report_or_warn(staging, out, "bench")
+    checkpoint.remove()  # the run is written: nothing left to resume
     if not args.quiet:
         print(text)
         report = ", report.html" if reported else ""
         print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz, ROC "
               f"plots{report} to {out} ({seconds:.0f} s)")
     return 0
+
+
+def _prepare_suite_checkpoint(checkpoint, out: Path, resume: bool, overwrite: bool) -> None:
+    """Checks ``--resume`` / ``--overwrite`` against a suite checkpoint on disk."""
+    if resume:
+        if not (checkpoint.directory / "run.json").is_file():
+            raise UsageError(f"--resume: no checkpoint of --out {out} at "
+                             f"{checkpoint.directory} (nothing to resume)")
+        same, differ = checkpoint.matches()
+        if not same:
+            raise UsageError(f"--resume: the checkpoint at {checkpoint.directory} was written "
+                             f"with other settings (differing: {', '.join(differ)}); resume "
+                             "with the same flags, or --overwrite to start afresh")
+        return
+    if checkpoint.directory.exists():
+        if not overwrite:
+            raise UsageError(f"--out {out}: a killed run left its checkpoint at "
+                             f"{checkpoint.directory}; pass --resume to continue it or "
+                             "--overwrite to start afresh")
+        checkpoint.remove()
+    checkpoint.start()
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:

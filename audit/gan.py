@@ -252,6 +252,17 @@ def make_train(config: GANConfig, env, env_params,
       replaces the fresh or behaviour-cloned start, e.g. to fine-tune a given model;
       ``demonstrations`` (the same shapes as those given here) replaces them, so that
       one compiled run serves several data sets, e.g. vmapped over seeds.
+      A run is cut into blocks of ``eval_every`` iterations (:func:`block_count`) and may
+      be run in several calls, from the ``state`` an earlier call returned as
+      ``resume``: ``num_blocks`` (static) runs that many full blocks from
+      ``first_block`` (which may be traced, so that every such call shares one
+      compilation); ``num_blocks`` None runs from ``first_block`` (a Python int) to the
+      end, the last, shorter block included. Each call returns the metrics of its
+      iterations and the evaluations at its blocks' ends (and the one before the first
+      iteration when it starts the run, ``resume`` None). The same cuts give the same
+      numbers, so a checkpointed run can be killed and resumed (``audit train-gan
+      --resume``). A partial call's state keeps the discriminator stacked over views
+      (the internal form) even for one view: it is what ``resume`` takes.
 
     Raises:
       ValueError: if the demonstrations are malformed or do not fit ``env``, or
@@ -345,7 +356,8 @@ def make_train(config: GANConfig, env, env_params,
         critic = nnx.merge(critic_def, critic_params)
         return jax.vmap(jax.vmap(critic))(observations)
 
-    def train(key, initial_actor=None, demonstrations=None):
+    def train(key, initial_actor=None, demonstrations=None, resume=None, first_block=0,
+              num_blocks=None):
         data = default_demonstrations if demonstrations is None else demonstrations
         heldout = jax.tree.map(lambda x: x[:heldout_count], data)
         trusted = jax.tree.map(lambda x: x[heldout_count:], data)
@@ -508,50 +520,86 @@ def make_train(config: GANConfig, env, env_params,
             return state, (metrics, dict(evaluate(state, eval_key), iteration=indices[-1] + 1))
 
         actor_key, critic_key, disc_key, bc_key, loop_key, eval_key = jax.random.split(key, 6)
-        if initial_actor is not None:
-            actor = initial_actor
-        elif config.bc_warm_start is not None:
-            bc_train, _ = bc.make_train(config.bc_warm_start, make_imitator, trusted)
-            actor, _ = bc_train(bc_key)
+        _, full, rest = block_count(config)
+        partial = num_blocks is not None
+        if resume is None and not partial and first_block != 0:
+            raise ValueError("first_block > 0 needs the state to resume from (resume=)")
+        if not partial and not (0 <= first_block < full or first_block == full and rest):
+            raise ValueError(f"first_block {first_block} leaves nothing to run: the run has "
+                             f"{full} full blocks and {'a' if rest else 'no'} last, shorter "
+                             "one")
+        if partial and not 0 < num_blocks <= full:
+            raise ValueError(f"num_blocks {num_blocks} must be in [1, {full}] (full blocks)")
+        if resume is None:
+            if initial_actor is not None:
+                actor = initial_actor
+            elif config.bc_warm_start is not None:
+                bc_train, _ = bc.make_train(config.bc_warm_start, make_imitator, trusted)
+                actor, _ = bc_train(bc_key)
+            else:
+                actor = nnx.split(make_imitator(actor_key))[1]
+            critic = nnx.split(make_critic(critic_key))[1]
+            disc = jax.vmap(lambda k: nnx.split(new_discriminator(k))[1])(
+                jax.random.split(disc_key, len(views)))
+            state = GANState(actor=actor, critic=critic, discriminator=disc,
+                             norm=RunningNorm.create(feature_size),
+                             policy_opt=policy_optimizer.init((actor, critic)),
+                             discriminator_opt=jax.vmap(disc_optimizer.init)(disc),
+                             diverged_at=jnp.int32(-1), diverged_loss=jnp.int32(0),
+                             diverged_value=jnp.float32(0))
         else:
-            actor = nnx.split(make_imitator(actor_key))[1]
-        critic = nnx.split(make_critic(critic_key))[1]
-        disc = jax.vmap(lambda k: nnx.split(new_discriminator(k))[1])(
-            jax.random.split(disc_key, len(views)))
-        state = GANState(actor=actor, critic=critic, discriminator=disc,
-                         norm=RunningNorm.create(feature_size),
-                         policy_opt=policy_optimizer.init((actor, critic)),
-                         discriminator_opt=jax.vmap(disc_optimizer.init)(disc),
-                         diverged_at=jnp.int32(-1), diverged_loss=jnp.int32(0),
-                         diverged_value=jnp.float32(0))
-        first = dict(evaluate(state, eval_key), iteration=jnp.int32(0))
+            state = resume
         keys = jax.random.split(loop_key, config.iterations)
         indices = jnp.arange(config.iterations, dtype=jnp.int32)
-        full, rest = divmod(config.iterations, config.eval_every)
         eval_keys = jax.random.split(jax.random.fold_in(eval_key, 1), full + 1)
+        every = config.eval_every
         chunks = []
-        if full:
-            cut = full * config.eval_every
+        if resume is None:  # the evaluation before the first iteration
+            chunks.append(({}, jax.tree.map(lambda x: x[None],
+                                            dict(evaluate(state, eval_key),
+                                                 iteration=jnp.int32(0)))))
+        if partial:  # full blocks from a first_block that may be traced
+            length = num_blocks * every
             state, (metrics, evaluations) = jax.lax.scan(
                 block, state,
-                ((indices[:cut].reshape(full, -1), keys[:cut].reshape(full, -1)),
-                 eval_keys[:full]))
-            chunks.append((jax.tree.map(lambda x: x.reshape((cut,) + x.shape[2:]), metrics),
+                ((jax.lax.dynamic_slice_in_dim(indices, first_block * every, length
+                                               ).reshape(num_blocks, every),
+                  jax.lax.dynamic_slice_in_dim(keys, first_block * every, length
+                                               ).reshape(num_blocks, every)),
+                 jax.lax.dynamic_slice_in_dim(eval_keys, first_block, num_blocks)))
+            chunks.append((jax.tree.map(lambda x: x.reshape((length,) + x.shape[2:]), metrics),
                            evaluations))
-        if rest:
-            state, (metrics, evaluation) = block(
-                state, ((indices[-rest:], keys[-rest:]), eval_keys[full]))
-            chunks.append((metrics, jax.tree.map(lambda x: x[None], evaluation)))
-        metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks])
-        evaluations = jax.tree.map(lambda f, *x: jnp.concatenate([f[None], *x]), first,
-                                   *[c[1] for c in chunks])
-        if single_view:
+        else:  # from first_block to the end
+            if first_block < full:
+                start, count = first_block * every, full - first_block
+                state, (metrics, evaluations) = jax.lax.scan(
+                    block, state,
+                    ((indices[start:full * every].reshape(count, -1),
+                      keys[start:full * every].reshape(count, -1)),
+                     eval_keys[first_block:full]))
+                chunks.append((jax.tree.map(lambda x: x.reshape((count * every,) + x.shape[2:]),
+                                            metrics), evaluations))
+            if rest:
+                state, (metrics, evaluation) = block(
+                    state, ((indices[-rest:], keys[-rest:]), eval_keys[full]))
+                chunks.append((metrics, jax.tree.map(lambda x: x[None], evaluation)))
+        metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks if c[0]])
+        evaluations = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[1] for c in chunks])
+        if single_view and not partial:
             state = state.replace(
                 discriminator=jax.tree.map(lambda x: x[0], state.discriminator),
                 discriminator_opt=jax.tree.map(lambda x: x[0], state.discriminator_opt))
         return state, metrics, evaluations
 
     return train, GANModules(actor_def, critic_def, disc_def, views, features_view, view_masks)
+
+
+def block_count(config: GANConfig) -> tuple[int, int, int]:
+    """``(blocks, full, rest)``: a run is cut into blocks of ``eval_every`` iterations,
+    each ending with an evaluation; ``full`` blocks of ``eval_every`` and, if ``rest`` >
+    0, a last one of ``rest`` iterations."""
+    full, rest = divmod(config.iterations, config.eval_every)
+    return full + (1 if rest else 0), full, rest
 
 
 def _first_non_finite(values: jax.Array) -> jax.Array:

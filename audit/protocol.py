@@ -45,11 +45,15 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import json
 import math
 import multiprocessing
+import shutil
 import threading
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -63,6 +67,7 @@ from audit.detectors.discriminator import DiscriminatorDetector
 from audit.discriminator import DiscriminatorConfig, raw_feature_mask, takes_layout
 from audit.ppo import Critic
 from audit.rollout import imitator_step, rollout, rollout_expert, teacher_forced_activations
+from audit.runs import write_json
 from audit.scores import ScoreStore
 from audit.trajectories import Trajectories
 from audit.views import VIEWS, FeatureLayout, RunningNorm, check_view, view_features
@@ -198,9 +203,75 @@ class Suite:
         return dict(dict(self.discriminator_settings).get(architecture, ()))
 
 
+class SuiteCheckpoint:
+    """A suite run's finished environments, kept while it runs so that a killed run can
+    resume (``audit bench --resume``).
+
+    Each environment's outcome is written as it finishes: ``env-<name>.npz`` (its
+    :class:`~audit.scores.ScoreStore`, every score) and ``env-<name>.json`` (its stage
+    timings and co-training summaries), the JSON last; ``run.json`` holds the settings
+    of the run (suite, seeds) that a resumed run must match. An environment's numbers do
+    not depend on the others', so a resumed run's figures are those of an uninterrupted
+    one.
+
+    Args:
+      directory: where the files go.
+      settings: what identifies the run (JSON-ready).
+    """
+
+    def __init__(self, directory, settings: dict[str, Any]):
+        self.directory = Path(directory)
+        self.settings = json.loads(json.dumps(settings, default=str))
+
+    def matches(self) -> tuple[bool, list[str]]:
+        """Whether the directory holds a run of these settings, and the settings that differ."""
+        try:
+            theirs = json.loads((self.directory / "run.json").read_text())
+        except (OSError, ValueError):
+            return False, ["run.json unreadable"]
+        differ = sorted(k for k in set(theirs) | set(self.settings)
+                        if theirs.get(k) != self.settings.get(k))
+        return not differ, differ
+
+    def start(self) -> None:
+        """Creates the directory and records the settings (a fresh run)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_json(self.directory / "run.json", self.settings)
+
+    def save(self, outcome: tuple[ScoreStore, dict, list]) -> None:
+        """Records one finished environment."""
+        store, timings, cotraining = outcome
+        envs = {model["env"] for model in store.models.values()}
+        if len(envs) != 1:
+            raise ValueError(f"an environment's outcome holds models of {sorted(envs)}")
+        name = envs.pop()
+        store.save(self.directory / f"env-{name}.npz")
+        write_json(self.directory / f"env-{name}.json",
+                   {"env": name, "timings": timings, "cotraining": cotraining})
+
+    def finished(self) -> dict[str, tuple[ScoreStore, dict, list]]:
+        """The environments recorded so far (an unreadable record is run again)."""
+        found = {}
+        for record in sorted(self.directory.glob("env-*.json")):
+            try:
+                info = json.loads(record.read_text())
+                store = ScoreStore.load(record.with_suffix(".npz"))
+            except (OSError, ValueError) as error:
+                warnings.warn(f"checkpoint {record} is unreadable ({error}); its environment "
+                              "runs again", stacklevel=2)
+                continue
+            found[info["env"]] = (store, info["timings"], info["cotraining"])
+        return found
+
+    def remove(self) -> None:
+        """Deletes the checkpoint (the run is written)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
               progress: Callable[[str], None] | None = None,
-              processes: int = 1, first_seed: int = 0) -> dict[str, Any]:
+              processes: int = 1, first_seed: int = 0,
+              checkpoint: SuiteCheckpoint | None = None) -> dict[str, Any]:
     """Runs every cell of ``suite`` and computes its figures.
 
     Args:
@@ -213,6 +284,9 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         fresh (``spawn``) and are sent the suite and the registered components, which
         must pickle by reference (module-level functions and classes).
       first_seed: the seeds are ``first_seed, first_seed + 1, ...``.
+      checkpoint: where each environment's scores are saved as soon as it finishes
+        (:class:`SuiteCheckpoint`); environments it already holds are loaded, not run
+        again, so a killed run resumes with the same numbers.
 
     Returns:
       ``{"rows", "models", "model_level", "roc", "cotraining", "timings", "scores"}``:
@@ -231,10 +305,25 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     say = progress or (lambda message: None)
     preflight(suite)
     jobs = env_jobs(suite, seed_values, cache_dir)
-    if processes > 1 and len(jobs) > 1:
-        outcomes = _run_envs_in_processes(jobs, say, processes)
+    finished = {} if checkpoint is None else checkpoint.finished()
+    for name in finished:
+        say(f"{name}: resumed from the checkpoint")
+    todo = [job for job in jobs if job[1].name not in finished]
+
+    def done(outcome) -> None:
+        if checkpoint is not None:
+            checkpoint.save(outcome)
+
+    if processes > 1 and len(todo) > 1:
+        outcomes = _run_envs_in_processes(todo, say, processes, done)
     else:
-        outcomes = [_run_env(*job, say) for job in jobs]
+        outcomes = []
+        for job in todo:
+            outcomes.append(_run_env(*job, say))
+            done(outcomes[-1])
+    by_env = {**finished, **{job[1].name: outcome for job, outcome in zip(todo, outcomes,
+                                                                        strict=True)}}
+    outcomes = [by_env[job[1].name] for job in jobs]  # suite order, resumed or not
     store = ScoreStore(settings=score_settings(suite))
     timings, cotraining = {}, []
     for env_store, env_timings, env_cotraining in outcomes:
@@ -415,8 +504,9 @@ def _organism_specs(suite: Suite, env_name: str) -> list:
     return [honest] + [spec for spec in others if spec.supports(env_name)]
 
 
-def _run_envs_in_processes(jobs, say, processes) -> list:
-    """:func:`_run_env` for every environment, in worker processes, in suite order.
+def _run_envs_in_processes(jobs, say, processes, done=None) -> list:
+    """:func:`_run_env` for every environment, in worker processes, in suite order;
+    ``done(outcome)`` is called as each finishes (in the order they finish).
 
     Threads do not help here: XLA runs most of these small programs on one core. Two
     processes keep two cores busy, one compiling while another computes.
@@ -433,6 +523,9 @@ def _run_envs_in_processes(jobs, say, processes) -> list:
                     initializer=plugins.load_all, initargs=(plugins.loaded(),)) as pool:
                 futures = [pool.submit(_run_env, *job, messages.put) for job in jobs]
                 try:
+                    for future in concurrent.futures.as_completed(futures):
+                        if done is not None:
+                            done(future.result())
                     outcomes = [future.result() for future in futures]
                 except BaseException:
                     for future in futures:  # one environment failed: stop the others

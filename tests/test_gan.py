@@ -132,6 +132,17 @@ def test_divergence_stops_with_the_iteration_and_loss_and_keeps_the_last_good_st
         assert all(np.all(np.isfinite(saved[name])) for name in saved.files)
     with np.load(out / "imitator.npz") as saved:
         assert all(np.all(np.isfinite(saved[name])) for name in saved.files)
+    # Checkpointed every block, the run stops at the first block that diverged instead
+    # of running the other 57 iterations.
+    out = tmp_path / "stopped"
+    code = main(["train-gan", "--env", "offswitch", "--steps", "60", "--episodes", "32",
+                 "--rollout-episodes", "8", "--eval-every", "3", "--eval-episodes", "8",
+                 "--checkpoint-every", "3", "--discriminator-learning-rate", "1e30", "--quiet",
+                 "--out", str(out)])
+    assert code == 1 and "diverged at iteration" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["history"]["discriminator_loss"]) == 3
+    assert summary["diverged"]["iteration"] < 3
 
 
 def test_train_gan_cli_errors_name_the_flag(capsys):

@@ -4,6 +4,7 @@ exit code 2; nothing silently wrong (wrapped seeds, NaN trained on, corrupt cach
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_bench import tiny_suite  # noqa: F401  (a fixture)
 
 from audit import registry
 from audit.cli import main
@@ -258,3 +260,117 @@ def test_random_bad_flags_get_exit_2_and_one_line(argv, tmp_path, capsys):
 @given(argv=bad_command_lines())
 def test_many_random_bad_flags_get_exit_2_and_one_line(argv, tmp_path, capsys):
     _fuzz(argv, tmp_path, capsys)
+
+
+GAN_RUN = ["train-gan", "--env", "offswitch", "--imitator", "mlp", "--discriminator", "mlp",
+           "--steps", "40", "--eval-every", "2", "--checkpoint-every", "2", "--episodes", "16",
+           "--rollout-episodes", "4", "--eval-episodes", "4", "--seed", "3", "--quiet"]
+
+
+def test_a_killed_train_gan_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, capsys):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main([*GAN_RUN, "--out", str(whole)]) == 0
+    progress = tmp_path / ".cut.checkpoint" / "progress.json"
+    process = subprocess.Popen([sys.executable, "-m", "audit.cli", *GAN_RUN, "--out", str(cut)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress.read_text())["next_block"] >= 3:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not cut.exists() and progress.is_file()
+    # A second run on the same --out neither ignores nor silently replaces the checkpoint.
+    err = one_line_error(capsys, [*GAN_RUN, "--out", str(cut)])
+    assert "pass --resume to continue it or --overwrite" in err
+    err = one_line_error(capsys, [*GAN_RUN, "--out", str(cut), "--seed", "4", "--resume"])
+    assert "other settings (differing: seed)" in err
+    assert main([*GAN_RUN, "--out", str(cut), "--resume"]) == 0
+    first, second = (json.loads((run / "summary.json").read_text()) for run in (whole, cut))
+    assert second["history"] == first["history"]
+    assert second["evaluations"] == first["evaluations"]
+    for figure in ("kl_train", "kl_test", "return_train", "return_test"):
+        assert second[figure] == first[figure], figure
+    assert not progress.parent.exists()  # the finished run leaves no checkpoint
+    err = one_line_error(capsys, [*GAN_RUN, "--out", str(tmp_path / "new"), "--resume"])
+    assert "--resume: no checkpoint of --out" in err
+
+
+def test_a_bench_stopped_part_way_resumes_with_the_rows_of_an_uninterrupted_run(
+        tiny_suite, monkeypatch, tmp_path, capsys):  # noqa: F811
+    from audit import protocol
+
+    suite = dataclasses.replace(tiny_suite, name="tiny_two", envs=("offswitch", "takeover"),
+                                post_hoc=False, views=("actions",), test_episodes=8,
+                                calibration_episodes=100, resamples=10)
+    monkeypatch.setitem(registry._registered["suites"], "tiny_two", suite)
+    argv = ["bench", "--suite", "tiny_two", "--processes", "1", "--no-report", "--quiet",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    original, ran = protocol._run_env, []
+
+    def stopped_after_the_first(suite, env_spec, *rest):
+        if ran:  # the second environment: the run is killed
+            raise KeyboardInterrupt
+        ran.append(env_spec.name)
+        return original(suite, env_spec, *rest)
+
+    monkeypatch.setattr(protocol, "_run_env", stopped_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path / "cut")])
+    checkpoint = tmp_path / ".cut.checkpoint"
+    assert (checkpoint / "env-offswitch.json").is_file() and not (tmp_path / "cut").exists()
+    err = one_line_error(capsys, [*argv, "--out", str(tmp_path / "cut")])
+    assert "pass --resume to continue it or --overwrite" in err
+
+    def counted(suite, env_spec, *rest):
+        ran.append(env_spec.name)
+        return original(suite, env_spec, *rest)
+
+    monkeypatch.setattr(protocol, "_run_env", counted)
+    assert main([*argv, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert ran == ["offswitch", "takeover"]  # offswitch was not run again
+    whole, cut = (json.loads((tmp_path / run / "results.json").read_text())
+                  for run in ("whole", "cut"))
+    assert cut["rows"] == whole["rows"] and cut["model_level"] == whole["model_level"]
+    assert not checkpoint.exists()
+
+
+@pytest.mark.slow
+def test_the_quick_suite_killed_with_sigkill_resumes_to_identical_rows(tmp_path):
+    """The real quick suite, in worker processes: SIGKILL once one environment is
+    checkpointed, resume, compare with an uninterrupted run (about 10 minutes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = [sys.executable, "-m", "audit.cli", "bench", "--suite", "quick", "--quiet",
+            "--no-report", "--cache-dir", str(tmp_path / "cache")]
+    subprocess.run([*base, "--out", str(tmp_path / "whole")], check=True)
+    process = subprocess.Popen([*base, "--out", str(tmp_path / "cut")])
+    checkpoint = tmp_path / ".cut.checkpoint"
+    deadline = time.monotonic() + 1200
+    while (time.monotonic() < deadline and process.poll() is None
+           and not list(checkpoint.glob("env-*.json"))):
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)  # its worker processes are orphaned, as in life
+    process.wait()
+    subprocess.run([*base, "--out", str(tmp_path / "cut"), "--resume"], check=True)
+    whole, cut = (json.loads((tmp_path / run / "results.json").read_text())
+                  for run in ("whole", "cut"))
+    assert cut["rows"] == whole["rows"]
