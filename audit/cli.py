@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from audit import registry
-from audit.runs import RunDirError, check_run_dir, default_run_name, run_dir, versions, write_json
+from audit.runs import (
+    RunDirError,
+    check_run_dir,
+    default_run_name,
+    resume_checkpoint,
+    run_dir,
+    versions,
+    write_json,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -652,32 +660,11 @@ class GANCheckpoints:
         self.out = out
 
     def prepare(self, resume: bool, overwrite: bool) -> dict | None:
-        """Checks ``--resume`` / ``--overwrite`` against what is on disk; returns the
-        progress to resume from (None: start afresh)."""
-        progress_file = self.directory / "progress.json"
-        if resume:
-            if not progress_file.is_file():
-                raise UsageError(f"--resume: no checkpoint of --out {self.out} at "
-                                 f"{self.directory} (nothing to resume)")
-            try:
-                progress = json.loads(progress_file.read_text())
-            except (OSError, ValueError) as error:
-                raise UsageError(f"--resume: {progress_file} is unreadable ({error})") from None
-            if progress.get("settings") != self.settings:
-                theirs = progress.get("settings") or {}
-                differ = sorted(k for k in set(theirs) | set(self.settings)
-                                if theirs.get(k) != self.settings.get(k))
-                raise UsageError(f"--resume: the checkpoint at {self.directory} was written "
-                                 f"with other settings (differing: {', '.join(differ)}); "
-                                 "resume with the same flags, or --overwrite to start afresh")
-            return progress
-        if self.directory.exists():
-            if not overwrite:
-                raise UsageError(f"--out {self.out}: a killed run left its checkpoint at "
-                                 f"{self.directory}; pass --resume to continue it or "
-                                 "--overwrite to start afresh")
-            shutil.rmtree(self.directory)
-        return None
+        """Checks ``--resume`` / ``--overwrite`` against what is on disk
+        (:func:`audit.runs.resume_checkpoint`); returns the progress to resume from (None:
+        start afresh)."""
+        return resume_checkpoint(self.directory, "progress.json", self.settings, self.out,
+                                 resume, overwrite)
 
     def save(self, state, metrics: dict, evaluations: dict, next_block: int,
              seconds: float) -> None:
@@ -983,7 +970,9 @@ def run_bench(args: argparse.Namespace) -> int:
     checkpoint = SuiteCheckpoint(out.parent / f".{out.name}.checkpoint",
                                  {"suite": _as_dict(suite),
                                   "seed_values": list(range(args.seed, args.seed + seeds))})
-    _prepare_suite_checkpoint(checkpoint, out, args.resume, args.overwrite)
+    if resume_checkpoint(checkpoint.directory, "run.json", checkpoint.settings, out,
+                         args.resume, args.overwrite) is None:
+        checkpoint.start()
     started = time.perf_counter()
     with _stages(args.quiet, f"{args.suite} suite") as say:
         try:
@@ -1015,27 +1004,6 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz, ROC "
               f"plots{report} to {out} ({seconds:.0f} s)")
     return 0
-
-
-def _prepare_suite_checkpoint(checkpoint, out: Path, resume: bool, overwrite: bool) -> None:
-    """Checks ``--resume`` / ``--overwrite`` against a suite checkpoint on disk."""
-    if resume:
-        if not (checkpoint.directory / "run.json").is_file():
-            raise UsageError(f"--resume: no checkpoint of --out {out} at "
-                             f"{checkpoint.directory} (nothing to resume)")
-        same, differ = checkpoint.matches()
-        if not same:
-            raise UsageError(f"--resume: the checkpoint at {checkpoint.directory} was written "
-                             f"with other settings (differing: {', '.join(differ)}); resume "
-                             "with the same flags, or --overwrite to start afresh")
-        return
-    if checkpoint.directory.exists():
-        if not overwrite:
-            raise UsageError(f"--out {out}: a killed run left its checkpoint at "
-                             f"{checkpoint.directory}; pass --resume to continue it or "
-                             "--overwrite to start afresh")
-        checkpoint.remove()
-    checkpoint.start()
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:

@@ -210,7 +210,8 @@ class SuiteCheckpoint:
     Each environment's outcome is written as it finishes: ``env-<name>.npz`` (its
     :class:`~audit.scores.ScoreStore`, every score) and ``env-<name>.json`` (its stage
     timings and co-training summaries), the JSON last; ``run.json`` holds the settings
-    of the run (suite, seeds) that a resumed run must match. An environment's numbers do
+    of the run (suite, seeds) that a resumed run must match
+    (:func:`audit.runs.resume_checkpoint`). An environment's numbers do
     not depend on the others', so a resumed run's figures are those of an uninterrupted
     one.
 
@@ -223,20 +224,10 @@ class SuiteCheckpoint:
         self.directory = Path(directory)
         self.settings = json.loads(json.dumps(settings, default=str))
 
-    def matches(self) -> tuple[bool, list[str]]:
-        """Whether the directory holds a run of these settings, and the settings that differ."""
-        try:
-            theirs = json.loads((self.directory / "run.json").read_text())
-        except (OSError, ValueError):
-            return False, ["run.json unreadable"]
-        differ = sorted(k for k in set(theirs) | set(self.settings)
-                        if theirs.get(k) != self.settings.get(k))
-        return not differ, differ
-
     def start(self) -> None:
         """Creates the directory and records the settings (a fresh run)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_json(self.directory / "run.json", self.settings)
+        write_json(self.directory / "run.json", {"settings": self.settings})
 
     def save(self, outcome: tuple[ScoreStore, dict, list]) -> None:
         """Records one finished environment."""

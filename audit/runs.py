@@ -139,3 +139,54 @@ def _apply_umask(directory: Path) -> None:
     os.chmod(directory, 0o777 & ~umask)
     for entry in directory.rglob("*"):
         os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+def resume_checkpoint(directory: str | os.PathLike, record: str, settings: dict, out,
+                      resume: bool, overwrite: bool) -> dict | None:
+    """The ``--resume`` / ``--overwrite`` rule of every checkpointed command.
+
+    A killed run leaves its checkpoint in ``directory`` (beside ``--out``), with a JSON
+    ``record`` whose ``settings`` say what the run was started with.
+
+    Args:
+      directory: the checkpoint directory.
+      record: the JSON file in it naming the run's ``settings``.
+      settings: this run's settings (JSON-ready).
+      out: the run's ``--out``, for the messages.
+      resume: ``--resume`` was given.
+      overwrite: ``--overwrite`` was given (an old checkpoint is deleted).
+
+    Returns:
+      the record to resume from, or None to start afresh.
+
+    Raises:
+      RunDirError: ``--resume`` without a checkpoint, or with one of other settings
+        (naming those that differ); a checkpoint found without ``--resume`` or
+        ``--overwrite``.
+    """
+    directory = Path(directory)
+    settings = json.loads(json.dumps(settings, default=str))
+    if resume:
+        try:
+            found = json.loads((directory / record).read_text())
+        except FileNotFoundError:
+            raise RunDirError(f"--resume: no checkpoint of --out {out} at {directory} "
+                              "(nothing to resume)") from None
+        except (OSError, ValueError) as error:
+            raise RunDirError(f"--resume: {directory / record} is unreadable ({error})"
+                              ) from None
+        theirs = found.get("settings") if isinstance(found, dict) else None
+        if theirs != settings:
+            theirs = theirs if isinstance(theirs, dict) else {}
+            differ = sorted(k for k in set(theirs) | set(settings)
+                            if theirs.get(k) != settings.get(k))
+            raise RunDirError(f"--resume: the checkpoint at {directory} was written with "
+                              f"other settings (differing: {', '.join(differ)}); resume with "
+                              "the same flags, or --overwrite to start afresh")
+        return found
+    if directory.exists():
+        if not overwrite:
+            raise RunDirError(f"--out {out}: a killed run left its checkpoint at {directory}; "
+                              "pass --resume to continue it or --overwrite to start afresh")
+        shutil.rmtree(directory)
+    return None
