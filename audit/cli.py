@@ -20,6 +20,7 @@ from typing import Any
 from audit import registry
 from audit.runs import (
     RunDirError,
+    as_json,
     check_run_dir,
     default_run_name,
     resume_checkpoint,
@@ -42,44 +43,39 @@ class _Parser(argparse.ArgumentParser):
 
 
 COUNT_LIMIT = 2**31 - 1  # counts become int32 loop bounds and array sizes in XLA
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer in ``[1, 2**31)`` (counts are int32 inside XLA)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if not 0 < value <= COUNT_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, 2**31), got {value}")
-    return value
-
-
 SEED_LIMIT = 2**32  # seeds are uint32 PRNG seeds: every command takes [0, 2**32)
 
 
-def seed_int(text: str) -> int:
-    """argparse type: a seed, an integer in ``[0, 2**32)`` (JAX keys are 32-bit: a larger
-    seed would silently give another seed's numbers)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}"
-                                         ) from None
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {value}")
-    return value
+def bounded_int(low: int, high: int, interval: str, not_a_number: str):
+    """An argparse type: an integer in ``[low, high]``.
+
+    Args:
+      low, high: the smallest and largest value taken.
+      interval: the range as the messages name it (``"[1, 2**31)"``).
+      not_a_number: what the message says was expected when the text is no integer.
+
+    Returns:
+      a function from the flag's text to its value, raising
+      ``argparse.ArgumentTypeError`` with a one-line message otherwise.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {not_a_number}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in {interval}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer in ``[0, 2**31)``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if not 0 <= value <= COUNT_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**31), got {value}")
-    return value
+# Counts are int32 inside XLA.
+positive_int = bounded_int(1, COUNT_LIMIT, "[1, 2**31)", "a positive integer")
+non_negative_int = bounded_int(0, COUNT_LIMIT, "[0, 2**31)", "an integer >= 0")
+# JAX keys are 32-bit: a larger seed would silently give another seed's numbers.
+seed_int = bounded_int(0, SEED_LIMIT - 1, "[0, 2**32)", "an integer in [0, 2**32)")
 
 
 def finite_float(low: float, high: float = math.inf, low_open: bool = False,
@@ -656,7 +652,7 @@ class GANCheckpoints:
 
     def __init__(self, out: Path, settings: dict):
         self.directory = out.parent / f".{out.name}.checkpoint"
-        self.settings = json.loads(json.dumps(settings, default=str))
+        self.settings = as_json(settings)
         self.out = out
 
     def prepare(self, resume: bool, overwrite: bool) -> dict | None:
@@ -708,7 +704,7 @@ class GANCheckpoints:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _train_gan_in_chunks(train, modules, config, key, checkpoint_every: int,
+def _train_gan_in_chunks(train, config, key, checkpoint_every: int,
                          checkpoints: GANCheckpoints, resumed: dict | None):
     """Runs ``train`` in chunks of blocks, checkpointing after each and stopping at the
     first divergence; returns ``(state, metrics, evaluations, seconds_before)``.
@@ -745,10 +741,7 @@ def _train_gan_in_chunks(train, modules, config, key, checkpoint_every: int,
                          seconds_before + time.perf_counter() - started)
         diverged = int(state.diverged_at) >= 0  # stop at once: the state is the last good
     if diverged:
-        if len(modules.views) == 1:  # the internal, stacked form of a partial run
-            state = state.replace(
-                discriminator=jax.tree.map(lambda x: x[0], state.discriminator),
-                discriminator_opt=jax.tree.map(lambda x: x[0], state.discriminator_opt))
+        state = gan.unstacked_state(state, config)
     else:
         last = jax.jit(functools.partial(train, first_block=block))
         state, metrics, evaluations = last(key, resume=state)
@@ -870,7 +863,7 @@ def run_train_gan(args: argparse.Namespace) -> int:
     with _progress(args.quiet, "adversarial imitation", args.steps) as advance:
         advance_to[0] = advance
         state, metrics, evaluations, seconds_before = _train_gan_in_chunks(
-            train, modules, config, train_key, args.checkpoint_every, checkpoints, resumed)
+            train, config, train_key, args.checkpoint_every, checkpoints, resumed)
     train_seconds = seconds_before + time.perf_counter() - started
     metrics = {k: np.asarray(v).tolist() for k, v in metrics.items()}
     evaluations = {k: np.asarray(v).tolist() for k, v in evaluations.items()}
@@ -1232,7 +1225,6 @@ def run_render(args: argparse.Namespace) -> int:
 
 def _saved_imitator(run_dir: Path, env_name: str, env, env_params):
     """The imitator saved by ``train-bc`` or ``train-gan`` in ``run_dir``, parameters loaded."""
-    import json
 
     from flax import nnx
 

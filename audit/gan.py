@@ -585,13 +585,26 @@ def make_train(config: GANConfig, env, env_params,
                 chunks.append((metrics, jax.tree.map(lambda x: x[None], evaluation)))
         metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks if c[0]])
         evaluations = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[1] for c in chunks])
-        if single_view and not partial:
-            state = state.replace(
-                discriminator=jax.tree.map(lambda x: x[0], state.discriminator),
-                discriminator_opt=jax.tree.map(lambda x: x[0], state.discriminator_opt))
+        if not partial:
+            state = unstacked_state(state, config)
         return state, metrics, evaluations
 
     return train, GANModules(actor_def, critic_def, disc_def, views, features_view, view_masks)
+
+
+def unstacked_state(state: GANState, config: GANConfig) -> GANState:
+    """``state`` in the form a finished run returns it.
+
+    During a run the discriminators of every view are stacked on a leading axis, also
+    when ``config.view`` names a single view; a finished single-view run returns its one
+    discriminator without that axis. A partial run (``num_blocks``) returns the stacked
+    form, to be resumed; a caller that stops one early (a divergence) unstacks it here.
+    """
+    if not isinstance(config.view, str):
+        return state
+    return state.replace(
+        discriminator=jax.tree.map(lambda x: x[0], state.discriminator),
+        discriminator_opt=jax.tree.map(lambda x: x[0], state.discriminator_opt))
 
 
 def block_count(config: GANConfig) -> tuple[int, int, int]:

@@ -67,7 +67,7 @@ from audit.detectors.discriminator import DiscriminatorDetector
 from audit.discriminator import DiscriminatorConfig, raw_feature_mask, takes_layout
 from audit.ppo import Critic
 from audit.rollout import imitator_step, rollout, rollout_expert, teacher_forced_activations
-from audit.runs import write_json
+from audit.runs import as_json, write_json
 from audit.scores import ScoreStore
 from audit.trajectories import Trajectories
 from audit.views import VIEWS, FeatureLayout, RunningNorm, check_view, view_features
@@ -222,7 +222,7 @@ class SuiteCheckpoint:
 
     def __init__(self, directory, settings: dict[str, Any]):
         self.directory = Path(directory)
-        self.settings = json.loads(json.dumps(settings, default=str))
+        self.settings = as_json(settings)
 
     def start(self) -> None:
         """Creates the directory and records the settings (a fresh run)."""

@@ -126,6 +126,13 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON: tuples become lists, and anything JSON has no
+    type for its ``str``. Settings are compared in this form, so those read back from a
+    checkpoint equal those of the run that resumes it."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def default_run_name(*parts: str) -> str:
     """``<UTC timestamp>-<parts>``, so default output directories never collide."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
@@ -165,7 +172,7 @@ def resume_checkpoint(directory: str | os.PathLike, record: str, settings: dict,
         ``--overwrite``.
     """
     directory = Path(directory)
-    settings = json.loads(json.dumps(settings, default=str))
+    settings = as_json(settings)
     if resume:
         try:
             found = json.loads((directory / record).read_text())
