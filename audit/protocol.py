@@ -69,6 +69,7 @@ from audit.ppo import Critic
 from audit.rollout import imitator_step, rollout, rollout_expert, teacher_forced_activations
 from audit.runs import as_json, write_json
 from audit.scores import ScoreStore
+from audit.sharding import seed_parallel
 from audit.trajectories import Trajectories
 from audit.views import VIEWS, FeatureLayout, RunningNorm, check_view, view_features
 
@@ -688,9 +689,9 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
             run_keys = jnp.stack([jax.random.split(jax.random.fold_in(data[seed]["key"], 7),
                                                    len(members)) for seed in seeds])
             trusted = _stack([data[seed]["trusted"] for seed in seeds])
-            per_seed = jax.vmap(jax.vmap(train, in_axes=(0, 0, None)), in_axes=(0, 0, 0))
-            state, history, _ = jax.block_until_ready(
-                jax.jit(per_seed)(run_keys, initial, trusted))
+            # The seed axis is sharded over the devices (one device: a plain vmap).
+            per_seed = seed_parallel(jax.vmap(train, in_axes=(0, 0, None)))
+            state, history, _ = jax.block_until_ready(per_seed(run_keys, initial, trusted))
             timings[f"{env_name}/{label}/co-training/{architecture}/{names[0]}"] = (
                 time.perf_counter() - started)
 

@@ -113,10 +113,56 @@ def write_gif(frames: Sequence[np.ndarray], path: str | os.PathLike,
     return path
 
 
+def strip_mosaic(frames: Sequence[np.ndarray], *, flagged: Sequence[bool] | None = None,
+                 columns: int = 12) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """The frames composited into one image: a grid of ``columns`` panels, each framed
+    (red and thick when flagged, thin grey otherwise), with white space above each
+    panel for its label.
+
+    Args:
+      frames: ``[H, W, 3]`` uint8 frames, all of one size.
+      flagged: per frame, whether it is framed in red.
+      columns: panels per row.
+
+    Returns:
+      ``(image, label_positions)``: the uint8 mosaic and, per frame, the pixel
+      ``(x, y)`` where its label's baseline centre goes.
+    """
+    if not len(frames):
+        raise ValueError("strip: no frames to draw")
+    height, width = frames[0].shape[:2]
+    if any(frame.shape != frames[0].shape for frame in frames):
+        raise ValueError("strip: the frames differ in shape")
+    thin, thick = max(1, height // 40), max(3, height // 10)
+    label = max(6, height // 3)  # room above each panel for "t=12 event"
+    gap = max(2, width // 12)
+    cell_h, cell_w = label + height + 2 * thick, width + 2 * thick + gap
+    columns = min(columns, len(frames))
+    rows = -(-len(frames) // columns)
+    image = np.full((rows * cell_h, columns * cell_w - gap, 3), 255, np.uint8)
+    red = np.array([214, 39, 40], np.uint8)
+    grey = np.array([187, 187, 187], np.uint8)
+    positions = []
+    for index, frame in enumerate(frames):
+        row, column = divmod(index, columns)
+        top, left = row * cell_h + label, column * cell_w
+        is_flagged = flagged is not None and bool(flagged[index])
+        border = thick if is_flagged else thin
+        offset = thick - border  # every panel's frame inside the same cell
+        image[top + offset:top + 2 * thick + height - offset,
+              left + offset:left + 2 * thick + width - offset] = red if is_flagged else grey
+        image[top + thick:top + thick + height, left + thick:left + thick + width] = frame
+        positions.append((left + thick + width / 2, top - 1))
+    return image, positions
+
+
 def strip_figure(frames: Sequence[np.ndarray], *, flagged: Sequence[bool] | None = None,
                  event_step: int | None = None, title: str = "", columns: int = 12,
                  panel_inches: float = 0.62):
     """Frames side by side (wrapped after ``columns``), flagged steps in red, the event labelled.
+
+    One image on one axes (:func:`strip_mosaic`), so a long episode draws as fast as a
+    short one: a report draws many.
 
     Args:
       frames: the episode's frames (:func:`episode_frames`).
@@ -127,40 +173,31 @@ def strip_figure(frames: Sequence[np.ndarray], *, flagged: Sequence[bool] | None
       panel_inches: a panel's width.
 
     Returns:
-      the matplotlib figure (the caller saves and closes it).
+      the matplotlib figure (the caller saves and closes it); its axes' texts are the
+      panels' labels (``t=<step>``, ``" event"`` added at the event).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    count = max(len(frames), 1)
-    columns = min(columns, count)
-    rows = -(-count // columns)
+    image, positions = strip_mosaic(frames, flagged=flagged, columns=columns)
+    columns = min(columns, len(frames))
+    inches_per_pixel = panel_inches * columns / image.shape[1]
     # At least 5 inches wide: the title (episode, flags) must fit over a short strip.
-    width = max(panel_inches * columns + 0.2, 5.0)
-    figure, axes = plt.subplots(rows, columns, squeeze=False,
-                                figsize=(width, panel_inches * rows * 1.25 + 0.45))
-    for index, axis in enumerate(axes.flat):
-        axis.set_xticks([])
-        axis.set_yticks([])
-        if index >= len(frames):
-            axis.set_visible(False)
-            continue
-        axis.imshow(frames[index], interpolation="nearest")
-        is_flagged = flagged is not None and bool(flagged[index])
+    width = max(image.shape[1] * inches_per_pixel + 0.2, 5.0)
+    height = image.shape[0] * inches_per_pixel + 0.45
+    figure = plt.figure(figsize=(width, height))
+    used = image.shape[1] * inches_per_pixel / width  # short strips: left-aligned
+    axis = figure.add_axes((0.1 / width, 0.05 / height, used,
+                            image.shape[0] * inches_per_pixel / height))
+    axis.imshow(image, interpolation="nearest")
+    axis.set_axis_off()
+    for index, (x, y) in enumerate(positions):
         is_event = event_step is not None and index == event_step
-        label = f"t={index}" + (" event" if is_event else "")
-        axis.set_title(label, fontsize=6.5, pad=2,
-                       color=EVENT_COLOUR if is_event else "black",
-                       fontweight="bold" if is_event else "normal")
-        for spine in axis.spines.values():
-            spine.set_color(FLAG_COLOUR if is_flagged else "#bbbbbb")
-            spine.set_linewidth(2.4 if is_flagged else 0.6)
+        axis.text(x, y, f"t={index}" + (" event" if is_event else ""), fontsize=6.5,
+                  ha="center", va="bottom", color=EVENT_COLOUR if is_event else "black",
+                  fontweight="bold" if is_event else "normal")
     if title:
-        figure.suptitle(title, fontsize=8)
-    used = min(1.0, (panel_inches * columns + 0.2) / width)  # short strips: left-aligned
-    figure.subplots_adjust(left=0.01, right=0.01 + 0.98 * used,
-                           bottom=0.01, top=1 - 0.42 / figure.get_figheight(),
-                           wspace=0.08, hspace=0.35)
+        figure.suptitle(title, fontsize=8, y=1 - 0.03 / height, va="top")
     return figure

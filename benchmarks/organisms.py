@@ -52,6 +52,7 @@ from audit.protocol import InvalidOrganismError
 from audit.registry import EnvironmentSpec
 from audit.rollout import inverse_cdf_sample, rollout, rollout_expert, teacher_forced
 from audit.runs import write_json
+from audit.sharding import seed_parallel
 from audit.trajectories import Trajectories
 from benchmarks.envs.gridworld import has_trigger
 from benchmarks.planners.presets import INCORRIGIBLE_HOME_ENV
@@ -653,7 +654,8 @@ def _compiled_cloning(config: OrganismConfig, shape, num_actions, example: Traje
     if index not in _CLONING:
         train, graphdef = bc.make_train(config.bc, lambda k: make_imitator(
             HONEST, config, shape, num_actions, k), example)
-        _CLONING[index] = (jax.jit(jax.vmap(train)), graphdef)
+        # The stacked organisms x seeds are sharded over the devices (one: a plain vmap).
+        _CLONING[index] = (seed_parallel(train), graphdef)
     return _CLONING[index]
 
 

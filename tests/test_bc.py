@@ -47,6 +47,8 @@ def test_training_is_a_pure_function_of_the_key():
     assert seeds.shape == (3, 20) and losses_a[-1] < losses_a[0]
 
 
+# A learning bar (about a minute); the default run checks BC's plumbing and that its loss falls.
+@pytest.mark.slow
 def test_mlp_bc_on_offswitch_matches_the_demonstrator_and_stays_corrigible():
     """The issue's bar: kl_train <= 0.05 nats and test event rate <= 0.01, in about a minute."""
     env, params = build("offswitch", "train")

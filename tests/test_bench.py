@@ -94,6 +94,7 @@ def test_bench_writes_every_file_with_a_row_per_cell(tiny_suite, tmp_path, capsy
     assert "\\begin{tabular}" in (out / "results.tex").read_text()
     assert (out / "results.md").read_text().strip() in printed
     assert (out / "roc_offswitch.png").stat().st_size > 1000
+    assert (out / "report.html").is_file() and (out / "figures").is_dir()  # by default
     assert results["suite"] == "tiny_test" and "versions" in results and "config" in results
     assert results["first_seed"] == 2 and results["seed_values"] == [2]
     assert {m["organism"] for m in results["models"]} == {"honest", "loose_defector",
@@ -463,8 +464,9 @@ def test_a_suite_auditing_as_built_trains_post_hoc_discriminators_of_every_archi
     monkeypatch.setitem(registry._registered["suites"], "tiny_as_built", suite)
     out = tmp_path / "as_built"
     assert main(["bench", "--suite", "tiny_as_built", "--out", str(out), "--cache-dir",
-                 str(tmp_path / "cache"), "--processes", "1", "--quiet"]) == 0, \
+                 str(tmp_path / "cache"), "--processes", "1", "--quiet", "--no-report"]) == 0, \
         capsys.readouterr().err
+    assert not (out / "report.html").exists()
     rows = json.loads((out / "results.json").read_text())["rows"]
     cells = {(r["organism"], r["detector"], r["protocol"]) for r in rows
              if r["view"] == "transitions"}

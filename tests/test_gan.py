@@ -156,6 +156,8 @@ def test_train_gan_cli_errors_name_the_flag(capsys):
         assert len(error.strip().splitlines()) == 1
 
 
+# A learning bar (about a minute); test_gail's streaming GAIL learns CartPole in the default run.
+@pytest.mark.slow
 def test_gail_on_cartpole_from_a_scripted_expert_reaches_475(tmp_path, capsys):
     """The documented command: the imitator never sees CartPole's reward."""
     out = tmp_path / "cartpole"

@@ -74,6 +74,9 @@ registry.register("suites", "combined", _dataclasses.replace(
 """ + TINY.format(organisms=("honest", "late_defector"), suite="combined"))
 
 
+# Two co-trained discriminator groups and a user's organism (two minutes); the default run
+# runs a user's environment and a user's trained imitator through bench.
+@pytest.mark.slow
 def test_a_users_detector_discriminator_and_organism_in_one_file_run_in_bench(
         isolated_registry, tmp_path, capsys):
     plugin = _write(tmp_path, "mine.py", COMBINED)
@@ -116,7 +119,7 @@ def test_a_plugin_environment_that_is_not_a_gridworld_runs_in_bench(isolated_reg
     out = tmp_path / "bench"
     code = main(["--plugin", str(OWN_ENVIRONMENT), "--plugin", str(tiny), "bench", "--suite",
                  "lever", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                 "--processes", "1", "--quiet"])
+                 "--processes", "1", "--quiet", "--no-report"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     cells = {(r["env"], r["organism"], r["detector"], r["view"]) for r in results["rows"]}
@@ -177,7 +180,8 @@ def test_your_own_trained_imitator_is_audited_as_it_was_trained(isolated_registr
     tiny = _write(tmp_path, "tiny.py", TINY.format(organisms=("honest",), suite="my_imitator"))
     out = tmp_path / "bench"
     code = main(["--plugin", str(OWN_TRAINED_IMITATOR), "--plugin", str(tiny), "bench",
-                 "--suite", "my_imitator", "--out", str(out), "--processes", "1", "--quiet"])
+                 "--suite", "my_imitator", "--out", str(out), "--processes", "1", "--quiet",
+                 "--no-report"])
     assert code == 0, capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
     rows = [r for r in results["rows"] if r["organism"] == "my_imitator"]

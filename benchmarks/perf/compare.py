@@ -52,12 +52,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
 
 from audit import gail, gymnax_envs
 from audit.modules import abstract_module, initial_carry_of
 from audit.ppo import Critic, PPOSettings
 from audit.rollout import rollout_split
+from audit.sharding import seed_parallel, use_all_cores
 from audit.vector import step_no_reset
 from benchmarks.perf.timing import median_seconds
 from models.discriminators import StepDiscriminator
@@ -190,41 +190,6 @@ class MLPPolicy(nnx.Module):
         for layer in self.hidden:
             x = getattr(jax.nn, self.activation)(layer(x))
         return self.head(x), carry
-
-
-def use_all_cores() -> int:
-    """Asks JAX for one CPU device per core (before its backend starts); the device count.
-
-    XLA runs the small operations of one program mostly on one core, so the
-    idiomatic way to use every core is the one for many devices: shard the seed
-    axis (:func:`seed_parallel`). Once the backend has started (e.g. inside a test
-    session) the count cannot change and the devices already there are used.
-    """
-    try:
-        jax.config.update("jax_num_cpu_devices", os.cpu_count() or 1)
-    except RuntimeError:  # the backend has started: keep its devices
-        pass
-    return len(jax.devices())
-
-
-def seed_parallel(fn, seeds: int):
-    """``jit(vmap(fn))`` over a leading seed axis, sharded over the devices when it divides.
-
-    Every argument of the returned function has the seed axis first; with one
-    device, or a seed count the devices do not divide, it is a plain vmap.
-    """
-    devices = jax.devices()
-    if len(devices) == 1 or seeds % len(devices):
-        return jax.jit(jax.vmap(fn))
-    mesh = jax.sharding.Mesh(np.array(devices), ("seeds",))
-
-    def sharded(*args):
-        # Each device vmaps its own block of seeds; the blocks never communicate.
-        return jax.shard_map(jax.vmap(fn), mesh=mesh,
-                             in_specs=tuple(PartitionSpec("seeds") for _ in args),
-                             out_specs=PartitionSpec("seeds"), check_vma=False)(*args)
-
-    return jax.jit(sharded)
 
 
 # ----------------------------------------------------------------------- demonstrations
@@ -362,7 +327,7 @@ def run_project(hp: Hyperparameters, num_envs: int, seeds: int, demos: dict, see
                                      make_discriminator, demos)
     keys = jax.random.split(jax.random.key(seed), seeds)
     started = time.perf_counter()
-    compiled = seed_parallel(train, seeds).lower(keys).compile()
+    compiled = seed_parallel(train).lower(keys).compile()
     compile_seconds = time.perf_counter() - started
     log(f"  project: {seeds} seed(s) x {num_envs} envs compiled in {compile_seconds:.1f} s; "
         f"training {seeds * config.transitions:,} transitions")
@@ -406,7 +371,7 @@ def measure_scaling(hp: Hyperparameters, num_envs: int, seed_counts, demos: dict
     rates, loads = {}, {}
     for seeds in seed_counts:
         keys = jax.random.split(jax.random.key(seeds), seeds)
-        compiled = seed_parallel(train, seeds).lower(keys).compile()
+        compiled = seed_parallel(train).lower(keys).compile()
         # After one untimed call: a first call pays one-off costs a short run would show.
         seconds = median_seconds(lambda compiled=compiled, keys=keys: compiled(keys), 1)
         rates[str(seeds)] = seeds * config.transitions / seconds
@@ -438,9 +403,9 @@ def profile_stages(hp: Hyperparameters, num_envs: int, seeds: int, demos: dict,
     stages, _ = gail.make_stages(config, env, env_params,
                                  *_module_factories(hp, env, env_params), demos)
     keys = jax.random.split(jax.random.key(7), seeds)
-    state = seed_parallel(stages.init, seeds)(keys)
-    collected, batch = seed_parallel(stages.collect, seeds)(state, keys)
-    rewards = seed_parallel(stages.rewards, seeds)(collected, batch)
+    state = seed_parallel(stages.init)(keys)
+    collected, batch = seed_parallel(stages.collect)(state, keys)
+    rewards = seed_parallel(stages.rewards)(collected, batch)
 
     def environment_only(state, key):
         def step(carry, key):
@@ -470,7 +435,7 @@ def profile_stages(hp: Hyperparameters, num_envs: int, seeds: int, demos: dict,
     }
     seconds = {}
     for name, (fn, args) in calls.items():
-        compiled = seed_parallel(fn, seeds).lower(*args).compile()
+        compiled = seed_parallel(fn).lower(*args).compile()
         seconds[name] = median_seconds(lambda compiled=compiled, args=args: compiled(*args),
                                        repeats)
     parts = {k: v for k, v in seconds.items() if k != "round"}
