@@ -68,6 +68,7 @@ def bounded_int(low: int, high: int, interval: str, not_a_number: str):
             raise argparse.ArgumentTypeError(f"expected an integer in {interval}, got {value}")
         return value
 
+    parse.__doc__ = f"argparse type: an integer in ``{interval}``."
     return parse
 
 

@@ -4,7 +4,10 @@
 
 For ``offswitch`` and ``gymnax:CartPole-v1``, the whole GAN run of
 :func:`audit.gan.make_train` (imitator rollouts, discriminator updates, PPO
-updates, periodic evaluation) is jitted and vmapped over 1, 8 and 64 seeds.
+updates, periodic evaluation) is jitted and vmapped over 1, 8 and 64 seeds, the seed
+axis sharded over the devices (:func:`audit.sharding.seed_parallel`; on CPU ask for
+devices with ``JAX_NUM_CPU_DEVICES``, or compare device counts side by side with
+``python -m benchmarks.perf.devices``).
 
 The headline figure is **valid transitions per second**: environment steps of
 the imitator's rollouts that fell inside an episode (``seeds x iterations x
@@ -20,6 +23,7 @@ median of ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
+import json
 
 import jax
 import numpy as np
@@ -29,6 +33,7 @@ from audit import gan, gymnax_envs, registry
 from audit.discriminator import DiscriminatorConfig
 from audit.ppo import Critic
 from audit.rollout import rollout_expert
+from audit.sharding import devices_for, seed_parallel
 from benchmarks.perf.timing import median_seconds
 from models.discriminators import StepDiscriminator
 from models.imitators import MLPImitator
@@ -88,8 +93,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", default="1,8,64", help="comma-separated seed counts")
     parser.add_argument("--envs", default=",".join(ENVIRONMENTS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     seed_counts = [int(s) for s in args.seeds.split(",")]
+    rows = []
 
     print(f"jax {jax.__version__} on {jax.default_backend()} "
           f"({jax.device_count()} device(s)); {args.iterations} iterations x "
@@ -100,7 +107,7 @@ def main(argv=None) -> None:
         train, length = build_run(env_name, args.iterations, args.episodes)
         for seeds in seed_counts:
             keys = jax.random.split(jax.random.key(1), seeds)
-            compiled = jax.jit(jax.vmap(train)).lower(keys).compile()
+            compiled = seed_parallel(train).lower(keys).compile()
             seconds = median_seconds(lambda compiled=compiled, keys=keys: compiled(keys),
                                      args.repeats)
             _, metrics, _ = compiled(keys)
@@ -108,6 +115,14 @@ def main(argv=None) -> None:
             print(f"{env_name:<22} {seeds:>5} {valid / seconds:>20,.0f} "
                   f"{padded / seconds:>21,.0f} {valid / padded:>6.2f} {seconds:>8.2f}",
                   flush=True)
+            rows.append({"env": env_name, "seeds": seeds, "seconds": seconds,
+                         "devices": len(devices_for(seeds)),
+                         "valid_transitions_per_second": valid / seconds,
+                         "padded_transitions_per_second": padded / seconds})
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"jax": jax.__version__, "backend": jax.default_backend(),
+                       "device_count": jax.device_count(), "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":
