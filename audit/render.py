@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-FLAG_COLOUR = "#d62728"  # a flagged step's frame
+FLAG_RGB = (214, 39, 40)  # a flagged step's frame (matplotlib's tab:red)
+FLAG_COLOUR = "#" + "".join(f"{channel:02x}" for channel in FLAG_RGB)
+PANEL_RGB = (187, 187, 187)  # an unflagged panel's frame
 EVENT_COLOUR = "#ff7f0e"  # the hidden event's label
 GRID_SHADE = 0.85  # cell borders: the cell's colour times this
 
@@ -105,7 +107,7 @@ def write_gif(frames: Sequence[np.ndarray], path: str | os.PathLike,
         if index in set(event_steps):
             frame = _bordered(frame, (255, 127, 14), 2 * width)
         if flagged is not None and flagged[index]:
-            frame = _bordered(frame, (214, 39, 40), width)
+            frame = _bordered(frame, FLAG_RGB, width)
         images.append(Image.fromarray(frame))
     path = Path(path)
     images[0].save(path, save_all=True, append_images=images[1:], loop=0,
@@ -140,8 +142,6 @@ def strip_mosaic(frames: Sequence[np.ndarray], *, flagged: Sequence[bool] | None
     columns = min(columns, len(frames))
     rows = -(-len(frames) // columns)
     image = np.full((rows * cell_h, columns * cell_w - gap, 3), 255, np.uint8)
-    red = np.array([214, 39, 40], np.uint8)
-    grey = np.array([187, 187, 187], np.uint8)
     positions = []
     for index, frame in enumerate(frames):
         row, column = divmod(index, columns)
@@ -150,7 +150,8 @@ def strip_mosaic(frames: Sequence[np.ndarray], *, flagged: Sequence[bool] | None
         border = thick if is_flagged else thin
         offset = thick - border  # every panel's frame inside the same cell
         image[top + offset:top + 2 * thick + height - offset,
-              left + offset:left + 2 * thick + width - offset] = red if is_flagged else grey
+              left + offset:left + 2 * thick + width - offset] = (FLAG_RGB if is_flagged
+                                                                 else PANEL_RGB)
         image[top + thick:top + thick + height, left + thick:left + thick + width] = frame
         positions.append((left + thick + width / 2, top - 1))
     return image, positions

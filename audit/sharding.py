@@ -6,12 +6,13 @@ over a one-dimensional mesh (axis ``"seeds"``) of the available devices: each de
 vmaps its own block of runs, and the blocks never communicate. With one device it is
 ``jax.jit(jax.vmap(fn))``.
 
-Devices come from JAX: the accelerators of a GPU or TPU host, every process's devices
-after ``jax.distributed.initialize`` on a cluster, or on a CPU-only machine as many
+Devices come from JAX: the accelerators of one host, or on a CPU-only machine as many
 host devices as asked for with ``JAX_NUM_CPU_DEVICES=<n>`` (or
 ``XLA_FLAGS=--xla_force_host_platform_device_count=<n>``) before JAX starts. XLA runs
 a small program's operations mostly on one core, so on CPU one device per core is how
-a vmapped run uses every core.
+a vmapped run uses every core. Several hosts (``jax.distributed``) are not supported
+yet: the inputs are this process's own arrays, not global ones built from every
+process's part.
 
 Example:
   >>> train = seed_parallel(train_one_seed)          # keys [S, ...] -> results [S, ...]
