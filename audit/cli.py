@@ -7,6 +7,7 @@ reported on one line, ``audit <command>: error: ...``, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -43,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 COUNT_LIMIT = 2**31 - 1  # counts become int32 loop bounds and array sizes in XLA
+DISTRIBUTED_COMMANDS = ("bench",)  # the commands that run over several processes
 SEED_LIMIT = 2**32  # seeds are uint32 PRNG seeds: every command takes [0, 2**32)
 
 
@@ -156,11 +158,25 @@ def _add_compile_cache_arguments(parser: argparse.ArgumentParser, suffix: str) -
                         action="store_true", help="compile every program afresh")
 
 
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    # Before the command only: they set up the JAX runtime the command runs in.
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="run over several processes (hosts) joined by jax.distributed, "
+                        "process 0's coordination service at HOST:PORT, or 'auto' for JAX's "
+                        "cluster detection (SLURM, Open MPI, ...); default "
+                        "$JAX_COORDINATOR_ADDRESS; `audit bench` only")
+    parser.add_argument("--num-processes", type=positive_int, default=None, metavar="N",
+                        help="how many processes take part (default $JAX_NUM_PROCESSES)")
+    parser.add_argument("--process-id", type=non_negative_int, default=None, metavar="I",
+                        help="this process's index in [0, N) (default $JAX_PROCESS_ID)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``audit`` argument parser: every subcommand, each with ``--plugin``."""
     parser = _Parser(prog="audit", description=__doc__.splitlines()[0])
     _add_plugin_argument(parser, "plugins_before")
     _add_compile_cache_arguments(parser, "_before")
+    _add_distributed_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demos = commands.add_parser(
@@ -339,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-report", action="store_true",
                        help="do not write the report.html files (`audit report DIR` writes "
                        "them later)")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue the killed sweep of this --out: the points it finished "
+                       "are taken from its checkpoint, the others run")
     add_run_arguments(sweep, "runs/sweep/<timestamp>-<name>-<setting>")
     sweep.set_defaults(handler=run_sweep_command)
 
@@ -959,21 +978,34 @@ def run_bench(args: argparse.Namespace) -> int:
     run_name = f"seeds{seeds}" if args.seed == 0 else f"seeds{args.seed}-{args.seed + seeds - 1}"
     out = args.out or Path("runs", "bench", default_run_name(args.suite, run_name))
     check_run_dir(out, args.overwrite)
+    import jax
+
+    from audit import distributed
     from audit.reports import write_results
 
+    # Several processes (jax.distributed) run one SPMD program: every environment in
+    # this process, in the same order everywhere; process 0 writes the run.
+    several = distributed.process_count() > 1
+    if several and args.resume:
+        raise UsageError("--resume: a run over several processes cannot be resumed yet; "
+                         "run it again")
+    writes = distributed.is_coordinator()
+    quiet = args.quiet or not writes
     checkpoint = SuiteCheckpoint(out.parent / f".{out.name}.checkpoint",
                                  {"suite": _as_dict(suite),
                                   "seed_values": list(range(args.seed, args.seed + seeds))})
-    if resume_checkpoint(checkpoint.directory, "run.json", checkpoint.settings, out,
-                         args.resume, args.overwrite) is None:
+    if not several and resume_checkpoint(checkpoint.directory, "run.json", checkpoint.settings,
+                                         out, args.resume, args.overwrite) is None:
         checkpoint.start()
     started = time.perf_counter()
-    with _stages(args.quiet, f"{args.suite} suite") as say:
+    with _stages(quiet, f"{args.suite} suite") as say:
         try:
             results = run_suite(suite, seeds=seeds,
                                 cache_dir=None if args.no_cache else args.cache_dir,
-                                progress=say, processes=args.processes or len(suite.envs),
-                                first_seed=args.seed, checkpoint=checkpoint)
+                                progress=say,
+                                processes=1 if several else args.processes or len(suite.envs),
+                                first_seed=args.seed,
+                                checkpoint=None if several else checkpoint)
         except (InvalidOrganismError, DivergenceError) as error:
             print(f"audit bench: error: {error}", file=sys.stderr)
             return EXIT_FAILURE
@@ -985,7 +1017,10 @@ def run_bench(args: argparse.Namespace) -> int:
     metadata = {"suite": args.suite, "seeds": seeds, "first_seed": args.seed,
                 "seed_values": list(range(args.seed, args.seed + seeds)), "seconds": seconds,
                 "timings": results["timings"], "config": _as_dict(suite),
-                "versions": versions(), "cotraining": results["cotraining"]}
+                "versions": versions(), "cotraining": results["cotraining"],
+                "processes": distributed.process_count(), "devices": len(jax.devices())}
+    if not writes:
+        return 0  # process 0 writes the run; this one computed its share
     with run_dir(out, args.overwrite) as staging:
         results["scores"].settings["metadata"] = metadata
         results["scores"].save(staging / "scores.npz")
@@ -1027,7 +1062,14 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     out = args.out or Path("runs", "sweep", default_run_name(args.name, args.setting))
     check_run_dir(out, args.overwrite)
     started = time.perf_counter()
-    run = _run_probe_into if sweep.experiment == "counterfactual" else _run_sweep_into
+    if sweep.experiment == "counterfactual":
+        if args.resume:
+            raise UsageError(f"--resume: the {args.name} probe has no points to resume; "
+                             "run it again")
+        run = _run_probe_into
+    else:
+        run = functools.partial(_run_sweep_into, checkpoint=_sweep_checkpoint(
+            sweep, args, values, base, out))
     try:
         seconds, outcome = run(sweep, args, values, base, out, started)
     except (InvalidOrganismError, DivergenceError) as error:  # the partial run is removed
@@ -1086,8 +1128,23 @@ def _run_probe_into(sweep, args, values, base, out, started):
     return seconds, outcome
 
 
-def _run_sweep_into(sweep, args, values, base, out, started):
-    """Runs the sweep into a staging directory that becomes ``out`` only if it finishes."""
+def _sweep_checkpoint(sweep, args, values, base, out):
+    """The sweep's checkpoint beside ``out``, fresh or (``--resume``) found."""
+    from audit.sweeps import SweepCheckpoint
+
+    seeds = args.seeds or sweep.seeds_for(args.setting, base)
+    checkpoint = SweepCheckpoint(out.parent / f".{out.name}.checkpoint", {
+        "sweep": sweep.name, "setting": args.setting, "values": list(values),
+        "seeds": seeds, "first_seed": args.seed, "suite": _as_dict(base)})
+    if resume_checkpoint(checkpoint.directory, "run.json", checkpoint.settings, out,
+                         args.resume, args.overwrite) is None:
+        checkpoint.start()
+    return checkpoint
+
+
+def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
+    """Runs the sweep into a staging directory that becomes ``out`` only if it finishes;
+    each finished point is kept in ``checkpoint`` until then (``--resume``)."""
     from audit.reports import write_results
     from audit.sweeps import csv_text, run_sweep, sweep_plot
 
@@ -1095,22 +1152,30 @@ def _run_sweep_into(sweep, args, values, base, out, started):
     with run_dir(out, args.overwrite) as staging, \
             _stages(args.quiet, f"sweep {args.name}") as say:
         def write_point(value, results, suite):
-            point = staging / "points" / f"{sweep.parameter}={value}"
-            point.mkdir(parents=True)
-            metadata = {"suite": suite.name, "sweep": sweep.name, "parameter": sweep.parameter,
-                        "value": value, "seeds": seeds, "first_seed": args.seed,
-                        "timings": results["timings"], "config": _as_dict(suite),
-                        "versions": versions(), "cotraining": results["cotraining"]}
-            results["scores"].settings["metadata"] = metadata
-            results["scores"].save(point / "scores.npz")
-            write_results(point, results, metadata, views=suite.views)
-            if not args.no_report:
-                _write_report_or_warn(point, out / "points" / point.name, "sweep")
+            name = f"{sweep.parameter}={value}"
+            final = checkpoint.point_directory(name)
+            shutil.rmtree(final, ignore_errors=True)  # a half-moved leftover of a kill
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with run_dir(final, overwrite=True) as point:
+                metadata = {"suite": suite.name, "sweep": sweep.name,
+                            "parameter": sweep.parameter, "value": value, "seeds": seeds,
+                            "first_seed": args.seed, "timings": results["timings"],
+                            "config": _as_dict(suite), "versions": versions(),
+                            "cotraining": results["cotraining"]}
+                results["scores"].settings["metadata"] = metadata
+                results["scores"].save(point / "scores.npz")
+                write_results(point, results, metadata, views=suite.views)
+                if not args.no_report:
+                    _write_report_or_warn(point, out / "points" / name, "sweep")
 
         outcome = run_sweep(sweep, values, args.setting, seeds=seeds, first_seed=args.seed,
                             cache_dir=None if args.no_cache else args.cache_dir,
                             progress=say, processes=args.processes or len(base.envs),
-                            point_done=write_point)
+                            point_done=write_point, checkpoint=checkpoint)
+        for point in outcome["points"]:
+            name = f"{sweep.parameter}={point['value']}"
+            if "error" not in point:
+                shutil.copytree(checkpoint.point_directory(name), staging / "points" / name)
         (staging / f"{sweep.name}.csv").write_text(csv_text(outcome["rows"]))
         sweep_plot(outcome["rows"], sweep, values, staging / sweep.name,
                    failed=[p["value"] for p in outcome["points"] if "error" in p])
@@ -1125,6 +1190,7 @@ def _run_sweep_into(sweep, args, values, base, out, started):
             "figures": list(sweep.figures), "versions": versions(), "rows": outcome["rows"]})
         if not args.no_report:
             _write_report_or_warn(staging, out, "sweep")
+    checkpoint.remove()  # the sweep is written: nothing left to resume
     return seconds, outcome
 
 
@@ -1470,6 +1536,20 @@ def _configure_compile_cache(args: argparse.Namespace) -> None:
                                 else compile_cache.default_directory())
 
 
+def _join_processes(args: argparse.Namespace) -> None:
+    """Joins the other processes of a multi-process run (flags or environment)."""
+    from audit import distributed
+
+    settings = distributed.settings_from(args.coordinator_address, args.num_processes,
+                                         args.process_id)
+    if settings is None:
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise UsageError(f"--coordinator-address: only `audit {' / '.join(DISTRIBUTED_COMMANDS)}"
+                         f"` runs over several processes, not `audit {args.command}`")
+    distributed.initialize(settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``audit`` console script; returns the exit code."""
     from audit import plugins
@@ -1480,6 +1560,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse's errors and --help: return the code, don't raise
         return int(exit_.code or 0)
     try:
+        _join_processes(args)
         _configure_compile_cache(args)
     except (UsageError, ValueError) as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
@@ -1490,10 +1571,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return args.handler(args)
+        with _stopped_by_signals():
+            return args.handler(args)
     except (UsageError, RunDirError) as error:
         print(f"{parser.prog} {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except Stopped as stop:
+        print(f"{parser.prog} {args.command}: stopped by {stop.signal_name}; finished work "
+              "is kept in the run's checkpoint where the command has one (--resume)",
+              file=sys.stderr)
+        return 128 + stop.signal_number
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived: unwinds the command like Ctrl-C, so that its clean-ups
+    run (worker processes stopped, half-written run directories removed)."""
+
+    def __init__(self, signal_number: int):
+        import signal
+
+        super().__init__(signal_number)
+        self.signal_number = signal_number
+        self.signal_name = signal.Signals(signal_number).name
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """SIGINT and SIGTERM raise :class:`Stopped` while the command runs (main thread
+    only; the previous handlers come back afterwards)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signal_number, frame):
+        raise Stopped(signal_number)
+
+    previous = {number: signal.signal(number, stop)
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 if __name__ == "__main__":

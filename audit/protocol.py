@@ -48,6 +48,7 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import threading
 import time
@@ -502,33 +503,64 @@ def _run_envs_in_processes(jobs, say, processes, done=None) -> list:
 
     Threads do not help here: XLA runs most of these small programs on one core. Two
     processes keep two cores busy, one compiling while another computes.
+
+    Workers are stopped when this returns or raises (an error, Ctrl-C, or SIGTERM turned
+    into ``SystemExit`` by the CLI), and a worker whose parent died without stopping it
+    (SIGKILL) exits by itself within :data:`ORPHAN_CHECK_SECONDS`: nothing of a killed run
+    keeps computing or holds a resource the next run needs.
     """
     context = multiprocessing.get_context("spawn")  # a forked JAX runtime is unsafe
-    with context.Manager() as manager:
-        messages = manager.Queue()
-        relay = threading.Thread(target=_relay, args=(messages, say), daemon=True)
-        relay.start()
-        try:
-            # Workers start bare: they load the same plug-ins first.
-            with concurrent.futures.ProcessPoolExecutor(
-                    max_workers=min(processes, len(jobs)), mp_context=context,
-                    initializer=plugins.load_all, initargs=(plugins.loaded(),)) as pool:
-                futures = [pool.submit(_run_env, *job, messages.put) for job in jobs]
-                try:
-                    for future in concurrent.futures.as_completed(futures):
-                        if done is not None:
-                            done(future.result())
-                    outcomes = [future.result() for future in futures]
-                except BaseException:
-                    for future in futures:  # one environment failed: stop the others
-                        future.cancel()
-                    for process in list(getattr(pool, "_processes", {}).values()):
-                        process.terminate()
-                    raise
-        finally:
-            messages.put(None)
-            relay.join()
+    # A plain queue handed over at spawn: no manager server process to outlive a kill.
+    messages = context.Queue()
+    relay = threading.Thread(target=_relay, args=(messages, say), daemon=True)
+    relay.start()
+    try:
+        # Workers start bare: they load the same plug-ins first.
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=min(processes, len(jobs)), mp_context=context,
+                initializer=_start_worker,
+                initargs=(plugins.loaded(), messages, os.getpid())) as pool:
+            futures = [pool.submit(_run_env, *job, _say_from_worker) for job in jobs]
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    if done is not None:
+                        done(future.result())
+                outcomes = [future.result() for future in futures]
+            except BaseException:
+                for future in futures:  # one environment failed: stop the others
+                    future.cancel()
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    process.terminate()
+                raise
+    finally:
+        messages.put(None)
+        relay.join()
+        messages.close()
+        messages.join_thread()
     return outcomes
+
+
+ORPHAN_CHECK_SECONDS = 1.0
+_WORKER_MESSAGES = None
+
+
+def _start_worker(plugin_sources, messages, parent: int) -> None:
+    """A worker's start: the parent's plug-ins, its progress queue, and a watch that
+    ends the worker once its parent is gone."""
+    global _WORKER_MESSAGES
+    _WORKER_MESSAGES = messages
+    plugins.load_all(plugin_sources)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_CHECK_SECONDS)
+        os._exit(1)  # the parent was killed: its result has nowhere to go
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def _say_from_worker(message: str) -> None:
+    _WORKER_MESSAGES.put(message)
 
 
 def _relay(messages, say) -> None:

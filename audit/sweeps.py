@@ -121,10 +121,71 @@ def _check_setting(setting: str) -> None:
         raise ValueError(f"unknown sweep setting {setting!r}; choose from: {', '.join(SETTINGS)}")
 
 
+class SweepCheckpoint:
+    """A sweep's finished points, kept while it runs so that a killed sweep can resume
+    (``audit sweep --resume``).
+
+    Each point, as it finishes, is written whole under ``points/<parameter>=<value>/``
+    (its benchmark run directory, moved into place complete) and then recorded in
+    ``point-<index>.json`` (value, seconds, CSV rows, or the error that left it without
+    figures); ``run.json`` holds the sweep's settings, which a resumed run must match
+    (:func:`audit.runs.resume_checkpoint`). Points do not depend on each other, so a
+    resumed sweep's rows are those of an uninterrupted one.
+
+    Args:
+      directory: where the files go.
+      settings: what identifies the sweep (JSON-ready).
+    """
+
+    def __init__(self, directory, settings: dict[str, Any]):
+        from audit.runs import as_json
+
+        self.directory = Path(directory)
+        self.settings = as_json(settings)
+
+    def start(self) -> None:
+        """Creates the directory and records the settings (a fresh sweep)."""
+        from audit.runs import write_json
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_json(self.directory / "run.json", {"settings": self.settings})
+
+    def point_directory(self, name: str) -> Path:
+        """Where the finished point ``name`` (``<parameter>=<value>``) is kept."""
+        return self.directory / "points" / name
+
+    def save(self, index: int, record: dict[str, Any]) -> None:
+        """Records point ``index`` (its directory, if any, is already in place)."""
+        from audit.runs import write_json
+
+        write_json(self.directory / f"point-{index}.json", record)
+
+    def finished(self) -> dict[int, dict[str, Any]]:
+        """The points recorded so far, by index (an unreadable record runs again)."""
+        import json
+        import warnings
+
+        found = {}
+        for record in sorted(self.directory.glob("point-*.json")):
+            try:
+                found[int(record.stem.split("-", 1)[1])] = json.loads(record.read_text())
+            except (OSError, ValueError) as error:
+                warnings.warn(f"checkpoint {record} is unreadable ({error}); its point runs "
+                              "again", stacklevel=2)
+        return found
+
+    def remove(self) -> None:
+        """Deletes the checkpoint (the sweep is written)."""
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = "quick",
               seeds: int | None = None, first_seed: int = 0, cache_dir=None,
               progress: Callable[[str], None] | None = None, processes: int = 1,
-              point_done: Callable[[Any, dict, Any], None] | None = None) -> dict[str, Any]:
+              point_done: Callable[[Any, dict, Any], None] | None = None,
+              checkpoint: SweepCheckpoint | None = None) -> dict[str, Any]:
     """Runs ``sweep``'s suite at each value and collects the figures.
 
     Args:
@@ -139,6 +200,9 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
       processes: worker processes per suite run (see :func:`audit.protocol.run_suite`).
       point_done: called as ``point_done(value, results, suite)`` after each point (to
         write its run directory).
+      checkpoint: where each point's record is saved as it finishes (after
+        ``point_done``); the points it already holds for these values are taken from it,
+        not run again.
 
     Returns:
       ``{"rows": [CSV rows], "points": [{"value", "seconds", "suite"}], "seeds"}``. A
@@ -147,14 +211,23 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
     """
     from audit.gan import DivergenceError
     from audit.protocol import InvalidOrganismError, run_suite
+    from audit.runs import strict_json
 
     base = registry.get("suites", sweep.suite_for(setting))
     values = tuple(values) if values is not None else sweep.values_for(setting)
     seeds = seeds or sweep.seeds_for(setting, base)
     say = progress or (lambda message: None)
+    finished = {} if checkpoint is None else checkpoint.finished()
     rows, points = [], []
     for number, value in enumerate(values):
         suite = sweep.apply(base, value)
+        record = finished.get(number)
+        if record is not None and record.get("value") == value:
+            say(f"{sweep.name}: {sweep.parameter} = {value}: resumed from the checkpoint")
+            rows.extend(record["rows"])
+            points.append(dict(value=value, seconds=record["seconds"], suite=suite,
+                               **({"error": record["error"]} if "error" in record else {})))
+            continue
         say(f"{sweep.name}: {sweep.parameter} = {value} ({number + 1} of {len(values)})")
         started = time.perf_counter()
         try:
@@ -166,12 +239,20 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
             points.append(dict(value=value, seconds=time.perf_counter() - started,
                                suite=suite, error=f"{type(error).__name__}: {error}"))
             say(f"{sweep.name}: {sweep.parameter} = {value}: {error}")
+            if checkpoint is not None:
+                checkpoint.save(number, dict(value=value, seconds=points[-1]["seconds"],
+                                             rows=[], error=points[-1]["error"]))
             continue
         seconds = time.perf_counter() - started
-        rows.extend(sweep_rows(results["rows"], sweep.parameter, value, sweep.figures))
+        # As JSON has them (NaN -> None): a resumed point's rows read back the same.
+        point_rows = strict_json(sweep_rows(results["rows"], sweep.parameter, value,
+                                            sweep.figures))
+        rows.extend(point_rows)
         points.append(dict(value=value, seconds=seconds, suite=suite))
         if point_done is not None:
             point_done(value, results, suite)
+        if checkpoint is not None:
+            checkpoint.save(number, dict(value=value, seconds=seconds, rows=point_rows))
     return dict(rows=rows, points=points, seeds=seeds)
 
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from audit import bc, registry
+from audit import bc, distributed, registry
 from audit.checkpoint import load_params, save_params
 from audit.protocol import InvalidOrganismError
 from audit.registry import EnvironmentSpec
@@ -587,6 +587,9 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
         key = cache_key(spec, env_spec.name, config, seed, replica)
         fresh = make_imitator(spec, config, shape, env.num_actions, jax.random.key(0))
         organisms.append(_load(cache_dir, spec, env_spec.name, key, fresh))
+        # Processes of one run must take the same branch, whatever their disks hold.
+        if not distributed.all_agree(organisms[-1] is not None):
+            organisms[-1] = None
         if organisms[-1] is None:
             missing.append((index, spec, replica, key))
     if missing:
@@ -605,7 +608,7 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
                 spec, imitator, env_spec, config.check_episodes,
                 jax.random.fold_in(root_of(replica), 3 + _stable_id(spec.name)))
             organism = Organism(spec, env_spec.name, imitator, validity, key)
-            if cache_dir is not None:
+            if cache_dir is not None and distributed.is_coordinator():  # one writer
                 _save(cache_dir, organism, config, seed, replica)
             organisms[index] = organism
     for organism, replica in zip(organisms, replicas, strict=True):

@@ -374,3 +374,103 @@ def test_the_quick_suite_killed_with_sigkill_resumes_to_identical_rows(tmp_path)
     whole, cut = (json.loads((tmp_path / run / "results.json").read_text())
                   for run in ("whole", "cut"))
     assert cut["rows"] == whole["rows"]
+
+
+def _children(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (Linux /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone while listing
+            continue
+        if fields[0] != "Z":  # a zombie has finished
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _bench_with_workers(tmp_path: Path, out: str):
+    """``audit bench`` of a two-environment tiny suite in 2 worker processes, started
+    as a process of its own; returns it once both workers run."""
+    import subprocess
+    import sys
+    import time
+
+    from test_sharding import TINY_SUITE
+
+    plugin = tmp_path / "tiny.py"
+    plugin.write_text(TINY_SUITE.replace('envs=("offswitch",)', 'envs=("offswitch", "takeover")'))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "audit.cli", "--plugin", str(plugin), "bench", "--suite",
+         "tiny_sharded", "--processes", "2", "--no-report", "--quiet", "--cache-dir",
+         str(tmp_path / "cache"), "--out", str(tmp_path / out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        workers = [pid for pid in _children(process.pid)
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        if len(workers) >= 2:
+            time.sleep(3)  # the workers import JAX and start building organisms
+            return process
+        time.sleep(0.1)
+    process.kill()
+    pytest.fail(f"bench never ran two workers: {process.communicate()[1][-2000:]}")
+
+
+def _gone_within(pids: set[int], seconds: float) -> set[int]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _alive(pids)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_sigterm_stops_bench_and_its_workers_and_leaves_nothing_behind(tmp_path):
+    import signal
+
+    process = _bench_with_workers(tmp_path, "run")
+    descendants = _children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("audit bench: stopped by SIGTERM"), err
+    assert "Traceback" not in err and "leaked" not in err, err[-2000:]
+    assert not _gone_within(descendants, 10), "worker processes outlived the run"
+    assert not (tmp_path / "run").exists()
+    assert not list(tmp_path.glob(".run.*.partial"))
+    # The checkpoint directory is kept on purpose (--resume): a new run on the same --out
+    # is told so rather than tripping over it.
+    assert (tmp_path / ".run.checkpoint").is_dir()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_of_a_bench_killed_with_sigkill_end_by_themselves(tmp_path):
+    import signal
+
+    process = _bench_with_workers(tmp_path, "run")
+    descendants = _children(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    from audit.protocol import ORPHAN_CHECK_SECONDS
+
+    # Each orphan notices within ORPHAN_CHECK_SECONDS; allow for a loaded machine.
+    assert not _gone_within(descendants, 20 * ORPHAN_CHECK_SECONDS), \
+        "orphaned workers kept running after their parent was killed"

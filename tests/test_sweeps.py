@@ -243,3 +243,54 @@ def test_a_point_whose_organism_is_invalid_is_recorded_and_the_sweep_goes_on(mon
     failed, ran = outcome["points"]
     assert failed["value"] == 32 and "validity check" in failed["error"]
     assert "error" not in ran
+
+
+def test_a_sweep_stopped_part_way_resumes_with_the_rows_of_an_uninterrupted_one(
+        tiny_suite, monkeypatch, tmp_path, capsys):  # noqa: F811
+    import dataclasses
+
+    smaller = dataclasses.replace(tiny_suite, name="tiny_small", post_hoc=False,
+                                  views=("actions",), test_episodes=8,
+                                  calibration_episodes=100, resamples=10)
+    monkeypatch.setitem(registry._registered["suites"], "tiny_small", smaller)
+    sweep = Sweep("tiny_sweep", "tiny_small", "test_layout_demonstrations", (0, 4),
+                  builtin.with_test_layout_demonstrations, description="a test")
+    monkeypatch.setitem(registry._registered["sweeps"], "tiny_sweep", sweep)
+    argv = ["sweep", "tiny_sweep", "--cache-dir", str(tmp_path / "cache"), "--processes", "1",
+            "--no-report", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0, capsys.readouterr().err
+    original, ran = protocol.run_suite, []
+
+    def stopped_at_the_second(suite, **settings):
+        if ran:  # the second point: the sweep is killed
+            raise KeyboardInterrupt
+        ran.append(suite.test_layout_demonstrations)
+        return original(suite, **settings)
+
+    monkeypatch.setattr(protocol, "run_suite", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path / "cut")])
+    checkpoint = tmp_path / ".cut.checkpoint"
+    assert (checkpoint / "point-0.json").is_file() and not (tmp_path / "cut").exists()
+    assert "pass --resume to continue it" in (
+        main([*argv, "--out", str(tmp_path / "cut")]), capsys.readouterr().err)[1]
+    assert main([*argv, "--out", str(tmp_path / "cut"), "--values", "0", "9",
+                 "--resume"]) == 2
+    assert "other settings (differing: values)" in capsys.readouterr().err
+
+    def counted(suite, **settings):
+        ran.append(suite.test_layout_demonstrations)
+        return original(suite, **settings)
+
+    monkeypatch.setattr(protocol, "run_suite", counted)
+    assert main([*argv, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert ran == [0, 4]  # the first point was not run again
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert (cut / "tiny_sweep.csv").read_text() == (whole / "tiny_sweep.csv").read_text()
+    assert json.loads((cut / "sweep.json").read_text())["rows"] == \
+        json.loads((whole / "sweep.json").read_text())["rows"]
+    for value in (0, 4):
+        point = f"points/test_layout_demonstrations={value}/results.json"
+        assert json.loads((cut / point).read_text())["rows"] == \
+            json.loads((whole / point).read_text())["rows"]
+    assert not checkpoint.exists()
