@@ -213,8 +213,13 @@ class SuiteCheckpoint:
     :class:`~audit.scores.ScoreStore`, every score) and ``env-<name>.json`` (its stage
     timings and co-training summaries), the JSON last; ``run.json`` holds the settings
     of the run (suite, seeds) that a resumed run must match
-    (:func:`audit.runs.resume_checkpoint`). An environment's numbers do
-    not depend on the others', so a resumed run's figures are those of an uninterrupted
+    (:func:`audit.runs.resume_checkpoint`). Inside an environment, every audited model
+    (organism x seed, per co-training discriminator) is recorded as soon as it is scored
+    (``models/``; :meth:`save_model`), so a run killed inside an environment resumes
+    there: its organisms come from the organism cache, a co-training run whose models
+    were all scored is skipped, and only the models not yet scored are scored. Every
+    stage is deterministic given the seed, and the environments' and models' numbers do
+    not depend on each other, so a resumed run's figures are those of an uninterrupted
     one.
 
     Args:
@@ -255,6 +260,35 @@ class SuiteCheckpoint:
                 continue
             found[info["env"]] = (store, info["timings"], info["cotraining"])
         return found
+
+    def _model_path(self, unit: str) -> Path:
+        digest = hashlib.sha256(unit.encode()).hexdigest()[:16]
+        return self.directory / "models" / f"model-{digest}"
+
+    def save_model(self, unit: str, store: ScoreStore, cotraining: list[dict]) -> None:
+        """Records one audited model's scores (a part of its environment's store) and its
+        co-training summaries, as soon as it is scored; ``unit`` names it (environment,
+        group, discriminator, co-training run, organism, seed)."""
+        path = self._model_path(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.save(path.with_suffix(".npz"))
+        write_json(path.with_suffix(".json"), {"unit": unit, "cotraining": cotraining})
+
+    def finished_model(self, unit: str) -> tuple[ScoreStore, list[dict]] | None:
+        """A model recorded by :meth:`save_model`, or None (also for an unreadable one,
+        which is scored again)."""
+        path = self._model_path(unit)
+        try:
+            info = json.loads(path.with_suffix(".json").read_text())
+            if info.get("unit") != unit:
+                raise ValueError(f"it records {info.get('unit')!r}")
+            return ScoreStore.load(path.with_suffix(".npz")), info["cotraining"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError) as error:
+            warnings.warn(f"checkpoint {path}.json / .npz is unreadable ({error}); the model "
+                          "is scored again", stacklevel=2)
+            return None
 
     def remove(self) -> None:
         """Deletes the checkpoint (the run is written)."""
@@ -308,11 +342,11 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
             checkpoint.save(outcome)
 
     if processes > 1 and len(todo) > 1:
-        outcomes = _run_envs_in_processes(todo, say, processes, done)
+        outcomes = _run_envs_in_processes(todo, say, processes, done, checkpoint)
     else:
         outcomes = []
         for job in todo:
-            outcomes.append(_run_env(*job, say))
+            outcomes.append(_run_env(*job, say, checkpoint))
             done(outcomes[-1])
     by_env = {**finished, **{job[1].name: outcome for job, outcome in zip(todo, outcomes,
                                                                         strict=True)}}
@@ -497,7 +531,7 @@ def _organism_specs(suite: Suite, env_name: str) -> list:
     return [honest] + [spec for spec in others if spec.supports(env_name)]
 
 
-def _run_envs_in_processes(jobs, say, processes, done=None) -> list:
+def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None) -> list:
     """:func:`_run_env` for every environment, in worker processes, in suite order;
     ``done(outcome)`` is called as each finishes (in the order they finish).
 
@@ -520,7 +554,8 @@ def _run_envs_in_processes(jobs, say, processes, done=None) -> list:
                 max_workers=min(processes, len(jobs)), mp_context=context,
                 initializer=_start_worker,
                 initargs=(plugins.loaded(), messages, os.getpid())) as pool:
-            futures = [pool.submit(_run_env, *job, _say_from_worker) for job in jobs]
+            futures = [pool.submit(_run_env, *job, _say_from_worker, checkpoint)
+                       for job in jobs]
             try:
                 for future in concurrent.futures.as_completed(futures):
                     if done is not None:
@@ -610,8 +645,9 @@ def _build_models(suite, env_spec, specs, seed, cache_dir) -> list[_Model]:
 
 
 def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ...], cache_dir,
-             say) -> tuple[ScoreStore, dict, list]:
-    """Every model of one environment: ``(store, timings, co-training summaries)``."""
+             say, checkpoint: SuiteCheckpoint | None = None) -> tuple[ScoreStore, dict, list]:
+    """Every model of one environment: ``(store, timings, co-training summaries)``;
+    each scored model is recorded in ``checkpoint`` (and taken from it when there)."""
     store = ScoreStore(settings=score_settings(suite))
     timings: dict[str, float] = {}
     cotraining: list[dict] = []
@@ -628,7 +664,7 @@ def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ..
         chosen = {seed: [m for m in models[seed] if m.spec.audit_settings == settings
                          or m.name in (figures.HONEST, figures.TWIN)] for seed in seeds}
         _run_group(suite, env_spec, settings, label, chosen, detector_specs, seeds, store,
-                   cotraining, timings, say)
+                   cotraining, timings, say, checkpoint)
     return store, timings, cotraining
 
 
@@ -642,7 +678,7 @@ def _audit_params(env_spec, settings, split: str):
 
 
 def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, store,
-               cotraining, timings, say):
+               cotraining, timings, say, checkpoint=None):
     """Demonstrations, co-training and scoring of the models audited under ``settings``."""
     env_name = env_spec.name
     env, train_params = _audit_params(env_spec, settings, "train")
@@ -707,6 +743,20 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
         for _, members in architectures:
             started = time.perf_counter()
             names = [models[seeds[0]][i].name for i in members]
+            unit = f"{env_name}/{label}/{architecture}/{names[0]}"
+            done = {(position, number): checkpoint.finished_model(
+                        f"{unit}/{models[seed][index].name}/{seed}")
+                    for position, index in enumerate(members)
+                    for number, seed in enumerate(seeds)} if checkpoint is not None else {}
+            if done and all(part is not None for part in done.values()):
+                say(f"{env_name} ({label}): {', '.join(names)} x {len(seeds)} seed(s) against "
+                    f"{architecture}: every model's scores resumed from the checkpoint")
+                for position, _ in enumerate(members):
+                    for number, _ in enumerate(seeds):
+                        part, summaries = done[position, number]
+                        store.merge(part)
+                        cotraining.extend(summaries)
+                continue
             say(f"{env_name} ({label}): co-training {', '.join(names)} x {len(seeds)} seed(s) "
                 f"against {architecture} discriminators ({', '.join(suite.views)})")
             config = dataclasses.replace(suite.gan, view=tuple(suite.views),
@@ -731,19 +781,29 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
             for position, index in enumerate(members):
                 for number, seed in enumerate(seeds):
                     model = models[seed][index]
+                    if done.get((position, number)) is not None:  # scored before a kill
+                        part, summaries = done[position, number]
+                        store.merge(part)
+                        cotraining.extend(summaries)
+                        continue
                     run_state = jax.tree.map(lambda x, s=number, p=position: _host_slice(x, s, p),
                                              state)
                     losses = np.asarray(history["discriminator_loss"][number, position])
-                    cotraining.append(_cotraining_summary(
+                    summaries = [_cotraining_summary(
                         env_name, label, model, architecture, suite, losses,
-                        np.asarray(history["heldout_auroc"][number, position])))
+                        np.asarray(history["heldout_auroc"][number, position]))]
                     # Co-trained against another architecture, the audited model is another
                     # network: it is audited as a group of its own.
                     audited_as = (label if architecture == suite.discriminators[0]
                                   else f"{label}+{architecture}")
+                    part = ScoreStore(settings=store.settings)
                     _audit_model(suite, env_spec, env, audited_as, model, modules, run_state,
                                  architecture, make_discriminator, detector_specs, data[seed],
-                                 train_params, test_params, shape, store)
+                                 train_params, test_params, shape, part)
+                    if checkpoint is not None:
+                        checkpoint.save_model(f"{unit}/{model.name}/{seed}", part, summaries)
+                    store.merge(part)
+                    cotraining.extend(summaries)
             timings[f"{env_name}/{label}/scoring/{architecture}/{names[0]}"] = (
                 time.perf_counter() - started)
 

@@ -308,8 +308,10 @@ def test_a_killed_train_gan_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_p
     assert "--resume: no checkpoint of --out" in err
 
 
-def test_a_bench_stopped_part_way_resumes_with_the_rows_of_an_uninterrupted_run(
+def test_a_bench_stopped_inside_an_environment_resumes_with_the_rows_of_an_uninterrupted_run(
         tiny_suite, monkeypatch, tmp_path, capsys):  # noqa: F811
+    """Stopped while scoring the second environment's models: the first environment is
+    loaded whole, the second's scored model too; only what was left is computed."""
     from audit import protocol
 
     suite = dataclasses.replace(tiny_suite, name="tiny_two", envs=("offswitch", "takeover"),
@@ -318,33 +320,46 @@ def test_a_bench_stopped_part_way_resumes_with_the_rows_of_an_uninterrupted_run(
     monkeypatch.setitem(registry._registered["suites"], "tiny_two", suite)
     argv = ["bench", "--suite", "tiny_two", "--processes", "1", "--no-report", "--quiet",
             "--cache-dir", str(tmp_path / "cache")]
-    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
-    original, ran = protocol._run_env, []
+    run_env, audit_model = protocol._run_env, protocol._audit_model
+    envs, audited, stop_at = [], [], [None]
 
-    def stopped_after_the_first(suite, env_spec, *rest):
-        if ran:  # the second environment: the run is killed
+    def counted_env(suite, env_spec, *rest):
+        envs.append(env_spec.name)
+        return run_env(suite, env_spec, *rest)
+
+    def counted_model(suite, env_spec, env, label, model, *rest):
+        if len(audited) == stop_at[0]:
             raise KeyboardInterrupt
-        ran.append(env_spec.name)
-        return original(suite, env_spec, *rest)
+        audited.append((env_spec.name, model.name))
+        return audit_model(suite, env_spec, env, label, model, *rest)
 
-    monkeypatch.setattr(protocol, "_run_env", stopped_after_the_first)
+    monkeypatch.setattr(protocol, "_run_env", counted_env)
+    monkeypatch.setattr(protocol, "_audit_model", counted_model)
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    every_model = list(audited)
+    first_env = sum(env == "offswitch" for env, _ in every_model)
+    assert len(every_model) - first_env >= 2  # takeover has models before and after the stop
+    envs.clear(), audited.clear()
+    stop_at[0] = first_env + 1  # while scoring takeover's second model
     with pytest.raises(KeyboardInterrupt):
         main([*argv, "--out", str(tmp_path / "cut")])
     checkpoint = tmp_path / ".cut.checkpoint"
     assert (checkpoint / "env-offswitch.json").is_file() and not (tmp_path / "cut").exists()
+    assert not (checkpoint / "env-takeover.json").exists()
+    assert len(list((checkpoint / "models").glob("*.json"))) == first_env + 1
     err = one_line_error(capsys, [*argv, "--out", str(tmp_path / "cut")])
     assert "pass --resume to continue it or --overwrite" in err
 
-    def counted(suite, env_spec, *rest):
-        ran.append(env_spec.name)
-        return original(suite, env_spec, *rest)
-
-    monkeypatch.setattr(protocol, "_run_env", counted)
+    envs.clear(), audited.clear()
+    stop_at[0] = None
     assert main([*argv, "--out", str(tmp_path / "cut"), "--resume"]) == 0
-    assert ran == ["offswitch", "takeover"]  # offswitch was not run again
+    assert envs == ["takeover"]  # offswitch was loaded whole
+    # takeover's first model was loaded from the checkpoint; the rest were scored now.
+    assert audited == every_model[first_env + 1:]
     whole, cut = (json.loads((tmp_path / run / "results.json").read_text())
                   for run in ("whole", "cut"))
     assert cut["rows"] == whole["rows"] and cut["model_level"] == whole["model_level"]
+    assert cut["cotraining"] == whole["cotraining"]
     assert not checkpoint.exists()
 
 

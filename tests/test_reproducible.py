@@ -104,4 +104,4 @@ def test_the_quick_suite_gives_bit_identical_rows_and_scores_for_one_seed(tmp_pa
     for run in ("first", "second"):
         _fresh_process(["bench", "--suite", "quick", "--no-cache", "--no-report", "--quiet",
                         "--out", str(tmp_path / run)], tmp_path)
-    assert _same_runs(tmp_path / "first", tmp_path / "second") > 1000
+    assert _same_runs(tmp_path / "first", tmp_path / "second") > 300  # 334 arrays, 1 seed
