@@ -63,6 +63,7 @@ import numpy as np
 from flax import nnx
 
 from audit import bc, figures, gan, plugins, registry
+from audit.checkpoint import load_pytree, save_pytree
 from audit.detectors import DetectorContext, check_aggregate
 from audit.detectors.discriminator import DiscriminatorDetector
 from audit.discriminator import DiscriminatorConfig, raw_feature_mask, takes_layout
@@ -215,9 +216,11 @@ class SuiteCheckpoint:
     of the run (suite, seeds) that a resumed run must match
     (:func:`audit.runs.resume_checkpoint`). Inside an environment, every audited model
     (organism x seed, per co-training discriminator) is recorded as soon as it is scored
-    (``models/``; :meth:`save_model`), so a run killed inside an environment resumes
-    there: its organisms come from the organism cache, a co-training run whose models
-    were all scored is skipped, and only the models not yet scored are scored. Every
+    (``models/``; :meth:`save_model`) and every co-training run as soon as it ends
+    (``cotraining/``; :meth:`save_cotraining`), so a run killed inside an environment
+    resumes there: its organisms come from the organism cache, a finished co-training
+    run is loaded (or skipped when its models were all scored), and only the models not
+    yet scored are scored. Every
     stage is deterministic given the seed, and the environments' and models' numbers do
     not depend on each other, so a resumed run's figures are those of an uninterrupted
     one.
@@ -288,6 +291,36 @@ class SuiteCheckpoint:
         except (OSError, ValueError, KeyError) as error:
             warnings.warn(f"checkpoint {path}.json / .npz is unreadable ({error}); the model "
                           "is scored again", stacklevel=2)
+            return None
+
+    def _cotraining_path(self, unit: str) -> Path:
+        digest = hashlib.sha256(unit.encode()).hexdigest()[:16]
+        return self.directory / "cotraining" / f"run-{digest}.npz"
+
+    def save_cotraining(self, unit: str, state_and_history) -> None:
+        """Records a finished co-training run (the trained states and loss histories of
+        every model and seed in it), named by ``unit`` (environment, group,
+        discriminator, first organism)."""
+        path = self._cotraining_path(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_pytree(state_and_history, path,
+                    extra={"unit": np.frombuffer(unit.encode(), np.uint8)})
+
+    def finished_cotraining(self, unit: str, like):
+        """The co-training run ``unit`` in the structure of ``like``, or None (also for an
+        unreadable or mismatched record, which is trained again)."""
+        path = self._cotraining_path(unit)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                recorded = data["unit"].tobytes().decode()
+            if recorded != unit:
+                raise ValueError(f"it records {recorded!r}")
+            return load_pytree(like, path)
+        except (OSError, ValueError, KeyError) as error:
+            warnings.warn(f"checkpoint {path} is unreadable ({error}); the co-training run "
+                          "is trained again", stacklevel=2)
             return None
 
     def remove(self) -> None:
@@ -772,8 +805,17 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
                                                    len(members)) for seed in seeds])
             trusted = _stack([data[seed]["trusted"] for seed in seeds])
             # The seed axis is sharded over the devices (one device: a plain vmap).
-            per_seed = seed_parallel(jax.vmap(train, in_axes=(0, 0, None)))
-            state, history, _ = jax.block_until_ready(per_seed(run_keys, initial, trusted))
+            one_seed = jax.vmap(train, in_axes=(0, 0, None))
+            state_and_history = None if checkpoint is None else checkpoint.finished_cotraining(
+                unit, jax.eval_shape(jax.vmap(one_seed), run_keys, initial, trusted)[:2])
+            if state_and_history is not None:
+                say(f"{env_name} ({label}): co-training resumed from the checkpoint")
+                state, history = state_and_history
+            else:
+                state, history, _ = jax.block_until_ready(
+                    seed_parallel(one_seed)(run_keys, initial, trusted))
+                if checkpoint is not None:
+                    checkpoint.save_cotraining(unit, (state, history))
             timings[f"{env_name}/{label}/co-training/{architecture}/{names[0]}"] = (
                 time.perf_counter() - started)
 

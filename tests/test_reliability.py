@@ -350,10 +350,17 @@ def test_a_bench_stopped_inside_an_environment_resumes_with_the_rows_of_an_unint
     err = one_line_error(capsys, [*argv, "--out", str(tmp_path / "cut")])
     assert "pass --resume to continue it or --overwrite" in err
 
+    assert len(list((checkpoint / "cotraining").glob("*.npz"))) == 2  # both envs' runs
+
     envs.clear(), audited.clear()
     stop_at[0] = None
+    trained = []
+    seed_parallel = protocol.seed_parallel
+    monkeypatch.setattr(protocol, "seed_parallel",
+                        lambda *a, **k: trained.append(1) or seed_parallel(*a, **k))
     assert main([*argv, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     assert envs == ["takeover"]  # offswitch was loaded whole
+    assert not trained  # takeover's finished co-training run was loaded, not run again
     # takeover's first model was loaded from the checkpoint; the rest were scored now.
     assert audited == every_model[first_env + 1:]
     whole, cut = (json.loads((tmp_path / run / "results.json").read_text())
