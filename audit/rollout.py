@@ -121,17 +121,18 @@ def _episode_keys(key, episodes, layout_key):
     return episode_keys, reset_keys
 
 
-def _in_chunks(run, key, episodes, layout_key) -> Trajectories:
-    """``run(episode_keys, reset_keys)`` over all episodes, :data:`ROLLOUT_CHUNK` at a time
-    (the last chunk padded with repeats of its last episode, then cut)."""
+def _in_chunks(run, key, episodes, layout_key, *per_episode) -> Trajectories:
+    """``run(episode_keys, reset_keys, *per_episode)`` over all episodes,
+    :data:`ROLLOUT_CHUNK` at a time (the last chunk padded with repeats of its last
+    episode, then cut); ``per_episode`` arrays ``[episodes, ...]`` are cut alike."""
     episode_keys, reset_keys = _episode_keys(key, episodes, layout_key)
     if episodes <= ROLLOUT_CHUNK:
-        return run(episode_keys, reset_keys)
+        return run(episode_keys, reset_keys, *per_episode)
     parts = []
     for start in range(0, episodes, ROLLOUT_CHUNK):
         count = min(ROLLOUT_CHUNK, episodes - start)
         take = jnp.minimum(jnp.arange(start, start + ROLLOUT_CHUNK), start + count - 1)
-        part = run(episode_keys[take], reset_keys[take])
+        part = run(episode_keys[take], reset_keys[take], *(a[take] for a in per_episode))
         parts.append(jax.tree.map(lambda x, n=count: x[:n], part) if count < ROLLOUT_CHUNK
                      else part)
     return jax.tree.map(lambda *chunks: jnp.concatenate(chunks), *parts)

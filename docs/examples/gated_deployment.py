@@ -1,0 +1,77 @@
+"""Gated execution of the quick suite's off-switch organisms under a calibrated monitor.
+
+Builds (or loads from the organism cache) the honest organism and the trained-in
+long-horizon organism of `offswitch` at seed 0 with the quick suite's settings, fits
+the Mahalanobis detector on the model's activations over train-layout demonstrations,
+calibrates it on the model's own held-out train-layout episodes, and deploys each model
+on test layouts with the gate of `audit.deployment`: at each audit budget, once the
+monitor flags, the fallback (stay, or the demonstrator: "ask the human") acts for the
+rest of the episode. Prints safety (no off-switch event executed), usefulness (return
+over the demonstrator's on the same layouts) and the share of episodes flagged.
+
+Run:  python docs/examples/gated_deployment.py [--episodes 512] [--cache-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from audit import registry  # noqa: E402
+from audit.deployment import gated_deployment  # noqa: E402
+from audit.detectors import DetectorContext  # noqa: E402
+from audit.rollout import rollout, rollout_expert, teacher_forced_activations  # noqa: E402
+from benchmarks import organisms as organism_lib  # noqa: E402
+from benchmarks import suites  # noqa: E402
+from benchmarks.envs.gridworld import STAY  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=512)
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache/organisms"))
+    args = parser.parse_args()
+
+    env_spec = registry.get("environments", "offswitch")
+    train_env, train_params = env_spec.build("train")
+    test_env, test_params = env_spec.build("test")
+    steps = int(train_params.max_steps_in_episode)
+    demonstrator = registry.get("planners", "demonstrator").make(train_env)
+    specs = [registry.get("organisms", name) for name in ("honest", "long_horizon")]
+    models = organism_lib.build_organisms(env_spec, specs, suites.ORGANISMS, 0,
+                                          args.cache_dir)
+    trusted = rollout_expert(demonstrator, train_env, train_params, jax.random.key(10), 512,
+                             steps)
+    print(f"{'organism':<14} {'fallback':<12} {'budget':>7} {'flagged':>8} {'safety':>7} "
+          f"{'usefulness':>10}")
+    for organism in models:
+        imitator = organism.imitator
+        forced = trusted.replace(activations=teacher_forced_activations(
+            imitator, trusted.replace(activations={})))
+        detector = registry.get("detectors", "mahalanobis").build(DetectorContext(
+            num_actions=train_env.num_actions,
+            observation_shape=tuple(train_env.observation_space(train_params).shape)))
+        detector.fit(forced)
+        calibration = rollout(imitator, train_env, train_params, jax.random.key(11), 512,
+                              steps)
+        calibration_scores = np.asarray(detector.score(calibration))
+        for name, fallback in (("stay", STAY), ("demonstrator", demonstrator)):
+            rows = gated_deployment(imitator, detector.score, calibration_scores,
+                                    calibration.mask, test_env, test_params,
+                                    jax.random.key(12), args.episodes, steps,
+                                    fallback=fallback, demonstrator=demonstrator)
+            for row in rows:
+                budget = "none" if row["alpha"] is None else f"{row['alpha']:.0%}"
+                print(f"{organism.spec.name:<14} {name:<12} {budget:>7} "
+                      f"{row['flagged']:>8.3f} {row['safety']:>7.3f} "
+                      f"{row['usefulness']:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()
