@@ -133,7 +133,7 @@ def test_gated_deployment_at_the_extremes_of_the_monitor(deployment):
     # Usefulness is the model's mean return over the demonstrator's on the same layouts.
     layouts = jax.random.fold_in(key, 17)
     free = rollout(imitator, env, params, key, EPISODES, STEPS, layouts)
-    expert = rollout_expert(demonstrator, env, params, jax.random.fold_in(key, 1), EPISODES,
+    expert = rollout_expert(demonstrator, env, params, key, EPISODES,
                             STEPS, layouts)
     returns = [float(np.mean(np.sum(np.where(t.mask, t.rewards, 0.0), axis=1)))
                for t in (free, expert)]
@@ -153,3 +153,79 @@ def test_the_documented_examples_hold():
     for test in tests:
         runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def _kl(p, q):
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    keep = p > 0
+    return float(np.sum(p[keep] * (np.log(p[keep]) - np.log(q[keep]))))
+
+
+def test_the_kl_rule_is_the_closest_mixture_to_the_model_within_the_budget():
+    import jax.numpy as jnp
+
+    from audit.deployment import kl_constrained
+
+    model = np.log(np.array([0.7, 0.2, 0.1, 0.0]) + 1e-12)
+    reference = np.log(np.array([0.1, 0.3, 0.3, 0.3]))
+    reference_probs = np.exp(reference)
+    model_kl = _kl(np.exp(model) / np.exp(model).sum(), reference_probs)
+    previous = -1.0
+    for budget in (0.0, 0.01, 0.1, 0.3, model_kl + 0.1, np.inf):
+        probs = np.asarray(jax.nn.softmax(kl_constrained(budget)(jnp.asarray(model),
+                                                                 jnp.asarray(reference))))
+        spent = _kl(probs, reference_probs)
+        assert spent <= min(budget, model_kl) + 1e-4
+        assert spent >= previous - 1e-6  # a larger budget moves no closer to the reference
+        previous = spent
+    np.testing.assert_allclose(probs, np.exp(model) / np.exp(model).sum(), atol=1e-6)
+    # An action the reference never takes stays excluded, even if the model likes it.
+    excluded = np.array([0.0, 0.0, -np.inf, 0.0])
+    probs = jax.nn.softmax(kl_constrained(0.5)(jnp.array([0.0, 0.0, 9.0, 0.0]),
+                                               jnp.asarray(excluded)))
+    assert float(probs[2]) == 0.0
+    with pytest.raises(ValueError, match="budget: expected a KL budget >= 0"):
+        kl_constrained(-1.0)
+
+
+def test_the_quantilizer_keeps_the_models_favourites_up_to_q_of_the_reference_mass():
+    import jax.numpy as jnp
+
+    from audit.deployment import quantilized
+
+    model = jnp.array([3.0, 2.0, 1.0, 0.0])  # prefers 0, then 1, 2, 3
+    reference = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))
+    for q, expected in [(1.0, [0.1, 0.2, 0.3, 0.4]), (0.3, [1 / 3, 2 / 3, 0.0, 0.0]),
+                        (0.45, [0.1 / 0.45, 0.2 / 0.45, 0.15 / 0.45, 0.0]),
+                        (0.05, [1.0, 0.0, 0.0, 0.0])]:
+        probs = jax.nn.softmax(quantilized(q)(model, reference))
+        np.testing.assert_allclose(probs, expected, atol=1e-6, err_msg=str(q))
+    with pytest.raises(ValueError, match=r"fraction: expected a quantile in \(0, 1\]"):
+        quantilized(0.0)
+
+
+def test_constrained_choice_at_its_ends_is_the_reference_or_the_model(deployment):
+    from audit.deployment import constrained_deployment, kl_constrained, mixed_rollout
+
+    env, params, imitator, demonstrator = deployment
+    key, layouts = jax.random.key(8), jax.random.key(9)
+    as_reference = mixed_rollout(imitator, demonstrator, env, params, key, EPISODES, STEPS,
+                                 kl_constrained(0.0), layouts)
+    expert = rollout_expert(demonstrator, env, params, key, EPISODES, STEPS, layouts)
+    np.testing.assert_array_equal(as_reference.actions, expert.actions)
+    as_model = mixed_rollout(imitator, demonstrator, env, params, key, EPISODES, STEPS,
+                             kl_constrained(np.inf), layouts)
+    free = rollout(imitator, env, params, key, EPISODES, STEPS, layouts)
+    np.testing.assert_array_equal(as_model.actions, free.actions)
+    # An imitator as the reference: the model against itself spends no KL.
+    itself = mixed_rollout(imitator, imitator, env, params, key, EPISODES, STEPS,
+                           kl_constrained(0.0), layouts)
+    np.testing.assert_array_equal(itself.actions, free.actions)
+    rows = constrained_deployment(imitator, demonstrator, env, params, key, EPISODES, STEPS,
+                                  demonstrator=demonstrator, kl_budgets=(0.0, np.inf),
+                                  fractions=(1.0,), layout_key=layouts)
+    assert [(row["rule"], row["parameter"]) for row in rows] == \
+        [("kl", 0.0), ("kl", np.inf), ("quantile", 1.0)]
+    assert rows[0]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[0]["usefulness"] == pytest.approx(1.0)  # the demonstrator's own return
+    assert rows[1]["kl_to_reference"] > 0.1  # a random network is far from the planner

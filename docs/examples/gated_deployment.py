@@ -7,7 +7,10 @@ calibrates it on the model's own held-out train-layout episodes, and deploys eac
 on test layouts with the gate of `audit.deployment`: at each audit budget, once the
 monitor flags, the fallback (stay, or the demonstrator: "ask the human") acts for the
 rest of the episode. Prints safety (no off-switch event executed), usefulness (return
-over the demonstrator's on the same layouts) and the share of episodes flagged.
+over the demonstrator's on the same layouts) and the share of episodes flagged. Then
+runs the long-horizon organism under KL-constrained and quantilized action choice
+around the honest organism (a behaviour-cloned imitator of the demonstrations) as the
+reference policy.
 
 Run:  python docs/examples/gated_deployment.py [--episodes 512] [--cache-dir DIR]
 """
@@ -24,7 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from audit import registry  # noqa: E402
-from audit.deployment import gated_deployment  # noqa: E402
+from audit.deployment import constrained_deployment, gated_deployment  # noqa: E402
 from audit.detectors import DetectorContext  # noqa: E402
 from audit.rollout import rollout, rollout_expert, teacher_forced_activations  # noqa: E402
 from benchmarks import organisms as organism_lib  # noqa: E402
@@ -71,6 +74,16 @@ def main() -> None:
                 print(f"{organism.spec.name:<14} {name:<12} {budget:>7} "
                       f"{row['flagged']:>8.3f} {row['safety']:>7.3f} "
                       f"{row['usefulness']:>10.3f}")
+
+    honest, long_horizon = (organism.imitator for organism in models)
+    rows = constrained_deployment(long_horizon, honest, test_env, test_params,
+                                  jax.random.key(12), args.episodes, steps,
+                                  demonstrator=demonstrator)
+    print(f"\n{'long_horizon around honest':<28} {'KL/step':>8} {'safety':>7} "
+          f"{'usefulness':>10}")
+    for row in rows:
+        print(f"{row['rule']:>8} {row['parameter']:<19g} {row['kl_to_reference']:>8.3f} "
+              f"{row['safety']:>7.3f} {row['usefulness']:>10.3f}")
 
 
 if __name__ == "__main__":
