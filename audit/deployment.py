@@ -329,8 +329,8 @@ def kl_constrained(budget: float, iterations: int = 30) -> Callable:
       >>> combine = kl_constrained(0.0)
       >>> probs = jax.nn.softmax(combine(jnp.log(jnp.array([0.9, 0.1])),
       ...                                jnp.log(jnp.array([0.5, 0.5]))))
-      >>> [round(float(p), 3) for p in probs]
-      [0.5, 0.5]
+      >>> tuple(round(float(p), 3) for p in probs)
+      (0.5, 0.5)
     """
     budget = float(budget)
     if not budget >= 0.0:
@@ -388,8 +388,8 @@ def quantilized(fraction: float) -> Callable:
       >>> combine = quantilized(0.5)
       >>> probs = jax.nn.softmax(combine(jnp.array([0.0, 2.0, 1.0]),
       ...                                jnp.log(jnp.array([0.5, 0.25, 0.25]))))
-      >>> [round(float(p), 3) for p in probs]
-      [0.0, 0.5, 0.5]
+      >>> tuple(round(float(p), 3) for p in probs)
+      (0.0, 0.5, 0.5)
     """
     fraction = float(fraction)
     if not 0.0 < fraction <= 1.0:
