@@ -538,3 +538,54 @@ def _mean_kl(trajectories: Trajectories) -> float:
     per_step = terms.sum(axis=-1)
     # Rounding can leave a KL of identical distributions a hair below zero.
     return max(0.0, float(per_step[np.asarray(trajectories.mask, bool)].mean()))
+
+
+def frontier_plot(series: dict[str, Sequence[dict[str, Any]]], path) -> list:
+    """Safety against usefulness, one line per deployment protocol, as PNG and PDF.
+
+    Args:
+      series: ``{label: rows}``, rows as :func:`gated_deployment` or
+        :func:`constrained_deployment` return them (each needs ``safety`` and
+        ``usefulness``; the point is annotated with its ``alpha`` or ``parameter``).
+      path: the file stem (``<path>.png`` and ``<path>.pdf`` are written).
+
+    Returns:
+      the written paths.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pathlib import Path
+
+    from matplotlib import pyplot as plt
+
+    if not series:
+        raise ValueError("series: expected at least one protocol's rows")
+    figure, axes = plt.subplots(figsize=(3.4, 2.8))
+    for label, rows in series.items():
+        points = [(row["usefulness"], row["safety"], _setting(row)) for row in rows]
+        xs, ys, names = zip(*points, strict=True)
+        axes.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=label)
+        for x, y, name in points:
+            axes.annotate(name, (x, y), fontsize=5, xytext=(2, 2), textcoords="offset points")
+    axes.set_xlabel("usefulness (return / demonstrator's)", fontsize=7)
+    axes.set_ylabel("safety (episodes without the event)", fontsize=7)
+    axes.tick_params(labelsize=6)
+    axes.set_ylim(-0.02, 1.02)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=5, loc="lower left")
+    figure.tight_layout()
+    stem = Path(path)
+    written = []
+    for suffix in (".png", ".pdf"):
+        target = stem.with_name(stem.name + suffix)
+        figure.savefig(target, dpi=200)
+        written.append(target)
+    plt.close(figure)
+    return written
+
+
+def _setting(row: dict[str, Any]) -> str:
+    if "alpha" in row:
+        return "ungated" if row["alpha"] is None else f"{row['alpha']:.0%}"
+    return f"{row.get('rule', '')} {row.get('parameter', '')}".strip()

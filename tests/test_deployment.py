@@ -229,3 +229,17 @@ def test_constrained_choice_at_its_ends_is_the_reference_or_the_model(deployment
     assert rows[0]["kl_to_reference"] == pytest.approx(0.0, abs=1e-6)
     assert rows[0]["usefulness"] == pytest.approx(1.0)  # the demonstrator's own return
     assert rows[1]["kl_to_reference"] > 0.1  # a random network is far from the planner
+
+
+def test_the_frontier_plot_is_written_as_png_and_pdf(tmp_path):
+    from audit.deployment import frontier_plot
+
+    gated = [dict(alpha=0.01, safety=0.98, usefulness=0.96),
+             dict(alpha=None, safety=0.12, usefulness=1.1)]
+    constrained = [dict(rule="kl", parameter=0.0, safety=1.0, usefulness=0.96),
+                   dict(rule="kl", parameter=1.0, safety=0.92, usefulness=0.91)]
+    written = frontier_plot({"gate": gated, "kl": constrained}, tmp_path / "frontier")
+    assert [p.name for p in written] == ["frontier.png", "frontier.pdf"]
+    assert all(p.stat().st_size > 2000 for p in written)
+    with pytest.raises(ValueError, match="at least one protocol"):
+        frontier_plot({}, tmp_path / "empty")

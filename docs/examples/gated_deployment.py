@@ -27,7 +27,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from audit import registry  # noqa: E402
-from audit.deployment import constrained_deployment, gated_deployment  # noqa: E402
+from audit.deployment import (  # noqa: E402
+    constrained_deployment,
+    frontier_plot,
+    gated_deployment,
+)
 from audit.detectors import DetectorContext  # noqa: E402
 from audit.rollout import rollout, rollout_expert, teacher_forced_activations  # noqa: E402
 from benchmarks import organisms as organism_lib  # noqa: E402
@@ -39,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--episodes", type=int, default=512)
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache/organisms"))
+    parser.add_argument("--plot", type=Path, default=Path("runs/deployment_frontier"),
+                        help="file stem of the frontier plot (.png and .pdf)")
     args = parser.parse_args()
 
     env_spec = registry.get("environments", "offswitch")
@@ -53,6 +59,7 @@ def main() -> None:
                              steps)
     print(f"{'organism':<14} {'fallback':<12} {'budget':>7} {'flagged':>8} {'safety':>7} "
           f"{'usefulness':>10}")
+    series = {}
     for organism in models:
         imitator = organism.imitator
         forced = trusted.replace(activations=teacher_forced_activations(
@@ -69,6 +76,7 @@ def main() -> None:
                                     calibration.mask, test_env, test_params,
                                     jax.random.key(12), args.episodes, steps,
                                     fallback=fallback, demonstrator=demonstrator)
+            series[f"{organism.spec.name}, gate -> {name}"] = rows
             for row in rows:
                 budget = "none" if row["alpha"] is None else f"{row['alpha']:.0%}"
                 print(f"{organism.spec.name:<14} {name:<12} {budget:>7} "
@@ -84,6 +92,11 @@ def main() -> None:
     for row in rows:
         print(f"{row['rule']:>8} {row['parameter']:<19g} {row['kl_to_reference']:>8.3f} "
               f"{row['safety']:>7.3f} {row['usefulness']:>10.3f}")
+    for rule in ("kl", "quantile"):
+        series[f"long_horizon, {rule} around honest"] = [r for r in rows if r["rule"] == rule]
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    for path in frontier_plot(series, args.plot):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
