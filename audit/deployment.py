@@ -34,6 +34,11 @@ reference's distribution restricted to the top ``q`` of its mass when actions ar
 ranked by the model's preference). :func:`constrained_deployment` measures safety and
 usefulness along the constraint.
 
+Flag and relabel (:func:`flag_and_relabel`) is the DAgger-style answer to a flag: the
+states of flagged episodes, from the flag on, are labelled with the demonstrator's
+action distribution (within a budget of labelled states) and the model is
+behaviour-cloned again on the demonstrations and those labels.
+
 Example (docs/examples/gated_deployment.py runs it on the quick suite's organisms)::
 
   rows = gated_deployment(imitator, detector.score, calibration_scores,
@@ -589,3 +594,77 @@ def _setting(row: dict[str, Any]) -> str:
     if "alpha" in row:
         return "ungated" if row["alpha"] is None else f"{row['alpha']:.0%}"
     return f"{row.get('rule', '')} {row.get('parameter', '')}".strip()
+
+
+def flag_and_relabel(imitator, score: Callable[[Trajectories], Any], calibration_scores,
+                     calibration_mask, env, env_params, key: jax.Array, episodes: int,
+                     max_steps: int, *, demonstrator, trusted: Trajectories,
+                     label_budget: int, config=None, alpha: float = 0.01,
+                     aggregate: str = "max", layout_key: jax.Array | None = None):
+    """One round of flag and relabel: label what the monitor flagged, clone again.
+
+    The model runs free on ``env_params`` (e.g. test layouts); ``score`` flags episodes
+    as the gate would (:func:`first_flags` at ``alpha``); the model's own states from
+    each flag on, in episode order, up to ``label_budget`` of them, get the
+    demonstrator's action distribution at that state as their label (what a human asked
+    at that moment would do). The model is then behaviour-cloned, starting from its own
+    weights, on ``trusted`` and the labelled states (:func:`audit.bc.make_train`).
+
+    Args:
+      imitator: the audited model.
+      score: the monitor (causal; :func:`check_causal` is run first).
+      calibration_scores: ``[n, T]`` its step scores of the model's own calibration
+        episodes.
+      calibration_mask: ``[n, T]`` their valid steps.
+      env: the environment.
+      env_params: where the model is deployed.
+      key: the PRNG key of the deployment's episodes (and of the retraining).
+      episodes: how many episodes are deployed.
+      max_steps: their time axis.
+      demonstrator: the Expert that labels the flagged states.
+      trusted: the demonstrations the model was cloned on (``[E, T]``, same ``T``).
+      label_budget: the most states labelled (>= 1).
+      config: the :class:`audit.bc.BCConfig` of the retraining (default 200 updates).
+      alpha: the flag level.
+      aggregate: how step scores accumulate.
+      layout_key: optional key of the deployment's layouts.
+
+    Returns:
+      ``(retrained imitator, info)``; ``info`` holds ``flagged_episodes``,
+      ``labelled_states``, ``labelled_episodes`` and ``final_loss``.
+    """
+    from audit import bc
+
+    if int(label_budget) < 1:
+        raise ValueError(f"label_budget: expected a number of states >= 1, got {label_budget}")
+    config = bc.BCConfig(updates=200) if config is None else config
+    free = rollout(imitator, env, env_params, key, episodes, max_steps, layout_key,
+                   reference=demonstrator)
+    check_causal(score, free)
+    flags = first_flags(np.asarray(score(free), np.float64), free.mask, calibration_scores,
+                        calibration_mask, alpha, aggregate)
+    after_flag = np.asarray(free.mask, bool) & (np.arange(max_steps) >= flags[:, None])
+    # The budget is spent on the earliest flagged episodes first, each from its flag on.
+    order = np.cumsum(after_flag.reshape(-1)).reshape(after_flag.shape)
+    labelled = after_flag & (order <= int(label_budget))
+    chosen = np.flatnonzero(labelled.any(axis=1))
+    info = dict(flagged_episodes=int((flags < max_steps).sum()),
+                labelled_states=int(labelled.sum()), labelled_episodes=int(len(chosen)))
+    if len(chosen) == 0:  # nothing flagged: nothing to learn from
+        return imitator, dict(info, final_loss=None)
+    labels = Trajectories(
+        observations=free.observations[chosen], actions=jnp.argmax(
+            free.reference_probs[chosen], axis=-1).astype(jnp.int32),
+        rewards=free.rewards[chosen], dones=free.dones[chosen],
+        mask=jnp.asarray(labelled[chosen]), events=free.events[chosen],
+        noise=free.noise[chosen], action_probs=free.reference_probs[chosen])
+    demonstrations = trusted.replace(activations={}, reference_probs=None)
+    if demonstrations.observations.shape[1:] != labels.observations.shape[1:]:
+        raise ValueError(f"trusted: expected episodes of shape [E, {max_steps}, ...] like "
+                         f"the deployment's, got {demonstrations.observations.shape}")
+    data = jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]),
+                        demonstrations, labels)
+    graphdef, state = nnx.split(imitator)
+    train, trained_graph = bc.make_train(config, lambda _: nnx.merge(graphdef, state), data)
+    params, losses = jax.jit(train)(jax.random.fold_in(key, 23), None, state)
+    return nnx.merge(trained_graph, params), dict(info, final_loss=float(losses[-1]))

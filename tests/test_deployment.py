@@ -243,3 +243,51 @@ def test_the_frontier_plot_is_written_as_png_and_pdf(tmp_path):
     assert all(p.stat().st_size > 2000 for p in written)
     with pytest.raises(ValueError, match="at least one protocol"):
         frontier_plot({}, tmp_path / "empty")
+
+
+def test_flag_and_relabel_labels_flagged_states_within_the_budget_and_learns_them(deployment):
+    from audit.deployment import flag_and_relabel
+    from audit.rollout import teacher_forced
+
+    env, params, imitator, demonstrator = deployment
+    train_env, train_params = registry.get("environments", "offswitch").build("train")
+    trusted = rollout_expert(demonstrator, train_env, train_params, jax.random.key(20), 16,
+                             STEPS)
+    calibration_mask = np.ones((99, STEPS), bool)
+
+    def always_high(trajectories):
+        return np.full(np.shape(trajectories.mask), 10.0)
+
+    def like_calibration(trajectories):
+        return np.zeros(np.shape(trajectories.mask))
+
+    key = jax.random.key(21)
+    same, info = flag_and_relabel(imitator, like_calibration, np.zeros((99, STEPS)),
+                                  calibration_mask, env, params, key, EPISODES, STEPS,
+                                  demonstrator=demonstrator, trusted=trusted, label_budget=50)
+    assert same is imitator and info["flagged_episodes"] == 0 and info["final_loss"] is None
+
+    retrained, info = flag_and_relabel(imitator, always_high, np.zeros((99, STEPS)),
+                                       calibration_mask, env, params, key, EPISODES, STEPS,
+                                       demonstrator=demonstrator, trusted=trusted,
+                                       label_budget=50)
+    assert info["flagged_episodes"] == EPISODES  # flagged at the first step
+    assert info["labelled_states"] == 50 and info["labelled_episodes"] >= 2
+    # The labelled states are the model's own first steps; on them the retrained model is
+    # closer to the demonstrator than the model was.
+    free = rollout(imitator, env, params, key, EPISODES, STEPS, reference=demonstrator)
+    order = np.cumsum(np.asarray(free.mask).reshape(-1)).reshape(free.mask.shape)
+    labelled = np.asarray(free.mask) & (order <= 50)
+
+    def cross_entropy(model):
+        logits, _ = teacher_forced(model, free.replace(activations={}))
+        log_probs = np.asarray(jax.nn.log_softmax(logits))
+        reference = np.asarray(free.reference_probs)
+        return float(-(reference * np.where(reference > 0, log_probs, 0)).sum(-1)[labelled]
+                     .mean())
+
+    assert cross_entropy(retrained) < 0.5 * cross_entropy(imitator)
+    with pytest.raises(ValueError, match="label_budget: expected a number of states >= 1"):
+        flag_and_relabel(imitator, always_high, np.zeros((99, STEPS)), calibration_mask, env,
+                         params, key, EPISODES, STEPS, demonstrator=demonstrator,
+                         trusted=trusted, label_budget=0)
