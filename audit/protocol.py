@@ -49,7 +49,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import threading
 import time
 import warnings
@@ -69,7 +68,7 @@ from audit.detectors.discriminator import DiscriminatorDetector
 from audit.discriminator import DiscriminatorConfig, raw_feature_mask, takes_layout
 from audit.ppo import Critic
 from audit.rollout import imitator_step, rollout, rollout_expert, teacher_forced_activations
-from audit.runs import as_json, write_json
+from audit.runs import RunCheckpoint, write_json
 from audit.scores import ScoreStore
 from audit.sharding import seed_parallel
 from audit.trajectories import Trajectories
@@ -206,7 +205,7 @@ class Suite:
         return dict(dict(self.discriminator_settings).get(architecture, ()))
 
 
-class SuiteCheckpoint:
+class SuiteCheckpoint(RunCheckpoint):
     """A suite run's finished environments, kept while it runs so that a killed run can
     resume (``audit bench --resume``).
 
@@ -229,15 +228,6 @@ class SuiteCheckpoint:
       directory: where the files go.
       settings: what identifies the run (JSON-ready).
     """
-
-    def __init__(self, directory, settings: dict[str, Any]):
-        self.directory = Path(directory)
-        self.settings = as_json(settings)
-
-    def start(self) -> None:
-        """Creates the directory and records the settings (a fresh run)."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_json(self.directory / "run.json", {"settings": self.settings})
 
     def save(self, outcome: tuple[ScoreStore, dict, list]) -> None:
         """Records one finished environment."""
@@ -323,9 +313,6 @@ class SuiteCheckpoint:
                           "is trained again", stacklevel=2)
             return None
 
-    def remove(self) -> None:
-        """Deletes the checkpoint (the run is written)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,

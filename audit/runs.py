@@ -148,6 +148,30 @@ def _apply_umask(directory: Path) -> None:
         os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~umask)
 
 
+class RunCheckpoint:
+    """A checkpoint directory beside a run's ``--out``: its settings in ``run.json``
+    (what a resumed run must match, :func:`resume_checkpoint`) and whatever finished
+    work the command records in it (subclasses say what).
+
+    Args:
+      directory: where the files go.
+      settings: what identifies the run (JSON-ready; compared as :func:`as_json` gives it).
+    """
+
+    def __init__(self, directory: str | os.PathLike, settings: dict[str, Any]):
+        self.directory = Path(directory)
+        self.settings = as_json(settings)
+
+    def start(self) -> None:
+        """Creates the directory and records the settings (a fresh run)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        write_json(self.directory / "run.json", {"settings": self.settings})
+
+    def remove(self) -> None:
+        """Deletes the checkpoint (the run is written)."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 def resume_checkpoint(directory: str | os.PathLike, record: str, settings: dict, out,
                       resume: bool, overwrite: bool) -> dict | None:
     """The ``--resume`` / ``--overwrite`` rule of every checkpointed command.

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from audit import registry
+from audit.runs import RunCheckpoint
 
 # Figures a sweep can plot (keys of audit.figures rows, each with ``_ci_low`` / ``_ci_high``).
 SWEEP_FIGURES = {
@@ -121,7 +122,7 @@ def _check_setting(setting: str) -> None:
         raise ValueError(f"unknown sweep setting {setting!r}; choose from: {', '.join(SETTINGS)}")
 
 
-class SweepCheckpoint:
+class SweepCheckpoint(RunCheckpoint):
     """A sweep's finished points, kept while it runs so that a killed sweep can resume
     (``audit sweep --resume``).
 
@@ -136,19 +137,6 @@ class SweepCheckpoint:
       directory: where the files go.
       settings: what identifies the sweep (JSON-ready).
     """
-
-    def __init__(self, directory, settings: dict[str, Any]):
-        from audit.runs import as_json
-
-        self.directory = Path(directory)
-        self.settings = as_json(settings)
-
-    def start(self) -> None:
-        """Creates the directory and records the settings (a fresh sweep)."""
-        from audit.runs import write_json
-
-        self.directory.mkdir(parents=True, exist_ok=True)
-        write_json(self.directory / "run.json", {"settings": self.settings})
 
     def point_directory(self, name: str) -> Path:
         """Where the finished point ``name`` (``<parameter>=<value>``) is kept."""
@@ -173,12 +161,6 @@ class SweepCheckpoint:
                 warnings.warn(f"checkpoint {record} is unreadable ({error}); its point runs "
                               "again", stacklevel=2)
         return found
-
-    def remove(self) -> None:
-        """Deletes the checkpoint (the sweep is written)."""
-        import shutil
-
-        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = "quick",
