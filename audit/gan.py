@@ -48,6 +48,7 @@ happened; :func:`check_divergence` turns that into a :class:`DivergenceError`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -113,6 +114,15 @@ class GANConfig:
       eval_episodes: episodes per evaluation rollout.
       heldout_fraction: share of the demonstrations held out from the discriminator
         (for the held-out AUROC and the KL).
+      discriminator_reward_coef: weight of the discriminator's reward (``lambda``:
+        being judged demonstrator-like).
+      env_reward_coef: weight of the environment's own reward added to it (0: pure
+        imitation). An adaptive attacker (#19) is an organism fine-tuned with the
+        environment's reward, its incorrigible objective, plus ``lambda`` times a frozen
+        monitor's reward.
+      freeze_discriminator: keep the discriminators (and their feature statistics) as
+        they start: a fixed monitor the imitator is optimised against. Their would-be
+        losses are still reported.
     """
 
     iterations: int = 200
@@ -132,6 +142,9 @@ class GANConfig:
     eval_every: int = 10
     eval_episodes: int = 64
     heldout_fraction: float = 0.125
+    discriminator_reward_coef: float = 1.0
+    env_reward_coef: float = 0.0
+    freeze_discriminator: bool = False
 
     def __post_init__(self):
         if not isinstance(self.view, str):
@@ -155,6 +168,10 @@ class GANConfig:
             raise ValueError(f"GANConfig.ppo must be a PPOSettings, got {self.ppo!r}")
         if not self.bc_coef >= 0:
             raise ValueError(f"GANConfig.bc_coef must be >= 0, got {self.bc_coef!r}")
+        for name in ("discriminator_reward_coef", "env_reward_coef"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"GANConfig.{name} must be finite, got "
+                                 f"{getattr(self, name)!r}")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError("GANConfig.heldout_fraction must be in (0, 1), got "
                              f"{self.heldout_fraction!r}")
@@ -478,10 +495,18 @@ def make_train(config: GANConfig, env, env_params,
 
             updated, disc_loss, accuracy_demo = discriminator_update(state, own, own_features,
                                                                      disc_key)
+            if config.freeze_discriminator:  # a fixed monitor: its losses are only reported
+                updated = updated.replace(discriminator=state.discriminator, norm=state.norm,
+                                          discriminator_opt=state.discriminator_opt)
             own_logits = step_logits(updated.discriminator, updated.norm, own_features, own.mask)
             mask = own.mask.astype(jnp.float32)
             rewards = mask * jnp.mean(jax.nn.softplus(-own_logits) if config.reward == "gail"
                                       else -own_logits, axis=0)
+            # Defaults leave the imitation reward untouched, bit for bit.
+            if config.discriminator_reward_coef != 1.0:
+                rewards = config.discriminator_reward_coef * rewards
+            if config.env_reward_coef != 0.0:
+                rewards = rewards + config.env_reward_coef * mask * own.rewards
             updated, policy_loss, entropy = ppo_update(updated, own, rewards, ppo_key)
 
             finite = jnp.stack([jnp.all(jnp.isfinite(disc_loss)), jnp.isfinite(policy_loss)])

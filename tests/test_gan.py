@@ -338,3 +338,52 @@ def test_train_gan_takes_the_flags_left_out_from_the_environment_then_its_own(tm
         spec = registry.get("environments", name)
         copy = pickle.loads(pickle.dumps(spec))
         assert dict(copy.imitation_defaults) == dict(spec.imitation_defaults)
+
+
+def _attacker_run(**settings):
+    """A small MLP run of ``settings`` on offswitch (the adaptive attacker's options)."""
+    from models.imitators import MLPImitator
+
+    env, params, demos = _offswitch_demos(16)
+    config = gan.GANConfig(iterations=3, episodes=8, ppo_minibatches=2, view="transitions",
+                           eval_every=3, eval_episodes=8,
+                           discriminator=DiscriminatorConfig(updates=2, batch_episodes=4),
+                           **settings)
+    return gan.make_train(
+        config, env, params, lambda k: MLPImitator((9, 9, 8), 6, (32,), rngs=nnx.Rngs(k)),
+        lambda k: ppo.Critic(9 * 9 * 8, (32,), rngs=nnx.Rngs(k)),
+        lambda k, f: StepDiscriminator(f, (16,), rngs=nnx.Rngs(k)), demos)
+
+
+def test_a_frozen_discriminator_is_a_fixed_monitor_the_imitator_is_trained_against():
+    import functools
+
+    # Partial runs (num_blocks) keep the state in the form `resume` takes.
+    train, _ = _attacker_run()
+    trained, _, _ = jax.jit(functools.partial(train, num_blocks=1))(jax.random.key(0))
+    frozen_train, _ = _attacker_run(freeze_discriminator=True)
+    state, metrics, _ = jax.jit(functools.partial(frozen_train, num_blocks=1))(
+        jax.random.key(1), resume=trained)
+    for before, after in zip(jax.tree.leaves((trained.discriminator, trained.norm)),
+                             jax.tree.leaves((state.discriminator, state.norm)), strict=True):
+        np.testing.assert_array_equal(before, after)
+    # The imitator did train against it.
+    assert not all(np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(trained.actor), jax.tree.leaves(state.actor), strict=True))
+    assert np.all(np.isfinite(np.asarray(metrics["discriminator_loss"])))
+
+
+def test_the_environments_reward_joins_the_discriminators_with_its_weight():
+    base, _ = _attacker_run()
+    default = jax.jit(base)(jax.random.key(2))[1]
+    same, _ = _attacker_run(discriminator_reward_coef=1.0, env_reward_coef=0.0)
+    for name, value in jax.jit(same)(jax.random.key(2))[1].items():  # defaults: bit for bit
+        np.testing.assert_array_equal(value, default[name], err_msg=name)
+    # Only the environment's reward: the mean reward per valid step is return / length.
+    env_only, _ = _attacker_run(discriminator_reward_coef=0.0, env_reward_coef=1.0)
+    metrics = jax.jit(env_only)(jax.random.key(2))[1]
+    np.testing.assert_allclose(metrics["reward_mean"],
+                               metrics["imitator_return"] / metrics["imitator_length"],
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="GANConfig.env_reward_coef must be finite"):
+        gan.GANConfig(env_reward_coef=float("nan"))
