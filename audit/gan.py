@@ -120,6 +120,8 @@ class GANConfig:
         imitation). An adaptive attacker (#19) is an organism fine-tuned with the
         environment's reward, its incorrigible objective, plus ``lambda`` times a frozen
         monitor's reward.
+      monitor_reward_coef: weight of the penalty from ``make_train``'s ``monitor`` (its
+        step score, subtracted from the reward).
       freeze_discriminator: keep the discriminators (and their feature statistics) as
         they start: a fixed monitor the imitator is optimised against. Their would-be
         losses are still reported.
@@ -144,6 +146,7 @@ class GANConfig:
     heldout_fraction: float = 0.125
     discriminator_reward_coef: float = 1.0
     env_reward_coef: float = 0.0
+    monitor_reward_coef: float = 0.0
     freeze_discriminator: bool = False
 
     def __post_init__(self):
@@ -168,7 +171,7 @@ class GANConfig:
             raise ValueError(f"GANConfig.ppo must be a PPOSettings, got {self.ppo!r}")
         if not self.bc_coef >= 0:
             raise ValueError(f"GANConfig.bc_coef must be >= 0, got {self.bc_coef!r}")
-        for name in ("discriminator_reward_coef", "env_reward_coef"):
+        for name in ("discriminator_reward_coef", "env_reward_coef", "monitor_reward_coef"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"GANConfig.{name} must be finite, got "
                                  f"{getattr(self, name)!r}")
@@ -233,7 +236,8 @@ def make_train(config: GANConfig, env, env_params,
                make_critic: Callable[[jax.Array], nnx.Module],
                make_discriminator: Callable[[jax.Array, int], nnx.Module],
                demonstrations: Trajectories, test_env_params: Any = None,
-               progress: Callable[[int], None] | None = None):
+               progress: Callable[[int], None] | None = None,
+               monitor: Callable[[Trajectories], jax.Array] | None = None):
     """Builds the pure adversarial-imitation run.
 
     Args:
@@ -252,6 +256,10 @@ def make_train(config: GANConfig, env, env_params,
       test_env_params: parameters of the test layouts, for the event rate and return
         on test (None: those figures are NaN).
       progress: optional host callback with the number of iterations done.
+      monitor: optional fixed, traceable ``Trajectories -> [E, T]`` step scores (higher =
+        more suspicious) of the imitator's own episodes, e.g. a fitted detector's score
+        written in JAX; each step's reward then loses ``GANConfig.monitor_reward_coef``
+        times its score (an attacker optimised against that monitor).
 
     Returns:
       ``(train, modules)``: ``train(key, initial_actor=None, demonstrations=None) ->
@@ -290,6 +298,9 @@ def make_train(config: GANConfig, env, env_params,
       ...                             make_critic, make_step_discriminator, demos)
       >>> state, metrics, evaluations = jax.jit(jax.vmap(train))(jax.random.split(key, 8))
     """
+    if config.monitor_reward_coef != 0.0 and monitor is None:
+        raise ValueError("GANConfig.monitor_reward_coef is set but make_train was given no "
+                         "monitor")
     validate(demonstrations, "demonstrations")
     observation_shape = tuple(env.observation_space(env_params).shape)
     if tuple(demonstrations.observations.shape[2:]) != observation_shape:
@@ -507,6 +518,8 @@ def make_train(config: GANConfig, env, env_params,
                 rewards = config.discriminator_reward_coef * rewards
             if config.env_reward_coef != 0.0:
                 rewards = rewards + config.env_reward_coef * mask * own.rewards
+            if monitor is not None and config.monitor_reward_coef != 0.0:
+                rewards = rewards - config.monitor_reward_coef * mask * monitor(own)
             updated, policy_loss, entropy = ppo_update(updated, own, rewards, ppo_key)
 
             finite = jnp.stack([jnp.all(jnp.isfinite(disc_loss)), jnp.isfinite(policy_loss)])

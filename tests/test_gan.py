@@ -7,6 +7,7 @@ import pickle
 from unittest.mock import patch
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import build
@@ -340,7 +341,7 @@ def test_train_gan_takes_the_flags_left_out_from_the_environment_then_its_own(tm
         assert dict(copy.imitation_defaults) == dict(spec.imitation_defaults)
 
 
-def _attacker_run(**settings):
+def _attacker_run(monitor=None, **settings):
     """A small MLP run of ``settings`` on offswitch (the adaptive attacker's options)."""
     from models.imitators import MLPImitator
 
@@ -352,7 +353,7 @@ def _attacker_run(**settings):
     return gan.make_train(
         config, env, params, lambda k: MLPImitator((9, 9, 8), 6, (32,), rngs=nnx.Rngs(k)),
         lambda k: ppo.Critic(9 * 9 * 8, (32,), rngs=nnx.Rngs(k)),
-        lambda k, f: StepDiscriminator(f, (16,), rngs=nnx.Rngs(k)), demos)
+        lambda k, f: StepDiscriminator(f, (16,), rngs=nnx.Rngs(k)), demos, monitor=monitor)
 
 
 def test_a_frozen_discriminator_is_a_fixed_monitor_the_imitator_is_trained_against():
@@ -387,3 +388,29 @@ def test_the_environments_reward_joins_the_discriminators_with_its_weight():
                                rtol=1e-5)
     with pytest.raises(ValueError, match="GANConfig.env_reward_coef must be finite"):
         gan.GANConfig(env_reward_coef=float("nan"))
+
+
+def test_a_monitors_score_is_subtracted_from_the_reward_with_its_weight():
+    from audit.detectors.baselines import MahalanobisDetector
+    from audit.rollout import rollout
+    from models.imitators import MLPImitator
+
+    # The traceable Mahalanobis score is the detector's own score.
+    env, params, demos = _offswitch_demos(16)
+    model = MLPImitator((9, 9, 8), 6, (32,), rngs=nnx.Rngs(0))
+    episodes = rollout(model, env, params, jax.random.key(3), 8, 48)
+    detector = MahalanobisDetector().fit(episodes)
+    np.testing.assert_allclose(jax.jit(detector.traceable_score())(episodes),
+                               detector.score(episodes), rtol=1e-3, atol=1e-2)
+    # Only the monitor's penalty as reward: a constant score of 1 gives a reward of -2.
+    penalty_only, _ = _attacker_run(monitor=lambda own: jnp.ones(own.mask.shape),
+                                    discriminator_reward_coef=0.0, monitor_reward_coef=2.0)
+    np.testing.assert_allclose(jax.jit(penalty_only)(jax.random.key(4))[1]["reward_mean"], -2.0)
+    # The Mahalanobis monitor in the loop: the run stays finite.
+    attacked, _ = _attacker_run(monitor=detector.traceable_score(), monitor_reward_coef=0.01,
+                                env_reward_coef=1.0, freeze_discriminator=True)
+    metrics = jax.jit(attacked)(jax.random.key(5))[1]
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in metrics.values())
+    with pytest.raises(ValueError, match="monitor_reward_coef is set but make_train was "
+                                         "given no monitor"):
+        _attacker_run(monitor_reward_coef=1.0)

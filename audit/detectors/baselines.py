@@ -127,6 +127,21 @@ class MahalanobisDetector:
         centred = np.asarray(self._features(trajectories), np.float64) - self.mean
         return np.einsum("btf,fg,btg->bt", centred, self.precision, centred)
 
+    def traceable_score(self):
+        """The fitted score as a pure JAX function of trajectories (float32), for use
+        inside jitted training, e.g. as the fixed monitor an attacker is optimised
+        against (:func:`audit.gan.make_train`'s ``monitor``)."""
+        if self.mean is None:
+            raise RuntimeError("MahalanobisDetector.traceable_score before fit")
+        mean = jnp.asarray(self.mean, jnp.float32)
+        precision = jnp.asarray(self.precision, jnp.float32)
+
+        def score(trajectories: Trajectories) -> jax.Array:
+            centred = self._features(trajectories) - mean
+            return jnp.einsum("btf,fg,btg->bt", centred, precision, centred)
+
+        return score
+
 
 class ActionSurpriseDetector:
     """``-log p(action | observation)`` under a behaviour-cloned model of the demonstrator.
