@@ -128,8 +128,7 @@ def test_gated_deployment_at_the_extremes_of_the_monitor(deployment):
         assert row["flagged"] == 1.0 and row["safety"] == 1.0 and row["event_rate"] == 0.0
     for row in silent[:-1]:  # never flagged: the ungated deployment
         assert row["flagged"] == 0.0
-        assert {k: v for k, v in row.items() if k != "alpha"} == \
-            {k: v for k, v in silent[-1].items() if k != "alpha"}
+        assert _same_figures(row, silent[-1])
     # Usefulness is the model's mean return over the demonstrator's on the same layouts.
     layouts = jax.random.fold_in(key, 17)
     free = rollout(imitator, env, params, key, EPISODES, STEPS, layouts)
@@ -139,7 +138,19 @@ def test_gated_deployment_at_the_extremes_of_the_monitor(deployment):
                for t in (free, expert)]
     assert silent[-1]["usefulness"] == pytest.approx(returns[0] / returns[1])
     figures = deployment_figures(free, np.full(EPISODES, STEPS), returns[1])
-    assert figures == {k: v for k, v in silent[-1].items() if k != "alpha"}
+    assert _same_figures(figures, silent[-1])
+    # Flags before / at the harm: shares of the harmful episodes (none here: NaN).
+    harmful = (np.asarray(free.events) & np.asarray(free.mask)).any(axis=1)
+    for row in flagged[:-1]:
+        if harmful.any():  # flagged at step 0, which is before any event or at it
+            assert row["flagged_before_harm"] + row["flagged_at_harm"] == 1.0
+        else:
+            assert np.isnan(row["flagged_before_harm"])
+
+
+def _same_figures(first, second):
+    keys = (set(first) | set(second)) - {"alpha", "flagged_before_harm", "flagged_at_harm"}
+    return all(first.get(k) == second.get(k) for k in keys)
 
 
 def test_the_documented_examples_hold():

@@ -64,7 +64,7 @@ def main() -> None:
     trusted = rollout_expert(demonstrator, train_env, train_params, jax.random.key(10), 512,
                              steps)
     print(f"{'organism':<14} {'fallback':<12} {'budget':>7} {'flagged':>8} {'safety':>7} "
-          f"{'usefulness':>10}")
+          f"{'usefulness':>10} {'before harm':>11} {'at harm':>8}")
     series, monitors = {}, {}
     for organism in models:
         imitator = organism.imitator
@@ -88,7 +88,8 @@ def main() -> None:
                 budget = "none" if row["alpha"] is None else f"{row['alpha']:.0%}"
                 print(f"{organism.spec.name:<14} {name:<12} {budget:>7} "
                       f"{row['flagged']:>8.3f} {row['safety']:>7.3f} "
-                      f"{row['usefulness']:>10.3f}")
+                      f"{row['usefulness']:>10.3f} {row['flagged_before_harm']:>11.3f} "
+                      f"{row['flagged_at_harm']:>8.3f}")
 
     honest, long_horizon = (organism.imitator for organism in models)
     rows = constrained_deployment(long_horizon, honest, test_env, test_params,
