@@ -219,10 +219,9 @@ class SuiteCheckpoint(RunCheckpoint):
     (``cotraining/``; :meth:`save_cotraining`), so a run killed inside an environment
     resumes there: its organisms come from the organism cache, a finished co-training
     run is loaded (or skipped when its models were all scored), and only the models not
-    yet scored are scored. Every
-    stage is deterministic given the seed, and the environments' and models' numbers do
-    not depend on each other, so a resumed run's figures are those of an uninterrupted
-    one.
+    yet scored are scored. Every stage is deterministic given the seed, and the
+    environments' and models' numbers do not depend on each other, so a resumed run's
+    figures are those of an uninterrupted one.
 
     Args:
       directory: where the files go.
@@ -312,7 +311,6 @@ class SuiteCheckpoint(RunCheckpoint):
             warnings.warn(f"checkpoint {path} is unreadable ({error}); the co-training run "
                           "is trained again", stacklevel=2)
             return None
-
 
 
 def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
@@ -558,8 +556,8 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None) -> 
     Threads do not help here: XLA runs most of these small programs on one core. Two
     processes keep two cores busy, one compiling while another computes.
 
-    Workers are stopped when this returns or raises (an error, Ctrl-C, or SIGTERM turned
-    into ``SystemExit`` by the CLI), and a worker whose parent died without stopping it
+    Workers are stopped when this returns or raises (an error, or SIGINT / SIGTERM turned
+    into :class:`audit.cli.Stopped` by the CLI), and a worker whose parent died without stopping it
     (SIGKILL) exits by itself within :data:`ORPHAN_CHECK_SECONDS`: nothing of a killed run
     keeps computing or holds a resource the next run needs.
     """
