@@ -253,9 +253,12 @@ class SuiteCheckpoint(RunCheckpoint):
             found[info["env"]] = (store, info["timings"], info["cotraining"])
         return found
 
-    def _model_path(self, unit: str) -> Path:
+    def _unit_path(self, folder: str, prefix: str, unit: str) -> Path:
         digest = hashlib.sha256(unit.encode()).hexdigest()[:16]
-        return self.directory / "models" / f"model-{digest}"
+        return self.directory / folder / f"{prefix}-{digest}"
+
+    def _model_path(self, unit: str) -> Path:
+        return self._unit_path("models", "model", unit)
 
     def save_model(self, unit: str, store: ScoreStore, cotraining: list[dict]) -> None:
         """Records one audited model's scores (a part of its environment's store) and its
@@ -283,8 +286,7 @@ class SuiteCheckpoint(RunCheckpoint):
             return None
 
     def _cotraining_path(self, unit: str) -> Path:
-        digest = hashlib.sha256(unit.encode()).hexdigest()[:16]
-        return self.directory / "cotraining" / f"run-{digest}.npz"
+        return self._unit_path("cotraining", "run", unit).with_suffix(".npz")
 
     def save_cotraining(self, unit: str, state_and_history) -> None:
         """Records a finished co-training run (the trained states and loss histories of

@@ -139,7 +139,7 @@ def _in_chunks(run, key, episodes, layout_key, *per_episode) -> Trajectories:
 
 
 def _run_episodes(env, env_params, episode_keys, reset_keys, max_steps, begin,
-                  act) -> Trajectories:
+                  act, per_episode=None) -> Trajectories:
     """The one episode loop: vmapped over episodes, ``lax.scan`` over time.
 
     ``begin(env_state) -> policy_carry`` runs after reset; ``act(policy_carry,
@@ -147,10 +147,11 @@ def _run_episodes(env, env_params, episode_keys, reset_keys, max_steps, begin,
     every step, and the action is the inverse-CDF draw of ``logits`` at ``uniform``;
     ``extra`` holds further per-step :class:`Trajectories` fields (``reference_probs``).
     Episode ``i`` draws its noise and steps from ``episode_keys[i]`` and resets with
-    ``reset_keys[i]``.
+    ``reset_keys[i]``. With ``per_episode`` (a pytree of ``[E, ...]`` arrays), ``begin``
+    is called as ``begin(env_state, inputs)`` with episode ``i``'s slice.
     """
 
-    def episode(key, reset_key):
+    def episode(key, reset_key, inputs):
         _, noise_key, step_key = jax.random.split(key, 3)
         observation, env_state = env.reset(reset_key, env_params)
         noise = jax.random.uniform(noise_key, (max_steps,))
@@ -181,11 +182,12 @@ def _run_episodes(env, env_params, episode_keys, reset_keys, max_steps, begin,
             )
             return (next_observation, env_state, policy_carry, alive & ~done), record
 
-        loop = (observation, env_state, begin(env_state), jnp.array(True))
+        policy_carry = begin(env_state) if per_episode is None else begin(env_state, inputs)
+        loop = (observation, env_state, policy_carry, jnp.array(True))
         _, records = jax.lax.scan(step, loop, (jax.random.split(step_key, max_steps), noise))
         return Trajectories(**records)
 
-    return jax.vmap(episode)(episode_keys, reset_keys)
+    return jax.vmap(episode)(episode_keys, reset_keys, per_episode)
 
 
 # --------------------------------------------------------------------------- imitators

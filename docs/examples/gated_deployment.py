@@ -36,6 +36,7 @@ from audit.deployment import (  # noqa: E402
     flag_and_relabel,
     frontier_plot,
     gated_deployment,
+    mean_return,
 )
 from audit.detectors import DetectorContext  # noqa: E402
 from audit.rollout import rollout, rollout_expert, teacher_forced_activations  # noqa: E402
@@ -112,10 +113,9 @@ def main() -> None:
           f"flagged, {info['labelled_states']} states labelled in "
           f"{info['labelled_episodes']} episodes")
     never = np.full((args.episodes,), steps, np.int32)
-    reference = rollout_expert(demonstrator, test_env, test_params, jax.random.key(14),
-                               args.episodes, steps, jax.random.key(15))
-    demonstrator_return = float(np.mean(np.sum(
-        np.where(reference.mask, reference.rewards, 0.0), axis=1)))
+    demonstrator_return = mean_return(demonstrator, test_env, test_params,
+                                      jax.random.key(14), args.episodes, steps,
+                                      jax.random.key(15))
     for name, model in (("before", long_horizon), ("after", retrained)):
         fresh = rollout(model, test_env, test_params, jax.random.key(14), args.episodes,
                         steps, jax.random.key(15))
