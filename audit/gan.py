@@ -125,6 +125,11 @@ class GANConfig:
       freeze_discriminator: keep the discriminators (and their feature statistics) as
         they start: a fixed monitor the imitator is optimised against. Their would-be
         losses are still reported.
+      internals_penalty_coef: weight of the differentiable penalty from ``make_train``'s
+        ``internals_monitor`` added to the PPO loss: its mean step score on the
+        imitator's own episodes, computed from the activations the loss recomputes, so
+        that gradients flow through them (internals-based training: an overseer that
+        looks inside while the imitator learns).
     """
 
     iterations: int = 200
@@ -148,6 +153,7 @@ class GANConfig:
     env_reward_coef: float = 0.0
     monitor_reward_coef: float = 0.0
     freeze_discriminator: bool = False
+    internals_penalty_coef: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.view, str):
@@ -171,7 +177,8 @@ class GANConfig:
             raise ValueError(f"GANConfig.ppo must be a PPOSettings, got {self.ppo!r}")
         if not self.bc_coef >= 0:
             raise ValueError(f"GANConfig.bc_coef must be >= 0, got {self.bc_coef!r}")
-        for name in ("discriminator_reward_coef", "env_reward_coef", "monitor_reward_coef"):
+        for name in ("discriminator_reward_coef", "env_reward_coef", "monitor_reward_coef",
+                     "internals_penalty_coef"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"GANConfig.{name} must be finite, got "
                                  f"{getattr(self, name)!r}")
@@ -237,7 +244,8 @@ def make_train(config: GANConfig, env, env_params,
                make_discriminator: Callable[[jax.Array, int], nnx.Module],
                demonstrations: Trajectories, test_env_params: Any = None,
                progress: Callable[[int], None] | None = None,
-               monitor: Callable[[Trajectories], jax.Array] | None = None):
+               monitor: Callable[[Trajectories], jax.Array] | None = None,
+               internals_monitor: Callable[[Trajectories], jax.Array] | None = None):
     """Builds the pure adversarial-imitation run.
 
     Args:
@@ -260,6 +268,14 @@ def make_train(config: GANConfig, env, env_params,
         more suspicious) of the imitator's own episodes, e.g. a fitted detector's score
         written in JAX; each step's reward then loses ``GANConfig.monitor_reward_coef``
         times its score (an attacker optimised against that monitor).
+      internals_monitor: optional fixed, differentiable ``Trajectories -> [E, T]`` step
+        scores read from the imitator's activations (e.g.
+        :meth:`audit.detectors.baselines.MahalanobisDetector.traceable_score`); the PPO
+        loss gains ``GANConfig.internals_penalty_coef`` times its mean over valid steps,
+        on trajectories whose ``activations`` are the ones the loss recomputes, so its
+        gradient reaches the imitator through them. The trajectories it is given carry
+        observations, actions, noise, mask and activations (rewards, dones, events and
+        action probabilities are zeros).
 
     Returns:
       ``(train, modules)``: ``train(key, initial_actor=None, demonstrations=None) ->
@@ -301,6 +317,9 @@ def make_train(config: GANConfig, env, env_params,
     if config.monitor_reward_coef != 0.0 and monitor is None:
         raise ValueError("GANConfig.monitor_reward_coef is set but make_train was given no "
                          "monitor")
+    if config.internals_penalty_coef != 0.0 and internals_monitor is None:
+        raise ValueError("GANConfig.internals_penalty_coef is set but make_train was given "
+                         "no internals_monitor")
     validate(demonstrations, "demonstrations")
     observation_shape = tuple(env.observation_space(env_params).shape)
     if tuple(demonstrations.observations.shape[2:]) != observation_shape:
@@ -395,10 +414,21 @@ def make_train(config: GANConfig, env, env_params,
             actor_params, critic_params = params
             index, demo_key = inputs
             picked = jax.tree.map(lambda x: x[index], batch)
-            logits, _ = unroll(actor_def, actor_params, carry0, picked["obs"], picked["noise"])
+            logits, activations = unroll(actor_def, actor_params, carry0, picked["obs"],
+                                         picked["noise"])
             loss, entropy = ppo.clipped_objective(
                 settings, jax.nn.log_softmax(logits), picked,
                 values_of(critic_params, picked["obs"]), picked["mask"])
+            if internals_monitor is not None and config.internals_penalty_coef != 0.0:
+                zeros = jnp.zeros_like(picked["mask"])
+                seen = Trajectories(
+                    observations=picked["obs"], actions=picked["action"], rewards=zeros,
+                    dones=zeros.astype(bool), mask=picked["mask"] > 0,
+                    events=zeros.astype(jnp.int32), noise=picked["noise"],
+                    action_probs=jnp.zeros_like(logits), activations=activations)
+                penalty = internals_monitor(seen)
+                loss = loss + config.internals_penalty_coef * (
+                    jnp.sum(penalty * picked["mask"]) / jnp.maximum(picked["mask"].sum(), 1.0))
             if config.bc_coef > 0:
                 demo_index = jax.random.choice(demo_key, trusted_count, (bc_batch,),
                                                replace=False)

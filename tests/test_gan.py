@@ -341,7 +341,7 @@ def test_train_gan_takes_the_flags_left_out_from_the_environment_then_its_own(tm
         assert dict(copy.imitation_defaults) == dict(spec.imitation_defaults)
 
 
-def _attacker_run(monitor=None, **settings):
+def _attacker_run(monitor=None, internals_monitor=None, **settings):
     """A small MLP run of ``settings`` on offswitch (the adaptive attacker's options)."""
     from models.imitators import MLPImitator
 
@@ -353,7 +353,8 @@ def _attacker_run(monitor=None, **settings):
     return gan.make_train(
         config, env, params, lambda k: MLPImitator((9, 9, 8), 6, (32,), rngs=nnx.Rngs(k)),
         lambda k: ppo.Critic(9 * 9 * 8, (32,), rngs=nnx.Rngs(k)),
-        lambda k, f: StepDiscriminator(f, (16,), rngs=nnx.Rngs(k)), demos, monitor=monitor)
+        lambda k, f: StepDiscriminator(f, (16,), rngs=nnx.Rngs(k)), demos, monitor=monitor,
+        internals_monitor=internals_monitor)
 
 
 def test_a_frozen_discriminator_is_a_fixed_monitor_the_imitator_is_trained_against():
@@ -414,3 +415,38 @@ def test_a_monitors_score_is_subtracted_from_the_reward_with_its_weight():
     with pytest.raises(ValueError, match="monitor_reward_coef is set but make_train was "
                                          "given no monitor"):
         _attacker_run(monitor_reward_coef=1.0)
+
+
+def test_the_internals_penalty_trains_the_imitator_through_its_activations():
+    import functools
+
+    from audit.detectors.baselines import MahalanobisDetector
+    from audit.rollout import rollout
+
+    env, params, demos = _offswitch_demos(16)
+    penalty_free, _ = _attacker_run(discriminator_reward_coef=0.0,
+                                    ppo=ppo.PPOSettings(learning_rate=1e-2))
+    start, _, _ = jax.jit(functools.partial(penalty_free, num_blocks=1))(jax.random.key(6))
+    model = nnx.merge(_attacker_run()[1].actor, start.actor)
+    own = rollout(model, env, params, jax.random.key(7), 16, 48)
+    # A monitor fitted on half the features' usual range: the model's own activations
+    # score high under it.
+    detector = MahalanobisDetector().fit(own.replace(activations=jax.tree.map(
+        lambda a: 0.5 * a, own.activations)))
+    score = detector.traceable_score()
+    # The same run with and without the penalty: its gradient through the activations
+    # lowers the monitor's score on the imitator's own episodes.
+    finals = {}
+    for coef in (0.0, 1.0):
+        run, modules = _attacker_run(discriminator_reward_coef=0.0, internals_monitor=score,
+                                     internals_penalty_coef=coef,
+                                     ppo=ppo.PPOSettings(learning_rate=1e-2))
+        state = jax.jit(functools.partial(run, num_blocks=1))(jax.random.key(8),
+                                                              resume=start)[0]
+        after = rollout(nnx.merge(modules.actor, state.actor), env, params,
+                        jax.random.key(7), 16, 48)
+        finals[coef] = detector.score(after)[np.asarray(after.mask)].mean()
+    assert finals[1.0] < 0.5 * finals[0.0]
+    with pytest.raises(ValueError, match="internals_penalty_coef is set but make_train was "
+                                         "given no internals_monitor"):
+        _attacker_run(internals_penalty_coef=1.0)
