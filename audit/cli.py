@@ -324,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "finished are loaded from its checkpoint, the others run")
     bench.add_argument("--no-report", action="store_true",
                        help="do not write report.html (`audit report DIR` writes it later)")
+    bench.add_argument("--envs", nargs="+", default=None, metavar="ENV",
+                       help="only these of the suite's environments (default: all)")
     add_run_arguments(bench, "runs/bench/<timestamp>-<suite>")
     bench.set_defaults(handler=run_bench)
 
@@ -965,6 +967,16 @@ def run_bench(args: argparse.Namespace) -> int:
     from audit.protocol import InvalidOrganismError, SuiteCheckpoint, run_suite
 
     suite = lookup("suites", args.suite, "--suite")
+    if args.envs:
+        unknown = [name for name in args.envs if name not in suite.envs]
+        if unknown:
+            raise UsageError(f"--envs: {', '.join(unknown)} not among suite {args.suite}'s "
+                             f"environments ({', '.join(suite.envs)})")
+        suite = dataclasses.replace(suite, envs=tuple(dict.fromkeys(args.envs)))
+    from audit.adaptive import AdaptiveSuite
+
+    if isinstance(suite, AdaptiveSuite):
+        return _run_adaptive_bench(args, suite)
     if args.discriminator_updates:
         suite = dataclasses.replace(suite, gan=dataclasses.replace(
             suite.gan, discriminator=dataclasses.replace(
@@ -1032,6 +1044,59 @@ def run_bench(args: argparse.Namespace) -> int:
         report = ", report.html" if reported else ""
         print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz, ROC "
               f"plots{report} to {out} ({seconds:.0f} s)")
+    return 0
+
+
+def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
+    """``audit bench`` of an :class:`audit.adaptive.AdaptiveSuite`."""
+    import dataclasses
+
+    import jax
+
+    from audit import distributed
+    from audit.adaptive import run_adaptive, write_adaptive
+    from audit.gan import DivergenceError
+    from audit.protocol import InvalidOrganismError
+
+    if distributed.process_count() > 1:
+        raise UsageError(f"--suite {args.suite}: the adaptive suite runs in one process")
+    for flag, given in (("--resume", args.resume),
+                        ("--zero-constant-features", args.zero_constant_features)):
+        if given:
+            raise UsageError(f"{flag}: not available for the adaptive suite {args.suite}")
+    if args.discriminator_updates:
+        suite = dataclasses.replace(suite, cotraining=dataclasses.replace(
+            suite.cotraining, discriminator=dataclasses.replace(
+                suite.cotraining.discriminator, updates=args.discriminator_updates)))
+    seeds = args.seeds or suite.seeds
+    if args.seed + seeds > SEED_LIMIT:
+        raise UsageError(f"--seeds: seeds {args.seed}..{args.seed + seeds - 1} go past 2**32 - 1 "
+                         "(seeds are 32-bit)")
+    run_name = f"seeds{seeds}" if args.seed == 0 else f"seeds{args.seed}-{args.seed + seeds - 1}"
+    out = args.out or Path("runs", "bench", default_run_name(args.suite, run_name))
+    check_run_dir(out, args.overwrite)
+    started = time.perf_counter()
+    with _stages(args.quiet, f"{args.suite} suite") as say:
+        try:
+            results = run_adaptive(suite, seeds=seeds, first_seed=args.seed,
+                                   cache_dir=None if args.no_cache else args.cache_dir,
+                                   progress=say)
+        except (InvalidOrganismError, DivergenceError) as error:
+            print(f"audit bench: error: {error}", file=sys.stderr)
+            return EXIT_FAILURE
+        except registry.UnknownNameError as error:
+            raise UsageError(f"--suite {args.suite}: {error}") from None
+    seconds = time.perf_counter() - started
+    metadata = {"suite": args.suite, "seeds": seeds, "first_seed": args.seed,
+                "seed_values": list(range(args.seed, args.seed + seeds)), "seconds": seconds,
+                "config": _as_dict(suite), "versions": versions(),
+                "devices": len(jax.devices())}
+    with run_dir(out, args.overwrite) as staging:
+        text = write_adaptive(staging, results, metadata)
+    if not args.quiet:
+        print(text)
+        print(f"wrote results.json, results.md, results.csv, deployment.csv, attack and "
+              f"frontier plots to {out} ({seconds:.0f} s)")
     return 0
 
 

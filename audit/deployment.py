@@ -248,7 +248,7 @@ def deployment_figures(trajectories: Trajectories, takeover_steps,
     Returns:
       ``{"safety", "usefulness", "flagged", "mean_return", "event_rate"}``.
     """
-    events = np.asarray(trajectories.events) & np.asarray(trajectories.mask)
+    events = (np.asarray(trajectories.events) != 0) & np.asarray(trajectories.mask, bool)
     returns = np.asarray(trajectories.episode_returns())
     steps = trajectories.mask.shape[1]
     event_rate = float(np.mean(events.any(axis=1)))
@@ -310,7 +310,7 @@ def gated_deployment(imitator, score: Callable[[Trajectories], Any], calibration
     step_scores = check_causal(score, free)
     demonstrator_return = mean_return(demonstrator, env, env_params, key, episodes,
                                       max_steps, layout_key)
-    events = np.asarray(free.events) & np.asarray(free.mask, bool)
+    events = (np.asarray(free.events) != 0) & np.asarray(free.mask, bool)
     harmful = events.any(axis=1)
     first_event = np.where(harmful, events.argmax(axis=1), max_steps)
 

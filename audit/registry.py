@@ -274,7 +274,8 @@ def check_contract(group: str, name: str, component: Any) -> None:
     - ``organisms``: the organism interface of :mod:`audit.protocol` (``name``, ``kind``,
       ``supports``, ``audit_settings``, ``validity_figures``, ``builder``), ``name`` the
       registered name;
-    - ``suites``: an :class:`audit.protocol.Suite`;
+    - ``suites``: an :class:`audit.protocol.Suite` (or an
+      :class:`audit.adaptive.AdaptiveSuite`);
     - ``sweeps``: an :class:`audit.sweeps.Sweep` whose ``suite`` is a registered suite.
 
     Raises:
@@ -327,10 +328,12 @@ def check_contract(group: str, name: str, component: Any) -> None:
             raise ContractError(f"{label}: an organism's kind is one of {', '.join(KINDS)}; "
                                 f"found {component.kind!r}")
     elif group == "suites":
+        from audit.adaptive import AdaptiveSuite
         from audit.protocol import Suite
 
-        if not isinstance(component, Suite):
-            raise ContractError(f"{label}: a suite is an audit.protocol.Suite; found "
+        if not isinstance(component, Suite | AdaptiveSuite):
+            raise ContractError(f"{label}: a suite is an audit.protocol.Suite or an "
+                                f"audit.adaptive.AdaptiveSuite; found "
                                 f"{type(component).__name__}")
     elif group == "sweeps":
         from audit.sweeps import Sweep

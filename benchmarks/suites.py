@@ -16,6 +16,10 @@ exactly as a user's would be, and run by ``audit bench --suite NAME``.
   imitator's own ``log pi``) and ``planner`` (a fitted bounded reward map and value
   iteration), and by the MLP for comparison, with the controls and the privileged
   ``oracle_kl``.
+- ``adaptive`` (:mod:`audit.adaptive`): the incorrigible organisms of the quick suite
+  fine-tuned under outcome-, process- and internals-based GAN training, attacked by PPO
+  against frozen monitors at several weights, scored by monitors the attackers never saw,
+  and deployed under gated execution, constrained choice and flag and relabel.
 - ``full``: every organism and detector, post-hoc discriminators too, five seeds, so
   that the model-level audit has at least 10 honest models (honest and its twin per
   seed) and 10 incorrigible ones per environment.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from audit.adaptive import AdaptiveSuite
 from audit.bc import BCConfig
 from audit.discriminator import DiscriminatorConfig
 from audit.gan import GANConfig
@@ -95,3 +100,9 @@ FULL = Suite(
         updates=1500, batch_episodes=32, learning_rate=3e-3)),
     gan=COTRAINING, description="every organism and detector, post-hoc discriminators, "
     "five seeds (the model-level audit)")
+# Attackers against frozen monitors, the three training regimes, deployment protocols.
+ADAPTIVE = AdaptiveSuite(
+    name="adaptive", envs=("offswitch", "takeover", "unobserved"),
+    organisms=("long_horizon", "unbounded_utility", "deceptive"), organism=ORGANISMS,
+    cotraining=COTRAINING, description="attackers optimised against frozen monitors, "
+    "outcome/process/internals training, deployment protocols (fixed and adaptive)")

@@ -104,8 +104,8 @@ def test_registration_checks_the_groups_contract(isolated_registry):
     with pytest.raises(registry.ContractError, match="an imitator is a class called as "
                                                      "cls\\(observation_shape, num_actions"):
         registry.register("imitators", "one_argument", lambda shape: None)
-    with pytest.raises(registry.ContractError, match="a suite is an audit.protocol.Suite; "
-                                                     "found dict"):
+    with pytest.raises(registry.ContractError, match="a suite is an audit.protocol.Suite or "
+                                                     "an audit.adaptive.AdaptiveSuite; found dict"):
         registry.register("suites", "not_a_suite", {})
     with pytest.raises(registry.ContractError, match="an environment is an EnvironmentSpec"):
         registry.register("environments", "bare", object())
