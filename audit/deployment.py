@@ -672,11 +672,8 @@ def flag_and_relabel(imitator, score: Callable[[Trajectories], Any], calibration
       ``(retrained imitator, info)``; ``info`` holds ``flagged_episodes``,
       ``labelled_states``, ``labelled_episodes`` and ``final_loss``.
     """
-    from audit import bc
-
     if int(label_budget) < 1:
         raise ValueError(f"label_budget: expected a number of states >= 1, got {label_budget}")
-    config = bc.BCConfig(updates=200) if config is None else config
     free = rollout(imitator, env, env_params, key, episodes, max_steps, layout_key,
                    reference=demonstrator)
     flags = first_flags(check_causal(score, free), free.mask, calibration_scores,
@@ -696,13 +693,38 @@ def flag_and_relabel(imitator, score: Callable[[Trajectories], Any], calibration
         rewards=free.rewards[chosen], dones=free.dones[chosen],
         mask=jnp.asarray(labelled[chosen]), events=free.events[chosen],
         noise=free.noise[chosen], action_probs=free.reference_probs[chosen])
-    demonstrations = trusted.replace(activations={}, reference_probs=None)
-    if demonstrations.observations.shape[1:] != labels.observations.shape[1:]:
+    if trusted.observations.shape[1:] != labels.observations.shape[1:]:
         raise ValueError(f"trusted: expected episodes of shape [E, {max_steps}, ...] like "
-                         f"the deployment's, got {demonstrations.observations.shape}")
-    data = jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]),
-                        demonstrations, labels)
+                         f"the deployment's, got {trusted.observations.shape}")
+    retrained, final_loss = clone_again(imitator, trusted, jax.random.fold_in(key, 23),
+                                        config, labels)
+    return retrained, dict(info, final_loss=final_loss)
+
+
+def clone_again(imitator, trusted: Trajectories, key: jax.Array, config=None,
+                labels: Trajectories | None = None):
+    """Behaviour-clones ``imitator`` again, from its own weights, on ``trusted`` (and
+    ``labels``): the retraining step of :func:`flag_and_relabel`, and on ``trusted``
+    alone its control (what the same updates do without any flagged labels).
+
+    Args:
+      imitator: the model.
+      trusted: demonstrations ``[E, T]``.
+      key: the PRNG key of the retraining.
+      config: the :class:`audit.bc.BCConfig` (default 200 updates).
+      labels: optional labelled states ``[E', T]`` (their mask marks the labelled steps).
+
+    Returns:
+      ``(retrained imitator, final loss)``.
+    """
+    from audit import bc
+
+    config = bc.BCConfig(updates=200) if config is None else config
+    data = trusted.replace(activations={}, reference_probs=None)
+    if labels is not None:
+        data = jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]),
+                            data, labels)
     graphdef, state = nnx.split(imitator)
     train, trained_graph = bc.make_train(config, lambda _: nnx.merge(graphdef, state), data)
-    params, losses = jax.jit(train)(jax.random.fold_in(key, 23), None, state)
-    return nnx.merge(trained_graph, params), dict(info, final_loss=float(losses[-1]))
+    params, losses = jax.jit(train)(key, None, state)
+    return nnx.merge(trained_graph, params), float(losses[-1])
