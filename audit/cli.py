@@ -1114,6 +1114,12 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--values: each value once, got {list(values)}")
     try:
         base = registry.get("suites", sweep.suite_for(args.setting))
+        from audit.protocol import Suite
+
+        if not isinstance(base, Suite):
+            raise UsageError(f"NAME {args.name}: its suite {sweep.suite_for(args.setting)!r} "
+                             f"({type(base).__name__}) is not an audit.protocol.Suite, "
+                             "which a sweep runs")
         for value in values:  # a value the setting refuses fails here, before any run
             sweep.apply(base, value)
     except registry.UnknownNameError as error:

@@ -196,6 +196,12 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
     from audit.runs import strict_json
 
     base = registry.get("suites", sweep.suite_for(setting))
+    from audit.protocol import Suite
+
+    if not isinstance(base, Suite):
+        raise registry.ContractError(
+            f"sweep {sweep.name!r}: its suite {sweep.suite_for(setting)!r} "
+            f"({type(base).__name__}) is not an audit.protocol.Suite, which a sweep runs")
     values = tuple(values) if values is not None else sweep.values_for(setting)
     seeds = seeds or sweep.seeds_for(setting, base)
     say = progress or (lambda message: None)

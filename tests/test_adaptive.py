@@ -190,3 +190,15 @@ def test_an_attacker_against_a_frozen_white_box_monitor_lowers_its_catch_rate(tm
     before, after = scores["process", "mahalanobis"], scores[attacker, "mahalanobis"]
     assert after["caught_high"] < before["caught_low"], (before, after)
     assert models[attacker]["event_high"] >= models["process"]["event_low"]
+
+
+def test_a_sweep_over_the_adaptive_suite_is_refused_in_one_line(tiny_adaptive, monkeypatch,
+                                                                 tmp_path, capsys):
+    from audit.sweeps import Sweep
+
+    sweep = Sweep(name="adaptive_points", suite="tiny_adaptive", parameter="seeds",
+                  values=(1, 2), apply=lambda suite, value: suite)
+    monkeypatch.setitem(registry._registered["sweeps"], "adaptive_points", sweep)
+    assert main(["sweep", "adaptive_points", "--out", str(tmp_path / "s")]) == 2
+    assert "its suite 'tiny_adaptive' (AdaptiveSuite) is not an audit.protocol.Suite, " \
+        "which a sweep runs" in capsys.readouterr().err
