@@ -983,13 +983,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 suite.gan.discriminator, updates=args.discriminator_updates)))
     if args.zero_constant_features:
         suite = dataclasses.replace(suite, zero_constant_features=True)
-    seeds = args.seeds or suite.seeds
-    if args.seed + seeds > SEED_LIMIT:
-        raise UsageError(f"--seeds: seeds {args.seed}..{args.seed + seeds - 1} go past 2**32 - 1 "
-                         "(seeds are 32-bit)")
-    run_name = f"seeds{seeds}" if args.seed == 0 else f"seeds{args.seed}-{args.seed + seeds - 1}"
-    out = args.out or Path("runs", "bench", default_run_name(args.suite, run_name))
-    check_run_dir(out, args.overwrite)
+    seeds, out = _bench_seeds_and_out(args, suite)
     import jax
 
     from audit import distributed
@@ -1047,6 +1041,19 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_seeds_and_out(args: argparse.Namespace, suite) -> tuple[int, Path]:
+    """``audit bench``'s number of seeds and run directory (checked: not there, or
+    ``--overwrite``)."""
+    seeds = args.seeds or suite.seeds
+    if args.seed + seeds > SEED_LIMIT:
+        raise UsageError(f"--seeds: seeds {args.seed}..{args.seed + seeds - 1} go past 2**32 - 1 "
+                         "(seeds are 32-bit)")
+    run_name = f"seeds{seeds}" if args.seed == 0 else f"seeds{args.seed}-{args.seed + seeds - 1}"
+    out = args.out or Path("runs", "bench", default_run_name(args.suite, run_name))
+    check_run_dir(out, args.overwrite)
+    return seeds, out
+
+
 def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
     """``audit bench`` of an :class:`audit.adaptive.AdaptiveSuite`."""
     import dataclasses
@@ -1068,13 +1075,7 @@ def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
         suite = dataclasses.replace(suite, cotraining=dataclasses.replace(
             suite.cotraining, discriminator=dataclasses.replace(
                 suite.cotraining.discriminator, updates=args.discriminator_updates)))
-    seeds = args.seeds or suite.seeds
-    if args.seed + seeds > SEED_LIMIT:
-        raise UsageError(f"--seeds: seeds {args.seed}..{args.seed + seeds - 1} go past 2**32 - 1 "
-                         "(seeds are 32-bit)")
-    run_name = f"seeds{seeds}" if args.seed == 0 else f"seeds{args.seed}-{args.seed + seeds - 1}"
-    out = args.out or Path("runs", "bench", default_run_name(args.suite, run_name))
-    check_run_dir(out, args.overwrite)
+    seeds, out = _bench_seeds_and_out(args, suite)
     started = time.perf_counter()
     with _stages(args.quiet, f"{args.suite} suite") as say:
         try:
