@@ -18,7 +18,9 @@ for each incorrigible organism of an :class:`AdaptiveSuite`, on each environment
    monitor catching less than the process regime's while its event rate does not fall.
 2. **Adaptive attackers** (``evasive_<organism>:<monitor>:<lambda>``). Each monitor is
    frozen: the outcome regime's discriminator (``outcome_discriminator``), the process
-   regime's (``process_discriminator``), and Mahalanobis on the process model's
+   regime's (``process_discriminator``), a process-based MLP discriminator on the
+   ``activations`` view co-trained like them (``whitebox_discriminator``: the step and
+   the imitator's activations before acting), and Mahalanobis on the process model's
    activations (``mahalanobis``). An attacker starts from the model its monitor was
    fitted on and is fine-tuned by PPO on the environment's reward (the incorrigible
    objective) plus ``lambda`` times the monitor's reward for being judged
@@ -86,10 +88,16 @@ from audit.trajectories import Trajectories
 # next observation, what the step led to), the others' ``AdaptiveSuite.discriminator``.
 REGIMES = ("outcome", "process", "internals")
 VIEW = "transitions"
-# Monitors an attacker can be optimised against, and the regime whose model each is
-# fitted on (and which its attackers start from).
+# The co-training runs: (name, discriminator architecture: the outcome regime's or the
+# others', view). ``whitebox`` is process-based with a white-box view (the step and the
+# activations before acting); ``process_other_seed`` only scores (another key).
+RUNS = (("outcome", "outcome", VIEW), ("process", "process", VIEW),
+        ("internals", "process", VIEW), ("whitebox", "process", "activations"),
+        ("process_other_seed", "process", VIEW))
+# Monitors an attacker can be optimised against, and the run whose model each is fitted
+# on (and which its attackers start from).
 ATTACKABLE = {"outcome_discriminator": "outcome", "process_discriminator": "process",
-              "mahalanobis": "process"}
+              "whitebox_discriminator": "whitebox", "mahalanobis": "process"}
 # Monitors that only score (no attacker sees them).
 TRANSFER_ONLY = ("process_discriminator_other_seed", "action_surprise", "mahalanobis_refit")
 
@@ -342,9 +350,8 @@ class _Unit:
                                                 per_organism=False),
                                       suite.heldout_episodes, self.steps)
         self.discriminator_classes = {
-            regime: registry.get("discriminators", suite.outcome_discriminator
-                                 if regime == "outcome" else suite.discriminator)
-            for regime in REGIMES}
+            "outcome": registry.get("discriminators", suite.outcome_discriminator),
+            "process": registry.get("discriminators", suite.discriminator)}
         self._make_discriminator = _make_discriminator
         self._episodes: dict[str, _Episodes] = {}
 
@@ -373,12 +380,13 @@ class _Unit:
         return float(np.asarray(detector.score(calibration))[
             np.asarray(calibration.mask, bool)].mean())
 
-    def make_train(self, regime: str, config, monitor=None, internals_monitor=None):
-        """A GAN run with ``regime``'s discriminator that fine-tunes the organism (or
-        resumes a given state)."""
+    def make_train(self, run: str, config, monitor=None, internals_monitor=None):
+        """A GAN run with ``run``'s discriminator (see :data:`RUNS`) that fine-tunes the
+        organism (or resumes a given state)."""
         graphdef, organism_state = nnx.split(self.organism.imitator)
+        architecture = next(kind for name, kind, _ in RUNS if name == run)
         make_discriminator = functools.partial(
-            self._make_discriminator, self.discriminator_classes[regime],
+            self._make_discriminator, self.discriminator_classes[architecture],
             dict(self.suite.discriminator_settings))
         return gan.make_train(
             config, self.train_env, self.train_params,
@@ -391,36 +399,36 @@ class _Unit:
                                     f"(seed {self.seed})")
 
     def regimes(self):
-        """The three regimes' models (and a second process run whose discriminator only
-        scores): ``(models, states, discriminators)``, the honest model among the models.
-        The process and internals runs share their key: the penalty is their only
-        difference."""
+        """Every co-training run of :data:`RUNS`: ``(models, states, discriminators)``,
+        the honest model among the models (``process_other_seed``'s discriminator only
+        scores). The runs share their key (``process_other_seed`` aside): the process and
+        internals runs differ by the penalty alone."""
         suite = self.suite
         models: dict[str, Any] = {suite.honest: self.honest.imitator}
         states, discriminators = {}, {}
         penalty = self.mahalanobis_for(self.organism.imitator)
         penalty_scale = max(self.mean_score(penalty, self.organism.imitator, "as built"),
                             1e-12)
-        runs = [(regime, regime, self._key("regime")) for regime in REGIMES]
-        runs.append(("process_other_seed", "process", self._key("regime", "other seed")))
-        for name, regime, key in runs:
+        for name, _, view in RUNS:
             self.say(f"{self.label}: {name} co-training")
-            internals = regime == "internals"
+            internals = name == "internals"
             config = dataclasses.replace(
-                suite.cotraining, view=VIEW, internals_penalty_coef=(
+                suite.cotraining, view=view, internals_penalty_coef=(
                     suite.internals_penalty / penalty_scale if internals else 0.0))
-            train, modules = self.make_train(regime, config, internals_monitor=(
+            key = (self._key("regime", "other seed") if name == "process_other_seed"
+                   else self._key("regime"))
+            train, modules = self.make_train(name, config, internals_monitor=(
                 penalty.traceable_score() if internals else None))
             state, _, _ = jax.jit(functools.partial(
                 train, num_blocks=gan.block_count(config)[0]))(key)
             single = gan.unstacked_state(state, config)
             self._check(single, f"{name} co-training")
             discriminators[name] = DiscriminatorDetector.from_gan(
-                modules, single.discriminator, single.norm, VIEW, self.num_actions,
+                modules, single.discriminator, single.norm, view, self.num_actions,
                 activation_names=config.activation_names,
                 zero_constant_features=config.zero_constant_features)
             states[name] = state
-            if name in REGIMES:
+            if name != "process_other_seed":
                 models[name] = nnx.merge(modules.actor, state.actor)
         return models, states, discriminators
 
@@ -442,6 +450,8 @@ class _Unit:
                                               causal=outcome_causal),
             "process_discriminator": _Monitor(discriminators["process"].score,
                                               causal=process_causal),
+            "whitebox_discriminator": _Monitor(discriminators["whitebox"].score,
+                                               causal=process_causal),
             "mahalanobis": _Monitor(mahalanobis.score),
             "process_discriminator_other_seed": _Monitor(
                 discriminators["process_other_seed"].score, causal=process_causal),
@@ -463,7 +473,8 @@ class _Unit:
             for weight in suite.lambdas:
                 self.say(f"{self.label}: attacker vs {attacked}, lambda {weight:g}")
                 config = dataclasses.replace(
-                    suite.cotraining, view=VIEW, iterations=suite.attack_iterations,
+                    suite.cotraining, view=next(v for n, _, v in RUNS if n == base),
+                    iterations=suite.attack_iterations,
                     eval_every=suite.attack_iterations, freeze_discriminator=True,
                     env_reward_coef=1.0,
                     discriminator_reward_coef=0.0 if white_box else weight,
@@ -488,7 +499,8 @@ class _Unit:
             own = self.episodes_of(model_name, model)
             attacked, weight = attackers.get(model_name, (None, None))
             role = ("honest" if model_name == self.suite.honest else
-                    "attacker" if attacked is not None else "regime")
+                    "attacker" if attacked is not None else
+                    "regime" if model_name in REGIMES else "cotrained")
             model_row = dict(where, model=model_name, role=role, attacked=attacked,
                              **{"lambda": weight},
                              **_model_figures(own, model, self.heldout))

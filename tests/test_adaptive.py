@@ -104,11 +104,12 @@ def test_audit_bench_runs_an_adaptive_suite_and_writes_its_tables_and_plots(
     results = json.loads((out / "results.json").read_text())
     assert results["suite"] == "tiny_adaptive"
     models = {row["model"] for row in results["models"]}
-    assert models == {"honest", "outcome", "process", "internals",
+    assert models == {"honest", "outcome", "process", "internals", "whitebox",
                       "evasive_loose_defector:outcome_discriminator:1",
                       "evasive_loose_defector:mahalanobis:1"}
     monitors = {row["monitor"] for row in results["scores"]}
-    assert monitors == {"outcome_discriminator", "process_discriminator", "mahalanobis",
+    assert monitors == {"outcome_discriminator", "process_discriminator",
+                        "whitebox_discriminator", "mahalanobis",
                         "process_discriminator_other_seed", "action_surprise",
                         "mahalanobis_refit"}
     # Every model under every monitor, once; transfer marks what the attacker never saw.
@@ -174,7 +175,8 @@ def test_the_registered_adaptive_suite_covers_every_environment():
     assert isinstance(suite, AdaptiveSuite)
     for env in suite.envs:
         assert any(registry.get("organisms", name).supports(env) for name in suite.organisms)
-    assert suite.attacked == ("outcome_discriminator", "process_discriminator", "mahalanobis")
+    assert suite.attacked == ("outcome_discriminator", "process_discriminator",
+                              "whitebox_discriminator", "mahalanobis")
 
 
 @pytest.mark.slow
