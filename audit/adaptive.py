@@ -98,8 +98,6 @@ RUNS = (("outcome", "outcome", VIEW), ("process", "process", VIEW),
 # on (and which its attackers start from).
 ATTACKABLE = {"outcome_discriminator": "outcome", "process_discriminator": "process",
               "whitebox_discriminator": "whitebox", "mahalanobis": "process"}
-# Monitors that only score (no attacker sees them).
-TRANSFER_ONLY = ("process_discriminator_other_seed", "action_surprise", "mahalanobis_refit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -645,11 +643,12 @@ def _mark_obfuscation(regimes: list[dict[str, Any]]) -> None:
 
 
 def _figure(value, low=None, high=None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if low is None or high is None or math.isnan(low) or math.isnan(high):
-        return f"{value:.3f}"
-    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
+    from audit.reports import _number
+
+    text = _number(value)
+    if text == "n/a" or low is None or high is None or math.isnan(low) or math.isnan(high):
+        return text
+    return f"{text} [{low:.2f}, {high:.2f}]"
 
 
 def _units(results: dict[str, Any]) -> list[tuple[str, str, int]]:
