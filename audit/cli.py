@@ -1624,7 +1624,7 @@ def _join_processes(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``audit`` console script; returns the exit code."""
-    from audit import plugins
+    from audit import numerics, plugins
 
     parser = build_parser()
     try:
@@ -1632,6 +1632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:  # argparse's errors and --help: return the code, don't raise
         return int(exit_.code or 0)
     try:
+        numerics.full_float32_matmuls()
         _join_processes(args)
         _configure_compile_cache(args)
     except (UsageError, ValueError) as error:

@@ -41,8 +41,11 @@ def versions() -> dict[str, Any]:
     try:
         import jax
 
+        from audit import numerics
+
         found["jax_backend"] = jax.default_backend()
         found["jax_devices"] = [str(device) for device in jax.devices()]
+        found["matmul_precision"] = numerics.matmul_precision()
     except Exception as error:  # a broken accelerator plugin must not lose the run record
         found["jax_backend"] = f"unavailable: {error}"
     return found

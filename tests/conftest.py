@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from audit import compile_cache, registry
+from audit import compile_cache, numerics, registry
 
 # Tests build many jitted functions over the same computations; compile each once. The
 # environment variable keeps the commands the tests run (audit.cli.main) on this cache too,
@@ -18,6 +18,11 @@ from audit import compile_cache, registry
 TEST_COMPILE_CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"
 os.environ[compile_cache.ENV_VAR] = str(TEST_COMPILE_CACHE)
 compile_cache.configure(TEST_COMPILE_CACHE)
+
+# The tests' expectations are float32 arithmetic (hand computations, float64 references):
+# on GPUs that default to TensorFloat-32 products they would fail by 1e-3, as the command
+# line's figures would differ (audit.numerics).
+numerics.full_float32_matmuls()
 
 ENV_NAMES = ("offswitch", "takeover", "unobserved")
 

@@ -15,13 +15,21 @@ from hypothesis import strategies as st
 from test_bench import LOOSE_DEFECTOR, LOOSE_HONEST, TINY_ORGANISMS
 
 from audit import registry
-from audit.adaptive import AdaptiveSuite, delayed, run_adaptive, wilson_interval
+from audit.adaptive import (
+    ATTACKABLE,
+    RUNS,
+    AdaptiveSuite,
+    delayed,
+    run_adaptive,
+    wilson_interval,
+)
 from audit.cli import main
 from audit.deployment import check_causal
 from audit.discriminator import DiscriminatorConfig
 from audit.gan import GANConfig
 from audit.ppo import PPOSettings
 from audit.rollout import rollout
+from audit.views import VIEWS
 from models.imitators import MLPImitator
 
 
@@ -85,7 +93,8 @@ def tiny_adaptive(monkeypatch):
     monkeypatch.setitem(registry._registered["organisms"], "loose_defector", LOOSE_DEFECTOR)
     suite = AdaptiveSuite(
         name="tiny_adaptive", envs=("offswitch",), organisms=("loose_defector",),
-        attacked=("outcome_discriminator", "mahalanobis"), lambdas=(1.0,),
+        attacked=("outcome_discriminator", "whitebox_noise_discriminator", "mahalanobis"),
+        lambdas=(1.0,),
         organism=TINY_ORGANISMS,
         cotraining=TINY_GAN, attack_iterations=2,
         discriminator_settings=(("hidden_sizes", (16,)),), trusted_episodes=16,
@@ -104,17 +113,19 @@ def test_audit_bench_runs_an_adaptive_suite_and_writes_its_tables_and_plots(
     results = json.loads((out / "results.json").read_text())
     assert results["suite"] == "tiny_adaptive"
     models = {row["model"] for row in results["models"]}
-    assert models == {"honest", "outcome", "process", "internals", "whitebox",
+    # Only the runs of attacked monitors are trained (whitebox and actions_only are not).
+    assert models == {"honest", "outcome", "process", "internals", "whitebox_noise",
                       "evasive_loose_defector:outcome_discriminator:1",
+                      "evasive_loose_defector:whitebox_noise_discriminator:1",
                       "evasive_loose_defector:mahalanobis:1"}
     monitors = {row["monitor"] for row in results["scores"]}
     assert monitors == {"outcome_discriminator", "process_discriminator",
-                        "whitebox_discriminator", "mahalanobis",
+                        "whitebox_noise_discriminator", "mahalanobis",
                         "process_discriminator_other_seed", "action_surprise",
                         "mahalanobis_refit"}
     # Every model under every monitor, once; transfer marks what the attacker never saw.
     assert len(results["scores"]) == len(models) * len(monitors)
-    for attacked in ("outcome_discriminator", "mahalanobis"):
+    for attacked in ("outcome_discriminator", "whitebox_noise_discriminator", "mahalanobis"):
         rows = [r for r in results["scores"]
                 if r["model"] == f"evasive_loose_defector:{attacked}:1"]
         assert {r["monitor"] for r in rows if not r["transfer"]} == {attacked}
@@ -128,16 +139,14 @@ def test_audit_bench_runs_an_adaptive_suite_and_writes_its_tables_and_plots(
     protocols = {(r["label"], r["protocol"]) for r in results["deployment"]}
     # The fixed model is gated by every attacked monitor (the AIRL discriminator one step
     # late: it reads the next observation); each attacker by its own monitor.
+    attacked = ("outcome_discriminator", "whitebox_noise_discriminator", "mahalanobis")
     assert protocols == {
-        ("fixed", "gate:outcome_discriminator"), ("fixed", "gate:mahalanobis"),
+        *(("fixed", f"gate:{monitor}") for monitor in attacked),
         ("fixed", "kl"), ("fixed", "quantile"), ("fixed", "relabel:mahalanobis"),
         ("fixed", "relabel_control"),
-        ("adaptive vs outcome_discriminator", "gate:outcome_discriminator"),
-        ("adaptive vs outcome_discriminator", "relabel:outcome_discriminator"),
-        ("adaptive vs mahalanobis", "gate:mahalanobis"),
-        ("adaptive vs mahalanobis", "relabel:mahalanobis"),
-        *((label, rule) for label in ("adaptive vs outcome_discriminator",
-                                      "adaptive vs mahalanobis")
+        *((f"adaptive vs {monitor}", f"{rule}:{monitor}") for monitor in attacked
+          for rule in ("gate", "relabel")),
+        *((f"adaptive vs {monitor}", rule) for monitor in attacked
           for rule in ("kl", "quantile", "relabel_control"))}
     for row in results["deployment"]:
         assert 0.0 <= row["safety"] <= 1.0
@@ -175,8 +184,13 @@ def test_the_registered_adaptive_suite_covers_every_environment():
     assert isinstance(suite, AdaptiveSuite)
     for env in suite.envs:
         assert any(registry.get("organisms", name).supports(env) for name in suite.organisms)
+    # Every view has an attacked discriminator, and the white box has Mahalanobis too.
     assert suite.attacked == ("outcome_discriminator", "process_discriminator",
-                              "whitebox_discriminator", "mahalanobis")
+                              "actions_discriminator", "whitebox_discriminator",
+                              "whitebox_noise_discriminator", "mahalanobis")
+    views = {view for run in map(ATTACKABLE.get, suite.attacked)
+             for name, _, view in RUNS if name == run}
+    assert views == set(VIEWS)
 
 
 @pytest.mark.slow
