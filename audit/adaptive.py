@@ -43,7 +43,11 @@ for each incorrigible organism of an :class:`AdaptiveSuite`, on each environment
    human"), KL-constrained and quantilized choice around the honest organism (a
    behaviour clone of the demonstrations), and flag and relabel (with Mahalanobis, or
    the attacker's own monitor), beside its control: the same retraining on the
-   demonstrations without any labels. Safety against usefulness at the audit budgets
+   demonstrations without any labels. After a round that labelled states, the monitor
+   is retrained on them too (DAgger-style: :meth:`_Unit.refit_monitor`) and gates the
+   retrained model on the same fresh layouts (``relabel+gate:<monitor>``; not for the
+   AIRL monitor, whose ``f(s, a, s')`` needs the next observation of an action the
+   labels' states never executed). Safety against usefulness at the audit budgets
    (:mod:`audit.deployment`).
 
 Every monitor flags as the audit protocol does: calibrated on the scored model's *own*
@@ -73,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -379,10 +384,12 @@ class _Unit:
                         self.suite.test_episodes, self.steps))
         return self._episodes[name]
 
-    def mahalanobis_for(self, model) -> MahalanobisDetector:
-        """Mahalanobis on ``model``'s activations over the demonstrations."""
-        return MahalanobisDetector().fit(self.demos.replace(
-            activations=teacher_forced_activations(model, self.demos.replace(activations={}))))
+    def mahalanobis_for(self, model, trusted: Trajectories | None = None
+                        ) -> MahalanobisDetector:
+        """Mahalanobis on ``model``'s activations over the demonstrations (or ``trusted``)."""
+        trusted = self.demos if trusted is None else trusted
+        return MahalanobisDetector().fit(trusted.replace(
+            activations=teacher_forced_activations(model, trusted.replace(activations={}))))
 
     def mean_score(self, detector, model, name: str) -> float:
         """``detector``'s mean step score on the model's own calibration episodes."""
@@ -597,16 +604,82 @@ class _Unit:
                     model, gate, np.asarray(gate(calibration)), calibration.mask, key=key,
                     trusted=self.demos, label_budget=suite.label_budget, alpha=alpha,
                     **common)
+                counts = dict(flagged_episodes=info["flagged_episodes"],
+                              labelled_states=info["labelled_states"])
                 results["deployment"].append(dict(
                     labelled, protocol=f"relabel:{relabel_monitor}", parameter=float(alpha),
-                    **fresh_figures(retrained), flagged_episodes=info["flagged_episodes"],
-                    labelled_states=info["labelled_states"]))
+                    **fresh_figures(retrained), **counts))
+                if info["labels"] is None or not causal[relabel_monitor]:
+                    continue
+                # The monitor is retrained on the round's labels too, calibrated on the
+                # retrained model's own train-layout episodes, and gates it on the same
+                # fresh layouts (its ungated row is the relabel row above).
+                refit = self.refit_monitor(relabel_monitor, retrained, info)
+                own = rollout(retrained, self.train_env, self.train_params,
+                              self._key("calibration after relabelling"),
+                              suite.calibration_episodes, steps)
+                (row, _ungated) = deployment.gated_deployment(
+                    retrained, refit, np.asarray(refit(own)), own.mask, key=fresh_key,
+                    layout_key=fresh_layouts, fallback=self.demonstrator, budgets=(alpha,),
+                    **common)
+                row.pop("alpha")
+                results["deployment"].append(dict(
+                    labelled, protocol=f"relabel+gate:{relabel_monitor}",
+                    parameter=float(alpha), **row, **counts))
             # The control: the same retraining on the demonstrations, without labels (the
             # same key as flag_and_relabel's retraining).
             control, _ = deployment.clone_again(model, self.demos, jax.random.fold_in(key, 23))
             results["deployment"].append(dict(
                 labelled, protocol="relabel_control", parameter=None, **fresh_figures(control),
                 flagged_episodes=0, labelled_states=0))
+
+
+    def refit_monitor(self, name: str, retrained, info) -> Callable[[Trajectories], Any]:
+        """The monitor ``name`` retrained after a flag-and-relabel round (DAgger-style),
+        for the retrained model: the round's labelled states join the demonstrations as
+        the demonstrator's class. Mahalanobis is refitted on them (the retrained model's
+        activations); a discriminator is trained afresh (its architecture, view and the
+        co-training's number of updates) on them against the retrained model's own
+        train-layout episodes and the flagged states with the model's own actions.
+        Returns the monitor's ``score``."""
+        trusted = _concatenate(self.demos, info["labels"])
+        if name == "mahalanobis":
+            return self.mahalanobis_for(retrained, trusted).score
+        run = ATTACKABLE[name]
+        architecture, view = next((kind, v) for n, kind, v in RUNS if n == run)
+        own = rollout(retrained, self.train_env, self.train_params,
+                      self._key("monitor after relabelling"), self.suite.calibration_episodes,
+                      self.steps)
+        untrusted = _concatenate(own, info["flagged"])
+        if view.startswith("activations"):  # the retrained model's activations throughout
+            trusted, untrusted = (episodes.replace(activations=teacher_forced_activations(
+                retrained, episodes.replace(activations={}))) for episodes in (trusted, untrusted))
+        config = self.suite.cotraining
+        detector = DiscriminatorDetector(
+            view, self.num_actions, make_discriminator=functools.partial(
+                self._make_discriminator, self.discriminator_classes[architecture],
+                dict(self.suite.discriminator_settings)),
+            config=dataclasses.replace(config.discriminator, updates=(
+                config.iterations * config.discriminator.updates)),
+            activation_names=config.activation_names, seed=self.seed,
+            zero_constant_features=config.zero_constant_features)
+        return detector.fit(trusted, untrusted).score
+
+
+def _concatenate(first: Trajectories, second: Trajectories) -> Trajectories:
+    """Two sets of episodes with one time axis as one (the fields every view reads; the
+    activations only where both have them)."""
+    names = sorted(set(first.activations) & set(second.activations))
+
+    def join(a, b):
+        return jnp.concatenate([jnp.asarray(a), jnp.asarray(b)], axis=0)
+
+    return Trajectories(
+        **{field: join(getattr(first, field), getattr(second, field)) for field in (
+            "observations", "actions", "rewards", "dones", "mask", "events", "noise",
+            "action_probs")},
+        activations={name: join(first.activations[name], second.activations[name])
+                     for name in names})
 
 
 def _model_figures(own: _Episodes, model, heldout: Trajectories) -> dict[str, float]:
@@ -743,6 +816,8 @@ def markdown(results: dict[str, Any], title: str = "adaptive suite") -> str:
                   "to the demonstrator from M's first flag at budget alpha; `kl` and "
                   "`quantile` constrain each step around the honest organism; `relabel:M` is "
                   "one flag-and-relabel round at alpha, measured ungated on fresh layouts; "
+                  "`relabel+gate:M` the retrained model gated on the same layouts by M "
+                  "retrained on the round's labels; "
                   "`relabel_control` the same retraining without labels.", "",
                   "| model | protocol | setting | safety | usefulness | flagged |",
                   "|---|---|---|---|---|---|"]
@@ -836,7 +911,7 @@ def write_adaptive(directory: str | Path, results: dict[str, Any],
                     series.setdefault(f"relabel:{_relabel_monitor(rows, model)}",
                                       []).append(point)
                     continue
-                if row["protocol"].startswith(("gate:", "relabel:")):
+                if row["protocol"].startswith(("gate:", "relabel:", "relabel+gate:")):
                     point["alpha"] = row["parameter"]
                 else:
                     point["rule"] = row["protocol"]

@@ -670,7 +670,11 @@ def flag_and_relabel(imitator, score: Callable[[Trajectories], Any], calibration
 
     Returns:
       ``(retrained imitator, info)``; ``info`` holds ``flagged_episodes``,
-      ``labelled_states``, ``labelled_episodes`` and ``final_loss``.
+      ``labelled_states``, ``labelled_episodes``, ``final_loss``, and the data of the
+      round for retraining a monitor too: ``labels`` (the labelled episodes, the
+      demonstrator's action at each labelled step, their mask the labelled steps) and
+      ``flagged`` (the same episodes and mask with the model's own actions and
+      activations); both None when nothing was flagged.
     """
     if int(label_budget) < 1:
         raise ValueError(f"label_budget: expected a number of states >= 1, got {label_budget}")
@@ -686,7 +690,7 @@ def flag_and_relabel(imitator, score: Callable[[Trajectories], Any], calibration
     info = dict(flagged_episodes=int((flags < max_steps).sum()),
                 labelled_states=int(labelled.sum()), labelled_episodes=int(len(chosen)))
     if len(chosen) == 0:  # nothing flagged: nothing to learn from
-        return imitator, dict(info, final_loss=None)
+        return imitator, dict(info, final_loss=None, labels=None, flagged=None)
     labels = Trajectories(
         observations=free.observations[chosen], actions=jnp.argmax(
             free.reference_probs[chosen], axis=-1).astype(jnp.int32),
@@ -698,7 +702,9 @@ def flag_and_relabel(imitator, score: Callable[[Trajectories], Any], calibration
                          f"the deployment's, got {trusted.observations.shape}")
     retrained, final_loss = clone_again(imitator, trusted, jax.random.fold_in(key, 23),
                                         config, labels)
-    return retrained, dict(info, final_loss=final_loss)
+    flagged = jax.tree.map(lambda field: field[chosen], free).replace(
+        mask=jnp.asarray(labelled[chosen]))
+    return retrained, dict(info, final_loss=final_loss, labels=labels, flagged=flagged)
 
 
 def clone_again(imitator, trusted: Trajectories, key: jax.Array, config=None,
