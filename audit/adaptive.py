@@ -633,7 +633,6 @@ class _Unit:
                 labelled, protocol="relabel_control", parameter=None, **fresh_figures(control),
                 flagged_episodes=0, labelled_states=0))
 
-
     def refit_monitor(self, name: str, retrained, info) -> Callable[[Trajectories], Any]:
         """The monitor ``name`` retrained after a flag-and-relabel round (DAgger-style),
         for the retrained model: the round's labelled states join the demonstrations as
