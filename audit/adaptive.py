@@ -368,6 +368,11 @@ class _Unit:
             "outcome": registry.get("discriminators", suite.outcome_discriminator),
             "process": registry.get("discriminators", suite.discriminator)}
         self._make_discriminator = _make_discriminator
+        # One maker per architecture: post-hoc training is compiled once per maker and
+        # data shape (audit.detectors.discriminator), and a new partial is a new maker.
+        self.refit_makers = {kind: functools.partial(
+            _make_discriminator, cls, dict(suite.discriminator_settings))
+            for kind, cls in self.discriminator_classes.items()}
         self._episodes: dict[str, _Episodes] = {}
 
     def _key(self, *names: str, per_organism: bool = True) -> jax.Array:
@@ -609,6 +614,8 @@ class _Unit:
                 results["deployment"].append(dict(
                     labelled, protocol=f"relabel:{relabel_monitor}", parameter=float(alpha),
                     **fresh_figures(retrained), **counts))
+                # A monitor that is not causal reads the step's outcome (AIRL's s'), which
+                # a labelled state never had for the demonstrator's action: not retrained.
                 if info["labels"] is None or not causal[relabel_monitor]:
                     continue
                 # The monitor is retrained on the round's labels too, calibrated on the
@@ -641,28 +648,40 @@ class _Unit:
         co-training's number of updates) on them against the retrained model's own
         train-layout episodes and the flagged states with the model's own actions.
         Returns the monitor's ``score``."""
-        trusted = _concatenate(self.demos, info["labels"])
         if name == "mahalanobis":
-            return self.mahalanobis_for(retrained, trusted).score
+            return self.mahalanobis_for(retrained, _concatenate(self.demos, info["labels"])
+                                        ).score
         run = ATTACKABLE[name]
         architecture, view = next((kind, v) for n, kind, v in RUNS if n == run)
         own = rollout(retrained, self.train_env, self.train_params,
                       self._key("monitor after relabelling"), self.suite.calibration_episodes,
                       self.steps)
-        untrusted = _concatenate(own, info["flagged"])
+        trusted, untrusted = relabelled_classes(self.demos, own, info)
         if view.startswith("activations"):  # the retrained model's activations throughout
             trusted, untrusted = (episodes.replace(activations=teacher_forced_activations(
                 retrained, episodes.replace(activations={}))) for episodes in (trusted, untrusted))
         config = self.suite.cotraining
         detector = DiscriminatorDetector(
-            view, self.num_actions, make_discriminator=functools.partial(
-                self._make_discriminator, self.discriminator_classes[architecture],
-                dict(self.suite.discriminator_settings)),
+            view, self.num_actions, make_discriminator=self.refit_makers[architecture],
             config=dataclasses.replace(config.discriminator, updates=(
                 config.iterations * config.discriminator.updates)),
             activation_names=config.activation_names, seed=self.seed,
             zero_constant_features=config.zero_constant_features)
         return detector.fit(trusted, untrusted).score
+
+
+def relabelled_classes(demonstrations: Trajectories, own: Trajectories, info: dict
+                       ) -> tuple[Trajectories, Trajectories]:
+    """The two classes a monitor is retrained on after a flag-and-relabel round
+    (:func:`audit.deployment.flag_and_relabel`'s ``info``): the demonstrator's (the
+    demonstrations and the labelled states with the demonstrator's actions) and the
+    model's (its own train-layout episodes and the flagged states with its own actions).
+
+    Returns:
+      ``(demonstrator class, model class)``.
+    """
+    return (_concatenate(demonstrations, info["labels"]),
+            _concatenate(own, info["flagged"]))
 
 
 def _concatenate(first: Trajectories, second: Trajectories) -> Trajectories:

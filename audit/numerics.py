@@ -7,8 +7,8 @@ TF32 buys does not matter, while its error does: on an H200 the white-box Mahala
 monitor's traceable score (a quadratic form in a ridged inverse covariance) came out
 6-15% off its float64 value, and two teacher-forced passes of one model disagreed by
 5e-4, so figures would depend on the hardware they were measured on. On CPU the setting
-changes nothing (XLA's CPU products are full float32 either way; the same rollouts and
-teacher-forced passes are bit-identical with and without it).
+changed nothing where it was checked (rollouts and teacher-forced passes of the MLP and
+egocentric imitators are bit-identical with and without it; ``tests/test_numerics.py``).
 
 The ``audit`` command line calls :func:`full_float32_matmuls` before it runs anything,
 so every figure it writes is computed in float32 on any device; the test suite does the
@@ -40,12 +40,16 @@ def full_float32_matmuls() -> str:
     """
     import jax
 
-    chosen = os.environ.get(ENV_VAR)
-    if chosen:  # JAX read it at import; keep the user's choice
-        return chosen
-    os.environ[ENV_VAR] = FULL_FLOAT32
-    jax.config.update("jax_default_matmul_precision", FULL_FLOAT32)
-    return FULL_FLOAT32
+    chosen = os.environ.get(ENV_VAR) or FULL_FLOAT32
+    os.environ[ENV_VAR] = chosen
+    # Applied here too: the user's variable may have been set after JAX was imported
+    # (JAX reads it at import), and JAX checks the value.
+    try:
+        jax.config.update("jax_default_matmul_precision", chosen)
+    except ValueError as error:
+        raise ValueError(f"${ENV_VAR}: expected a JAX matmul precision such as "
+                         f"'highest', 'float32' or 'tensorfloat32', got {chosen!r}") from error
+    return chosen
 
 
 def matmul_precision() -> str:

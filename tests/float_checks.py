@@ -13,7 +13,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-# A few float32 ulps relative (2 ** -23 is 1.2e-7), with an absolute floor near zero.
+# About 30 float32 ulps relative (2 ** -23 is 1.2e-7; the largest difference seen on an
+# H200 was 8.7e-7), with an absolute floor near zero: far below any real change.
 RTOL, ATOL = 4e-6, 1e-7
 
 

@@ -20,6 +20,7 @@ from audit.adaptive import (
     RUNS,
     AdaptiveSuite,
     delayed,
+    relabelled_classes,
     run_adaptive,
     wilson_interval,
 )
@@ -184,6 +185,30 @@ def test_audit_bench_runs_an_adaptive_suite_and_writes_its_tables_and_plots(
         assert (out / name).is_file(), name
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"monitor", "lambda", "caught_before_harm", "event_rate", "transfer"} <= set(header)
+
+
+def test_a_retrained_monitor_learns_the_labels_as_the_demonstrators_and_the_flags_as_the_models():
+    from test_detectors import make_trajectories
+
+    demonstrations = make_trajectories(np.zeros((3, 5), int), num_actions=4, seed=1)
+    own = make_trajectories(np.ones((4, 5), int), num_actions=4, seed=2).replace(
+        activations={"hidden": jnp.ones((4, 5, 2))})
+    labels = make_trajectories(np.full((2, 5), 2), num_actions=4, seed=3,
+                               mask=np.array([[0, 1, 1, 0, 0], [0, 0, 0, 1, 1]], bool))
+    flagged = make_trajectories(np.full((2, 5), 3), num_actions=4, seed=3,
+                                mask=np.asarray(labels.mask)).replace(
+        activations={"hidden": jnp.zeros((2, 5, 2))})
+    trusted, untrusted = relabelled_classes(
+        demonstrations, own, {"labels": labels, "flagged": flagged})
+    # The demonstrator's class: demonstrations then labels (the demonstrator's actions).
+    np.testing.assert_array_equal(trusted.actions, [[0] * 5] * 3 + [[2] * 5] * 2)
+    np.testing.assert_array_equal(trusted.mask[3:], labels.mask)
+    np.testing.assert_array_equal(trusted.observations[3:], labels.observations)
+    # The model's: its own episodes then the flagged states (its own actions).
+    np.testing.assert_array_equal(untrusted.actions, [[1] * 5] * 4 + [[3] * 5] * 2)
+    np.testing.assert_array_equal(untrusted.mask[4:], flagged.mask)
+    np.testing.assert_array_equal(untrusted.activations["hidden"][4:], 0.0)
+    assert trusted.activations == {}  # only activations both parts have
 
 
 def test_the_adaptive_bench_refuses_what_it_does_not_do(tiny_adaptive, tmp_path, capsys):

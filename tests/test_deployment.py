@@ -277,6 +277,7 @@ def test_flag_and_relabel_labels_flagged_states_within_the_budget_and_learns_the
                                   calibration_mask, env, params, key, EPISODES, STEPS,
                                   demonstrator=demonstrator, trusted=trusted, label_budget=50)
     assert same is imitator and info["flagged_episodes"] == 0 and info["final_loss"] is None
+    assert info["labels"] is None and info["flagged"] is None
 
     retrained, info = flag_and_relabel(imitator, always_high, np.zeros((99, STEPS)),
                                        calibration_mask, env, params, key, EPISODES, STEPS,
@@ -289,6 +290,18 @@ def test_flag_and_relabel_labels_flagged_states_within_the_budget_and_learns_the
     free = rollout(imitator, env, params, key, EPISODES, STEPS, reference=demonstrator)
     order = np.cumsum(np.asarray(free.mask).reshape(-1)).reshape(free.mask.shape)
     labelled = np.asarray(free.mask) & (order <= 50)
+    # The round's data: the labelled states, with the demonstrator's action (labels) and
+    # with the model's own action and activations (flagged), in the labelled episodes.
+    chosen = np.flatnonzero(labelled.any(axis=1))
+    labels, flagged = info["labels"], info["flagged"]
+    np.testing.assert_array_equal(labels.mask, labelled[chosen])
+    np.testing.assert_array_equal(flagged.mask, labelled[chosen])
+    assert int(np.asarray(flagged.mask).sum()) == info["labelled_states"]
+    np.testing.assert_array_equal(flagged.actions, np.asarray(free.actions)[chosen])
+    np.testing.assert_array_equal(
+        labels.actions, np.asarray(free.reference_probs)[chosen].argmax(-1))
+    for name, value in free.activations.items():
+        np.testing.assert_array_equal(flagged.activations[name], np.asarray(value)[chosen])
 
     def cross_entropy(model):
         logits, _ = teacher_forced(model, free.replace(activations={}))

@@ -6,11 +6,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import build
-from flax import nnx
 
 from audit import numerics, runs
 from audit.rollout import rollout, teacher_forced
-from models.imitators import MLPImitator
+from models.imitators import make_imitator
 
 
 @pytest.fixture
@@ -31,11 +30,16 @@ def test_full_float32_is_set_for_this_process_and_its_workers(monkeypatch, resto
     assert os.environ[numerics.ENV_VAR] == "highest"  # spawned workers read it at import
 
 
-def test_a_precision_the_user_chose_is_kept(monkeypatch, restore_precision):
+def test_a_precision_the_user_chose_is_kept_and_applied(monkeypatch, restore_precision):
+    # Set after JAX was imported (as a notebook would): JAX has not read it yet.
     monkeypatch.setenv(numerics.ENV_VAR, "tensorfloat32")
-    jax.config.update("jax_default_matmul_precision", "tensorfloat32")
+    jax.config.update("jax_default_matmul_precision", None)
     assert numerics.full_float32_matmuls() == "tensorfloat32"
     assert numerics.matmul_precision() == "tensorfloat32"
+    monkeypatch.setenv(numerics.ENV_VAR, "float31")
+    with pytest.raises(ValueError, match=r"\$JAX_DEFAULT_MATMUL_PRECISION: expected .* "
+                                         r"got 'float31'"):
+        numerics.full_float32_matmuls()
 
 
 def test_runs_record_the_precision_they_used():
@@ -45,10 +49,11 @@ def test_runs_record_the_precision_they_used():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="on GPUs the default precision is TensorFloat-32: that is the point")
-def test_on_cpu_full_float32_changes_no_bit():
+@pytest.mark.parametrize("architecture", ["mlp", "egocentric"])
+def test_on_cpu_full_float32_changes_no_bit(architecture):
     env, params = build("offswitch", "train")
-    model = MLPImitator(env.observation_space(params).shape, 6, hidden_sizes=(32, 32),
-                        rngs=nnx.Rngs(0))
+    model = make_imitator(architecture, env.observation_space(params).shape, 6,
+                          jax.random.key(0))
 
     def run():
         jax.clear_caches()
