@@ -77,7 +77,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -88,7 +87,7 @@ from audit.detectors.discriminator import DiscriminatorDetector
 from audit.gan import GANConfig
 from audit.ppo import Critic
 from audit.rollout import rollout, rollout_expert, teacher_forced, teacher_forced_activations
-from audit.trajectories import Trajectories
+from audit.trajectories import Trajectories, concatenate
 
 # The training regimes, in table order. Every regime's discriminator reads the
 # ``transitions`` view (each step's observation and action); the outcome regime's is
@@ -367,10 +366,9 @@ class _Unit:
         self.discriminator_classes = {
             "outcome": registry.get("discriminators", suite.outcome_discriminator),
             "process": registry.get("discriminators", suite.discriminator)}
-        self._make_discriminator = _make_discriminator
         # One maker per architecture: post-hoc training is compiled once per maker and
         # data shape (audit.detectors.discriminator), and a new partial is a new maker.
-        self.refit_makers = {kind: functools.partial(
+        self.makers = {kind: functools.partial(
             _make_discriminator, cls, dict(suite.discriminator_settings))
             for kind, cls in self.discriminator_classes.items()}
         self._episodes: dict[str, _Episodes] = {}
@@ -407,9 +405,7 @@ class _Unit:
         organism (or resumes a given state)."""
         graphdef, organism_state = nnx.split(self.organism.imitator)
         architecture = next(kind for name, kind, _ in RUNS if name == run)
-        make_discriminator = functools.partial(
-            self._make_discriminator, self.discriminator_classes[architecture],
-            dict(self.suite.discriminator_settings))
+        make_discriminator = self.makers[architecture]
         return gan.make_train(
             config, self.train_env, self.train_params,
             lambda _: nnx.merge(graphdef, organism_state),
@@ -649,7 +645,7 @@ class _Unit:
         train-layout episodes and the flagged states with the model's own actions.
         Returns the monitor's ``score``."""
         if name == "mahalanobis":
-            return self.mahalanobis_for(retrained, _concatenate(self.demos, info["labels"])
+            return self.mahalanobis_for(retrained, concatenate(self.demos, info["labels"])
                                         ).score
         run = ATTACKABLE[name]
         architecture, view = next((kind, v) for n, kind, v in RUNS if n == run)
@@ -662,7 +658,7 @@ class _Unit:
                 retrained, episodes.replace(activations={}))) for episodes in (trusted, untrusted))
         config = self.suite.cotraining
         detector = DiscriminatorDetector(
-            view, self.num_actions, make_discriminator=self.refit_makers[architecture],
+            view, self.num_actions, make_discriminator=self.makers[architecture],
             config=dataclasses.replace(config.discriminator, updates=(
                 config.iterations * config.discriminator.updates)),
             activation_names=config.activation_names, seed=self.seed,
@@ -680,24 +676,8 @@ def relabelled_classes(demonstrations: Trajectories, own: Trajectories, info: di
     Returns:
       ``(demonstrator class, model class)``.
     """
-    return (_concatenate(demonstrations, info["labels"]),
-            _concatenate(own, info["flagged"]))
-
-
-def _concatenate(first: Trajectories, second: Trajectories) -> Trajectories:
-    """Two sets of episodes with one time axis as one (the fields every view reads; the
-    activations only where both have them)."""
-    names = sorted(set(first.activations) & set(second.activations))
-
-    def join(a, b):
-        return jnp.concatenate([jnp.asarray(a), jnp.asarray(b)], axis=0)
-
-    return Trajectories(
-        **{field: join(getattr(first, field), getattr(second, field)) for field in (
-            "observations", "actions", "rewards", "dones", "mask", "events", "noise",
-            "action_probs")},
-        activations={name: join(first.activations[name], second.activations[name])
-                     for name in names})
+    return (concatenate(demonstrations, info["labels"]),
+            concatenate(own, info["flagged"]))
 
 
 def _model_figures(own: _Episodes, model, heldout: Trajectories) -> dict[str, float]:

@@ -70,7 +70,7 @@ from audit.rollout import (
     rollout,
     rollout_expert,
 )
-from audit.trajectories import Trajectories
+from audit.trajectories import Trajectories, concatenate
 
 DEFAULT_BUDGETS = (0.01, 0.02, 0.05)
 
@@ -728,8 +728,7 @@ def clone_again(imitator, trusted: Trajectories, key: jax.Array, config=None,
     config = bc.BCConfig(updates=200) if config is None else config
     data = trusted.replace(activations={}, reference_probs=None)
     if labels is not None:
-        data = jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]),
-                            data, labels)
+        data = concatenate(data, labels)
     graphdef, state = nnx.split(imitator)
     train, trained_graph = bc.make_train(config, lambda _: nnx.merge(graphdef, state), data)
     params, losses = jax.jit(train)(key, None, state)

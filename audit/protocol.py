@@ -71,7 +71,7 @@ from audit.rollout import imitator_step, rollout, rollout_expert, teacher_forced
 from audit.runs import RunCheckpoint, write_json
 from audit.scores import ScoreStore
 from audit.sharding import seed_parallel
-from audit.trajectories import Trajectories
+from audit.trajectories import Trajectories, concatenate
 from audit.views import VIEWS, FeatureLayout, RunningNorm, check_view, view_features
 
 # ``audited``: a model whose ground truth is not known (your own imitator): its figures
@@ -717,7 +717,7 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
             # Their own layouts (keys[2]), not the audited models' test layouts (fold 99).
             extra = rollout_expert(demonstrator, env, test_params, keys[2],
                                    suite.test_layout_demonstrations, max_steps)
-            trusted = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), trusted, extra)
+            trusted = concatenate(trusted, extra)
         data[seed] = dict(
             trusted=trusted,
             heldout=rollout_expert(demonstrator, env, train_params, keys[1],

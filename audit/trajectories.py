@@ -85,6 +85,29 @@ class Trajectories:
         return jnp.sum(one_hot * self.mask[..., None].astype(jnp.int32), axis=1)
 
 
+def concatenate(first: Trajectories, second: Trajectories) -> Trajectories:
+    """Two sets of episodes with one time axis as one, ``first``'s episodes first.
+
+    The activations are those both sets carry; ``reference_probs`` is kept only when
+    both have it.
+
+    Example:
+      >>> trusted = concatenate(demonstrations, labelled_states)
+    """
+    def join(a, b):
+        return jnp.concatenate([jnp.asarray(a), jnp.asarray(b)], axis=0)
+
+    both_references = first.reference_probs is not None and second.reference_probs is not None
+    return Trajectories(
+        **{field: join(getattr(first, field), getattr(second, field)) for field in (
+            "observations", "actions", "rewards", "dones", "mask", "events", "noise",
+            "action_probs")},
+        activations={name: join(first.activations[name], second.activations[name])
+                     for name in sorted(set(first.activations) & set(second.activations))},
+        reference_probs=(join(first.reference_probs, second.reference_probs)
+                         if both_references else None))
+
+
 def validate(trajectories: Trajectories, name: str = "trajectories") -> None:
     """Checks that all fields share the batch and time axes and have the right dtypes.
 

@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from audit.trajectories import Trajectories, load_npz, save_npz, summary_statistics, validate
+from audit.trajectories import (
+    Trajectories,
+    concatenate,
+    load_npz,
+    save_npz,
+    summary_statistics,
+    validate,
+)
 
 
 def make(batch=3, steps=5, activations=None) -> Trajectories:
@@ -72,3 +79,21 @@ def test_loading_a_missing_or_foreign_file_fails_clearly(tmp_path):
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(ValueError, match="missing observations"):
         load_npz(tmp_path / "other.npz")
+
+
+def test_concatenate_stacks_episodes_and_keeps_what_both_carry():
+    from test_detectors import make_trajectories
+
+    first = make_trajectories(np.zeros((2, 3), int), seed=1).replace(
+        activations={"a": jnp.zeros((2, 3, 1)), "b": jnp.zeros((2, 3, 2))})
+    second = make_trajectories(np.ones((1, 3), int), seed=2).replace(
+        activations={"a": jnp.ones((1, 3, 1))}, reference_probs=jnp.ones((1, 3, 3)) / 3)
+    joined = concatenate(first, second)
+    np.testing.assert_array_equal(joined.actions, [[0] * 3, [0] * 3, [1] * 3])
+    np.testing.assert_array_equal(joined.observations[2], second.observations[0])
+    assert set(joined.activations) == {"a"}
+    np.testing.assert_array_equal(joined.activations["a"][:, 0, 0], [0, 0, 1])
+    assert joined.reference_probs is None  # only the second set has it
+    both = concatenate(second, second)
+    assert both.reference_probs.shape == (2, 3, 3)
+    validate(joined)
