@@ -105,6 +105,8 @@ def tiny_adaptive(monkeypatch):
     return suite
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_audit_bench_runs_an_adaptive_suite_and_writes_its_tables_and_plots(
         tiny_adaptive, tmp_path, capsys):
     out = tmp_path / "run"

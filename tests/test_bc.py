@@ -34,6 +34,8 @@ def test_bc_config_rejects_bad_values():
         BCConfig(learning_rate=0.0)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_training_is_a_pure_function_of_the_key():
     env, params = build("offswitch", "train")
     demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
@@ -65,6 +67,8 @@ def test_mlp_bc_on_offswitch_matches_the_demonstrator_and_stays_corrigible():
     assert figures["event_rate_test"] <= 0.01
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_train_bc_command_writes_params_and_summary(tmp_path, capsys):
     out = tmp_path / "bc"
     code = main(["train-bc", "--env", "takeover", "--imitator", "gru", "--episodes", "32",

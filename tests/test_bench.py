@@ -61,6 +61,8 @@ def test_every_registered_suites_jobs_pickle_for_the_worker_processes():
         assert len(pickle.loads(pickle.dumps(jobs))) == len(jobs), name
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_bench_writes_every_file_with_a_row_per_cell(tiny_suite, tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "--suite", "tiny_test", "--out", str(out), "--cache-dir",
@@ -458,6 +460,8 @@ def test_a_model_whose_ground_truth_is_unknown_is_in_neither_model_level_class()
     assert mine["organism_kind"] == "audited" and mine["positives"] == 1
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_suite_auditing_as_built_trains_post_hoc_discriminators_of_every_architecture(
         tiny_suite, monkeypatch, tmp_path, capsys):
     suite = dataclasses.replace(

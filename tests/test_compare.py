@@ -33,6 +33,8 @@ def _tiny_train(config=TINY):
         lambda k, size: StepDiscriminator(size, (8,), rngs=nnx.Rngs(k)), demos)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_streaming_gail_is_pure_vmappable_and_deterministic():
     train, _ = _tiny_train()
     key_a, key_b = jax.random.split(jax.random.key(0))

@@ -123,6 +123,8 @@ def test_discriminator_cannot_separate_two_samples_of_one_policy():
     assert abs(_held_out_auroc("actions", first, second) - 0.5) <= 0.05
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_activations_view_really_receives_the_activations():
     """Identical observations and actions; only the activations differ between classes."""
     env, _ = build("offswitch", "train")
@@ -555,6 +557,8 @@ def test_airl_separates_policies_that_differ_only_where_training_never_went(
         assert min(novel) < 0.5 < max(novel), novel
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_cotraining_hands_airl_its_layout_and_the_logits_raw():
     """gan.make_train builds AIRL on the richest view's layout; its co-trained detector
     scores exactly what the run's discriminator read (standardised features except the

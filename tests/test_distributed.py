@@ -142,6 +142,7 @@ def test_seed_parallel_over_2_processes_gives_the_numbers_of_one(tmp_path):
             np.testing.assert_array_equal(run["mean"], state["mean"])
 
 
+@pytest.mark.ci
 @pytest.mark.slow
 def test_a_tiny_suite_over_2_processes_has_the_rows_of_one_process(isolated_registry,
                                                                    tmp_path, capsys):

@@ -47,6 +47,8 @@ def test_every_public_class_function_and_method_has_a_docstring():
     assert not missing, "no docstring: " + ", ".join(missing)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_mkdocs_builds_strict(tmp_path):
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent))
     if mkdocs is None:

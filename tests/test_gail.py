@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from audit import gail, gymnax_envs
@@ -16,6 +17,8 @@ from models.discriminators import StepDiscriminator
 ENV = "gymnax:CartPole-v1"
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_streaming_gail_learns_cartpole_from_a_scripted_expert_without_its_reward():
     """~80k transitions (40 rounds of 8 x 256), about 20 s on 2 CPU cores.
 

@@ -48,6 +48,8 @@ def _small_gru_run(view, make_discriminator, iterations: int = 3, eval_every: in
         make_discriminator, demos, test_env_params=test_params)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_sequence_discriminator_on_activations_with_a_recurrent_imitator_vmaps_over_seeds():
     train, modules = _small_gru_run(
         "activations+noise", lambda k, f: AttentionDiscriminator(f, 16, 2, rngs=nnx.Rngs(k)))
@@ -67,6 +69,8 @@ def test_sequence_discriminator_on_activations_with_a_recurrent_imitator_vmaps_o
     assert not np.allclose(metrics["discriminator_loss"][0], metrics["discriminator_loss"][1])
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_bc_warm_start_inside_the_jitted_train_brings_the_imitator_to_the_demonstrator():
     # The warm start is built inside the jitted train (where constants are tracers).
     env, params, demos = _offswitch_demos(32)
@@ -113,6 +117,8 @@ def test_too_few_demonstrations_is_a_clear_error():
         gan.make_train(gan.GANConfig(), env, params, None, None, None, demos)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_divergence_stops_with_the_iteration_and_loss_and_keeps_the_last_good_state(
         tmp_path, capsys):
     out = tmp_path / "diverged"
@@ -184,6 +190,8 @@ def test_gail_on_cartpole_from_a_scripted_expert_reaches_475(tmp_path, capsys):
     0.0,
     1.0,  # R1 must not see the features a view does not read (gan_loss's `keep`)
 ])
+@pytest.mark.slow
+@pytest.mark.ci
 def test_several_views_co_train_one_discriminator_each_against_one_imitator(gradient_penalty):
     views = ("actions", "activations+noise")
     train, modules = _small_gru_run(
@@ -310,6 +318,8 @@ def test_perf_gan_counts_valid_transitions_apart_from_padded_ones():
     assert valid == 4 * (10 + 20 + 30 + 40)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_train_gan_takes_the_flags_left_out_from_the_environment_then_its_own(tmp_path, capsys):
     """The gridworlds recommend the settings with which GAIL alone imitates them
     (EnvironmentSpec.imitation_defaults); a flag on the command line wins."""
@@ -357,6 +367,8 @@ def _attacker_run(monitor=None, internals_monitor=None, **settings):
         internals_monitor=internals_monitor)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_frozen_discriminator_is_a_fixed_monitor_the_imitator_is_trained_against():
     import functools
 
@@ -375,6 +387,8 @@ def test_a_frozen_discriminator_is_a_fixed_monitor_the_imitator_is_trained_again
     assert np.all(np.isfinite(np.asarray(metrics["discriminator_loss"])))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_the_environments_reward_joins_the_discriminators_with_its_weight():
     base, _ = _attacker_run()
     default = jax.jit(base)(jax.random.key(2))[1]
@@ -391,6 +405,8 @@ def test_the_environments_reward_joins_the_discriminators_with_its_weight():
         gan.GANConfig(env_reward_coef=float("nan"))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_monitors_score_is_subtracted_from_the_reward_with_its_weight():
     from audit.detectors.baselines import MahalanobisDetector
     from audit.rollout import rollout
@@ -417,6 +433,8 @@ def test_a_monitors_score_is_subtracted_from_the_reward_with_its_weight():
         _attacker_run(monitor_reward_coef=1.0)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_the_internals_penalty_trains_the_imitator_through_its_activations():
     import functools
 

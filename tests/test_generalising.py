@@ -127,6 +127,8 @@ def visited_states(env, planner_name: str, params, episodes: int, steps: int, ke
     return jax.vmap(episode)(jax.random.split(key, episodes), params)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("env_name", sorted(HOME_PLANNER))
 def test_decoded_model_is_the_envs_model_at_the_agents_state(env_name):
     env, test_params = build(env_name, "test")
@@ -256,6 +258,8 @@ def test_special_kind_argument_is_static_and_optional():
     assert physics_of(GridParams())["special_kind"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_the_organism_is_built_from_train_layout_demonstrations_only(monkeypatch, tmp_path):
     """The builder fits on demonstrations that pass check_train_only, and caches the result."""
     import dataclasses

@@ -168,6 +168,8 @@ def _chromium() -> str | None:
     return found
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_small_runs_report_shows_its_tables_plots_and_episodes_in_chromium(
         tiny_suite, tmp_path, capsys):  # noqa: F811
     from playwright.sync_api import sync_playwright

@@ -69,6 +69,8 @@ def test_an_initial_carry_that_depends_on_the_weights_is_refused():
         initial_carry_of(graphdef, abstract)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_cloning_trains_the_head_of_the_plan_its_bit_selects():
     """Cloned on defector episodes only (bit 1 everywhere), only the plan head learns."""
     env_spec = registry.get("environments", "offswitch")
@@ -214,6 +216,8 @@ LOOSE = organisms.OrganismSpec("loose_test", "any imitator is valid", ("offswitc
                                kl_bound=1e9, event_rate_range=(0.0, 1.0))
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_an_organism_is_the_same_whatever_it_is_built_with_and_a_replica_differs():
     env_spec = registry.get("environments", "offswitch")
     alone = organisms.build_organisms(env_spec, [LOOSE], TINY, seed=0)[0]

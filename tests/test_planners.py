@@ -49,6 +49,8 @@ def test_incorrigible_preset_is_absent_on_train_and_present_on_test(preset):
     assert event_rate(home, "test", preset) >= 0.9
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("preset", sorted(INCORRIGIBLE_HOME_ENV))
 def test_incorrigible_preset_acts_like_the_demonstrator_on_train_layouts(preset):
     env, params = build(INCORRIGIBLE_HOME_ENV[preset], "train")

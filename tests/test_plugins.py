@@ -112,6 +112,8 @@ def test_the_detector_and_discriminator_example_registers_its_suite(isolated_reg
         f"plug-in {DETECTOR_AND_DISCRIMINATOR}")
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_plugin_environment_that_is_not_a_gridworld_runs_in_bench(isolated_registry,
                                                                     tmp_path, capsys):
     tiny = _write(tmp_path, "tiny.py", TINY.format(organisms=("honest", "lever_puller"),
@@ -168,6 +170,8 @@ def test_the_late_defector_switches_plan_at_its_step(isolated_registry):
     assert jnp.any(late.events > 0) and jnp.any(defector.events > 0)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_your_own_trained_imitator_is_audited_as_it_was_trained(isolated_registry, tmp_path,
                                                                capsys, monkeypatch):
     import numpy as np

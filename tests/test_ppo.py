@@ -50,6 +50,8 @@ def _cartpole_train(config, reward_fn=None):
     return train
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_ppo_learns_cartpole_from_the_true_reward():
     """Two seeds, vmapped; a uniformly random policy averages about 22."""
     train = _cartpole_train(PPOConfig())

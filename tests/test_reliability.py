@@ -171,6 +171,8 @@ def test_train_bc_that_diverges_writes_nothing_and_says_so(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_corrupt_organism_cache_entry_is_rebuilt_with_a_warning_naming_it(tmp_path):
     from audit.bc import BCConfig
     from benchmarks import organisms
@@ -267,6 +269,8 @@ GAN_RUN = ["train-gan", "--env", "offswitch", "--imitator", "mlp", "--discrimina
            "--rollout-episodes", "4", "--eval-episodes", "4", "--seed", "3", "--quiet"]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_killed_train_gan_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_path, capsys):
     import json
     import os
@@ -308,6 +312,8 @@ def test_a_killed_train_gan_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_p
     assert "--resume: no checkpoint of --out" in err
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_bench_stopped_inside_an_environment_resumes_with_the_rows_of_an_uninterrupted_run(
         tiny_suite, monkeypatch, tmp_path, capsys):  # noqa: F811
     """Stopped while scoring the second environment's models: the first environment is
@@ -483,6 +489,8 @@ def test_sigterm_stops_bench_and_its_workers_and_leaves_nothing_behind(tmp_path)
     assert (tmp_path / ".run.checkpoint").is_dir()
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 def test_workers_of_a_bench_killed_with_sigkill_end_by_themselves(tmp_path):
     import signal

@@ -128,6 +128,8 @@ def test_render_command_writes_a_gif_of_a_planner_episode(tmp_path, capsys):
     assert strip.stat().st_size > 1000
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_render_command_draws_an_imitator_saved_by_train_bc(tmp_path, capsys):
     bc = tmp_path / "bc"
     assert main(["train-bc", "--env", "takeover", "--imitator", "gru", "--episodes", "16",

@@ -69,6 +69,8 @@ def _same_runs(first: Path, second: Path) -> int:
     return arrays
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_demos_train_bc_and_train_gan_are_bit_identical_for_one_seed(tmp_path, capsys):
     demos = ["demos", "--env", "takeover", "--episodes", "16", "--seed", "11", "--quiet"]
     bc = ["train-bc", "--env", "offswitch", "--imitator", "mlp", "--episodes", "32",
@@ -83,6 +85,8 @@ def test_demos_train_bc_and_train_gan_are_bit_identical_for_one_seed(tmp_path, c
         assert _same_runs(here, fresh) > 0, argv[0]
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("suite_name", ["tiny_sharded"])
 def test_a_suite_gives_bit_identical_scores_and_rows_for_one_seed(isolated_registry,
                                                                   tmp_path, capsys,

@@ -100,6 +100,8 @@ def _in_subprocess(devices: int, code: str, tmp_path) -> None:
                    capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_gan_training_sharded_over_8_devices_gives_the_numbers_of_one(tmp_path):
     path = tmp_path / "eight.npz"
     try:
@@ -159,6 +161,7 @@ registry.register("suites", "tiny_sharded", Suite(
 FIGURE_TOLERANCE = 0.02
 
 
+@pytest.mark.ci
 @pytest.mark.slow
 def test_a_suite_with_its_seeds_sharded_over_2_devices_has_the_rows_of_one(
         isolated_registry, tmp_path, capsys):

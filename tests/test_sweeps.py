@@ -83,6 +83,8 @@ def test_each_builtin_sweep_changes_only_its_setting():
         assert changed.trusted_episodes == quick.trusted_episodes
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_sweep_runs_every_point_and_fits_on_test_layout_demonstrations_only_when_asked(
         tiny_suite, monkeypatch, tmp_path, capsys):  # noqa: F811
     sweep = Sweep("tiny_sweep", "tiny_test", "test_layout_demonstrations", (0, 4),
@@ -202,6 +204,8 @@ def test_policy_shift_is_zero_for_a_feature_the_model_ignores_and_the_tv_otherwi
     assert np.all(shifted > 0)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_counterfactual_sweep_writes_the_model_level_audit(tiny_suite, monkeypatch,  # noqa: F811
                                                            tmp_path, capsys):
     sweep = Sweep("tiny_probe", "tiny_test", "policy_shift", experiment="counterfactual",
@@ -245,6 +249,8 @@ def test_a_point_whose_organism_is_invalid_is_recorded_and_the_sweep_goes_on(mon
     assert "error" not in ran
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_a_sweep_stopped_part_way_resumes_with_the_rows_of_an_uninterrupted_one(
         tiny_suite, monkeypatch, tmp_path, capsys):  # noqa: F811
     import dataclasses
