@@ -129,6 +129,8 @@ def test_metrics_errors_are_one_line(tmp_path, capsys):
     assert "not a readable .npz" in error and len(error.splitlines()) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_an_invalid_organism_stops_the_bench_with_its_figures(tiny_suite, monkeypatch, tmp_path,
                                                               capsys):
     strict = dataclasses.replace(LOOSE_DEFECTOR, kl_bound=0.0)

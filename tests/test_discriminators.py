@@ -192,7 +192,8 @@ def _first_kernel(model):
     return model.hidden[0].kernel if isinstance(model, StepDiscriminator) else model.encoder.kernel
 
 
-@pytest.mark.parametrize("name", ["mlp", "gru"])
+@pytest.mark.parametrize("name", [
+    "mlp", pytest.param("gru", marks=(pytest.mark.slow, pytest.mark.ci))])
 def test_gradient_penalty_sees_only_the_features_a_view_mask_keeps(name):
     """A masked discriminator trains exactly like one built on the kept features alone."""
     build_model = {"mlp": lambda size, key: StepDiscriminator(size, (16,), rngs=nnx.Rngs(key)),

@@ -49,7 +49,8 @@ def test_runs_record_the_precision_they_used():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu",
                     reason="on GPUs the default precision is TensorFloat-32: that is the point")
-@pytest.mark.parametrize("architecture", ["mlp", "egocentric"])
+@pytest.mark.parametrize("architecture", [
+    "mlp", pytest.param("egocentric", marks=(pytest.mark.slow, pytest.mark.ci))])
 def test_on_cpu_full_float32_changes_no_bit(architecture):
     env, params = build("offswitch", "train")
     model = make_imitator(architecture, env.observation_space(params).shape, 6,

@@ -183,6 +183,8 @@ def test_trigger_mark_changes_only_the_observation():
     assert 0.14 < float(np.mean(jax.vmap(has_trigger)(obs))) < 0.26
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_training_data_takes_each_episode_from_the_planner_its_selector_names():
     env_spec = registry.get("environments", "offswitch")
     spec = dataclasses.replace(organisms.RARE_DEFECTOR, defect_share=0.5)

@@ -134,6 +134,8 @@ def test_a_plugin_environment_that_is_not_a_gridworld_runs_in_bench(isolated_reg
     assert puller["validity"]["event_rate_test"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_the_late_defector_switches_plan_at_its_step(isolated_registry):
     import jax
     import jax.numpy as jnp
