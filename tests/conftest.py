@@ -77,3 +77,10 @@ def isolated_registry(monkeypatch):
     monkeypatch.setattr(registry, "_origins", dict(registry._origins))
     monkeypatch.setattr(plugins, "_loaded", list(plugins._loaded))
     return registry
+
+
+def pytest_itemcollected(item):
+    """A `ci` test is a slow test that CI runs too: one marked `ci` alone would run twice
+    in .ci/run (in the default run and in `-m ci`)."""
+    if item.get_closest_marker("ci") and not item.get_closest_marker("slow"):
+        raise pytest.UsageError(f"{item.nodeid} is marked `ci` but not `slow`")
