@@ -135,3 +135,81 @@ def test_egocentric_view_centres_the_agent_and_walls_the_outside():
     np.testing.assert_array_equal(cropped, view[2:15, 2:15])
     with pytest.raises(ValueError, match="radius must be in"):
         egocentric(jnp.asarray(grid), radius=9)
+
+
+def _plain_planner(imitator, observation):
+    """The planner imitator as plainly written (``nnx.Conv`` layers, a stacked
+    neighbourhood, autodiff through the scan): the definition that its batch-last,
+    hand-differentiated implementation must compute."""
+    grid = observation.astype(jnp.float32)
+    height, width = grid.shape[:2]
+    reward = imitator.reward_conv(jax.nn.relu(imitator.feature_conv(grid)))
+    discount = jax.nn.sigmoid(imitator.discount_logit[...])
+    kernels = jax.nn.softmax(imitator.kernel_logits[...], axis=-1)
+
+    def expected_next_value(value):
+        padded = jnp.pad(value, 1)
+        neighbourhood = jnp.stack([padded[r:r + height, c:c + width]
+                                   for r in range(3) for c in range(3)], axis=-1)
+        return jnp.einsum("hwk,ak->hwa", neighbourhood, kernels)
+
+    def backup(value, _):
+        q = reward + discount * expected_next_value(value)
+        return imitator.softness * jax.nn.logsumexp(q / imitator.softness, axis=-1), None
+
+    value, _ = jax.lax.scan(backup, jnp.zeros((height, width)), None,
+                            length=imitator.iterations)
+    q = reward + discount * expected_next_value(value)
+    logits = jnp.einsum("hw,hwa->a", grid[..., imitator.agent_channel], q)
+    return logits, {"reward": reward, "value": value, "q": q, "discount": discount,
+                    "logits": logits}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_planner_computes_its_plain_definition_and_its_gradients(seed):
+    """Forward values and parameter gradients agree with :func:`_plain_planner` within
+    float32 rounding: batched (as BC runs it, grad outside vmap), one observation, and
+    per-example gradients (vmap outside grad)."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    graphdef, state = nnx.split(make_imitator("planner", OBS, 6, keys[0]))
+    # Perturbed parameters and real-valued grids, so that no term is trivially small.
+    state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(keys[1], x.shape), state)
+    observations = jax.random.uniform(keys[2], (5, *OBS))
+    weights = jax.random.normal(keys[3], (6,))
+
+    def fast(state, observation):
+        (logits, _), intermediates = nnx.capture(nnx.merge(graphdef, state), nnx.Intermediate)(
+            observation, jnp.zeros(1), jnp.float32(0.5))
+        return logits, {path[-1]: value[0] for path, value in nnx.to_flat_state(intermediates)}
+
+    def plain(state, observation):
+        return _plain_planner(nnx.merge(graphdef, state), observation)
+
+    def loss(state, observation, planner):
+        # Cotangents also reach the value and Q maps, as when a monitor trains on them.
+        logits, activations = planner(state, observation)
+        return (jnp.sum(weights * logits) + 0.1 * jnp.sum(activations["value"] ** 2)
+                + jnp.sum(jnp.cos(activations["q"])))
+
+    def one_loss(planner):
+        return lambda state, observation: loss(state, observation, planner)
+
+    def batch_loss(planner):
+        return lambda state: jnp.sum(jax.vmap(lambda o: loss(state, o, planner))(observations))
+
+    def assert_close(actual, desired):
+        for x, y in zip(jax.tree.leaves(actual), jax.tree.leaves(desired), strict=True):
+            scale = float(np.max(np.abs(y)))
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5 * scale)
+
+    assert_close(jax.vmap(lambda o: fast(state, o))(observations),
+                 jax.vmap(lambda o: plain(state, o))(observations))
+    assert_close(fast(state, observations[0]), plain(state, observations[0]))
+    assert_close(jax.grad(batch_loss(fast))(state), jax.grad(batch_loss(plain))(state))
+    assert_close(jax.grad(one_loss(fast))(state, observations[0]),
+                 jax.grad(one_loss(plain))(state, observations[0]))
+
+    def per_example(planner):
+        return jax.vmap(jax.grad(one_loss(planner)), in_axes=(None, 0))(state, observations)
+
+    assert_close(per_example(fast), per_example(plain))
