@@ -81,6 +81,8 @@ def test_train_bc_command_writes_params_and_summary(tmp_path, capsys):
     assert (out / "params.npz").is_file()
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_train_bc_reads_demos_written_by_audit_demos(tmp_path, capsys):
     demos = tmp_path / "demos"
     assert main(["demos", "--episodes", "16", "--out", str(demos), "--quiet"]) == 0
