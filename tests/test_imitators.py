@@ -12,6 +12,7 @@ from float_checks import assert_same_floats
 
 from audit.checkpoint import load_params, save_params
 from audit.rollout import rollout, rollout_expert, teacher_forced, teacher_forced_activations
+from benchmarks.perf.imitation import plain_planner
 from benchmarks.planners import CONFIGS, Planner
 from models.imitators import IMITATORS, make_imitator
 
@@ -137,37 +138,9 @@ def test_egocentric_view_centres_the_agent_and_walls_the_outside():
         egocentric(jnp.asarray(grid), radius=9)
 
 
-def _plain_planner(imitator, observation):
-    """The planner imitator as plainly written (``nnx.Conv`` layers, a stacked
-    neighbourhood, autodiff through the scan): the definition that its batch-last,
-    hand-differentiated implementation must compute."""
-    grid = observation.astype(jnp.float32)
-    height, width = grid.shape[:2]
-    reward = imitator.reward_conv(jax.nn.relu(imitator.feature_conv(grid)))
-    discount = jax.nn.sigmoid(imitator.discount_logit[...])
-    kernels = jax.nn.softmax(imitator.kernel_logits[...], axis=-1)
-
-    def expected_next_value(value):
-        padded = jnp.pad(value, 1)
-        neighbourhood = jnp.stack([padded[r:r + height, c:c + width]
-                                   for r in range(3) for c in range(3)], axis=-1)
-        return jnp.einsum("hwk,ak->hwa", neighbourhood, kernels)
-
-    def backup(value, _):
-        q = reward + discount * expected_next_value(value)
-        return imitator.softness * jax.nn.logsumexp(q / imitator.softness, axis=-1), None
-
-    value, _ = jax.lax.scan(backup, jnp.zeros((height, width)), None,
-                            length=imitator.iterations)
-    q = reward + discount * expected_next_value(value)
-    logits = jnp.einsum("hw,hwa->a", grid[..., imitator.agent_channel], q)
-    return logits, {"reward": reward, "value": value, "q": q, "discount": discount,
-                    "logits": logits}
-
-
 @pytest.mark.parametrize("seed", [0, pytest.param(1, marks=(pytest.mark.slow, pytest.mark.ci))])
 def test_planner_computes_its_plain_definition_and_its_gradients(seed):
-    """Forward values and parameter gradients agree with :func:`_plain_planner` within
+    """Forward values and parameter gradients agree with its plain definition within
     float32 rounding: batched (as BC runs it, grad outside vmap), one observation, and
     per-example gradients (vmap outside grad)."""
     keys = jax.random.split(jax.random.key(seed), 4)
@@ -183,7 +156,7 @@ def test_planner_computes_its_plain_definition_and_its_gradients(seed):
         return logits, {path[-1]: value[0] for path, value in nnx.to_flat_state(intermediates)}
 
     def plain(state, observation):
-        return _plain_planner(nnx.merge(graphdef, state), observation)
+        return plain_planner(nnx.merge(graphdef, state), observation)
 
     def loss(state, observation, planner):
         # Cotangents also reach the value and Q maps, as when a monitor trains on them.

@@ -6,7 +6,9 @@ For each imitator (``mlp``, ``gru``, ``planner``): BC training samples per secon
 (valid demonstrator steps per minibatch x updates / seconds) and rollout
 environment steps per second (``--episodes`` vmapped episodes of the
 environment's length, activations recorded). Compilation is excluded; each figure
-is the median of ``--repeats`` timed runs.
+is the median of ``--repeats`` timed runs. The row ``planner (plain)`` times the
+planner imitator's plain definition (:class:`PlainPlannerImitator`) beside its
+implementation, in the same run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -21,6 +24,50 @@ from audit import registry
 from audit.bc import BCConfig, make_train
 from audit.rollout import rollout, rollout_expert
 from benchmarks.perf.timing import median_seconds
+from models.imitators import PlannerImitator
+
+
+def plain_planner(imitator: PlannerImitator, observation: jax.Array):
+    """The planner imitator's function as plainly written: ``(logits, activations)``.
+
+    ``nnx.Conv`` layers, a stacked 3x3 neighbourhood, ``logsumexp`` and autodiff through
+    the scan: the definition that :class:`models.imitators.PlannerImitator`'s batch-last,
+    hand-differentiated implementation computes (tests/test_imitators.py pins the two
+    together, values and gradients).
+    """
+    grid = observation.astype(jnp.float32)
+    height, width = grid.shape[:2]
+    reward = imitator.reward_conv(jax.nn.relu(imitator.feature_conv(grid)))
+    discount = jax.nn.sigmoid(imitator.discount_logit[...])
+    kernels = jax.nn.softmax(imitator.kernel_logits[...], axis=-1)
+
+    def expected_next_value(value):
+        padded = jnp.pad(value, 1)
+        neighbourhood = jnp.stack([padded[r:r + height, c:c + width]
+                                   for r in range(3) for c in range(3)], axis=-1)
+        return jnp.einsum("hwk,ak->hwa", neighbourhood, kernels)
+
+    def backup(value, _):
+        q = reward + discount * expected_next_value(value)
+        return imitator.softness * jax.nn.logsumexp(q / imitator.softness, axis=-1), None
+
+    value, _ = jax.lax.scan(backup, jnp.zeros((height, width)), None,
+                            length=imitator.iterations)
+    q = reward + discount * expected_next_value(value)
+    logits = jnp.einsum("hw,hwa->a", grid[..., imitator.agent_channel], q)
+    return logits, {"reward": reward, "value": value, "q": q, "discount": discount,
+                    "logits": logits}
+
+
+class PlainPlannerImitator(PlannerImitator):
+    """:class:`models.imitators.PlannerImitator` computed by :func:`plain_planner`: the
+    same parameters and activations, the baseline of its throughput figures."""
+
+    def __call__(self, observation, carry, noise):
+        logits, activations = plain_planner(self, observation)
+        for name, array in activations.items():
+            self.sow(nnx.Intermediate, name, array)
+        return logits, carry
 
 
 def main(argv=None) -> None:
@@ -43,9 +90,10 @@ def main(argv=None) -> None:
 
     print(f"jax {jax.__version__} on {jax.default_backend()}; env {args.env}, "
           f"{args.episodes} episodes x {max_steps} steps")
-    print(f"{'imitator':<10} {'BC samples/s':>14} {'rollout steps/s':>16}")
-    for name in ("mlp", "gru", "planner"):
-        imitator_class = registry.get("imitators", name)
+    print(f"{'imitator':<16} {'BC samples/s':>14} {'rollout steps/s':>16}")
+    for name in ("mlp", "gru", "planner", "planner (plain)"):
+        imitator_class = (PlainPlannerImitator if name == "planner (plain)"
+                          else registry.get("imitators", name))
 
         def make(key, imitator_class=imitator_class):
             return imitator_class(shape, env.num_actions, rngs=nnx.Rngs(key))
@@ -59,7 +107,7 @@ def main(argv=None) -> None:
         roll_seconds = median_seconds(
             lambda imitator=imitator: rollout(imitator, env, params, jax.random.key(3),
                                               args.episodes, max_steps), args.repeats)
-        print(f"{name:<10} {samples / bc_seconds:>14,.0f} "
+        print(f"{name:<16} {samples / bc_seconds:>14,.0f} "
               f"{args.episodes * max_steps / roll_seconds:>16,.0f}", flush=True)
 
 
