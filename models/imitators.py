@@ -339,7 +339,7 @@ class PlannerImitator(nnx.Module):
     *last* under vmap (:func:`_batch_last`), so its elementwise loops are vectorised
     over examples instead of over 6 actions or 9 columns; and its gradient is the
     hand-written backward recursion :func:`_value_iterates_vjp`, which stores only the
-    value maps, instead of autodiff through the scan. Together about 2x faster BC
+    value maps, instead of autodiff through the scan. Together 2-3x faster BC
     training and rollouts on CPU than the plain form (``benchmarks/perf/imitation.py``).
     What that costs: the value iteration has reverse-mode derivatives only, of first
     order (``jax.grad`` and ``jax.vjp`` of any vmap order); ``jax.jvp``, ``jax.jacfwd``
