@@ -470,7 +470,8 @@ def bootstrap_ci(statistic: Callable[..., float], samples, *, groups=None,
 
 
 def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], *,
-                        resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+                        resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+                        resampled_statistic: Callable[..., Any] | None = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The mean over groups of a per-group statistic, with a two-stage bootstrap interval.
 
@@ -495,6 +496,14 @@ def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], 
       resamples: the number of bootstrap resamples (>= 1).
       confidence: the interval's coverage, in (0, 1).
       seed: the seed of ``numpy.random.default_rng``.
+      resampled_statistic: optional, ``statistic`` over many resamples of one group at
+        once (a bootstrap of a Python statistic costs one call per resample and group):
+        ``resampled_statistic(arrays, indices) -> [K, *shape]``, where ``arrays`` is one
+        group's tuple and ``indices[a]`` is ``[K, len(arrays[a])]`` (the rows each of
+        ``K`` resamples takes of ``arrays[a]``); row ``k`` must equal
+        ``statistic(*(array[index[k]] for ...))``, NaN where that raises ``ValueError``.
+        The draws are the same as without it, so the interval is too (up to the
+        rounding of ``resampled_statistic``).
 
     Returns:
       ``(estimate, low, high)``, arrays of the statistic's shape (NaN where undefined).
@@ -543,19 +552,246 @@ def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], 
 
     estimate = mean_over_groups([evaluate(group) for group in groups])
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(int(resamples)):
-        chosen = rng.integers(0, len(groups), size=len(groups))
-        values = [evaluate([array[rng.integers(0, array.shape[0], size=array.shape[0])]
-                            for array in groups[g]]) for g in chosen]
-        draws.append(np.broadcast_to(mean_over_groups(values), estimate.shape))
-    draws = np.stack(draws)
+    if resampled_statistic is None:
+        draws = []
+        for _ in range(int(resamples)):
+            chosen = rng.integers(0, len(groups), size=len(groups))
+            values = [evaluate([array[rng.integers(0, array.shape[0], size=array.shape[0])]
+                                for array in groups[g]]) for g in chosen]
+            draws.append(np.broadcast_to(mean_over_groups(values), estimate.shape))
+        draws = np.stack(draws)
+    else:
+        draws = _resampled_group_means(resampled_statistic, groups, int(resamples), rng,
+                                       estimate.shape)
     tail = (1.0 - confidence) / 2
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(draws, [tail, 1.0 - tail], axis=0)
     enough = (~np.isnan(draws)).sum(axis=0) * 2 >= int(resamples)
     return estimate, np.where(enough, low, np.nan), np.where(enough, high, np.nan)
+
+
+def _resampled_group_means(resampled_statistic, groups: list[tuple], resamples: int,
+                           rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """:func:`nested_bootstrap_ci`'s resampled means, one ``resampled_statistic`` call per group.
+
+    Draws exactly what the one-call-per-resample loop draws, in the same order (the seeds
+    of a resample, then each drawn seed's rows), then evaluates each group's draws
+    together and averages each resample's groups as that loop does (NaN left out).
+    """
+    # Per group: the (resample, slot) of each time it was drawn, and its row indices.
+    slots: list[list[tuple[int, int]]] = [[] for _ in groups]
+    rows: list[list[list[np.ndarray]]] = [[[] for _ in group] for group in groups]
+    for draw in range(resamples):
+        chosen = rng.integers(0, len(groups), size=len(groups))
+        for slot, group in enumerate(chosen):
+            for index, array in enumerate(groups[group]):
+                rows[group][index].append(rng.integers(0, array.shape[0], size=array.shape[0]))
+            slots[group].append((draw, slot))
+    values = np.full((resamples, len(groups), *shape), np.nan)
+    for group, taken in enumerate(slots):
+        if not taken:
+            continue
+        found = np.asarray(resampled_statistic(groups[group], [np.stack(r) for r in rows[group]]),
+                           np.float64).reshape(len(taken), *shape)
+        draw, slot = np.asarray(taken).T
+        values[draw, slot] = found
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN entries stay NaN
+        return np.nanmean(values, axis=1)
+
+
+def resample_counts(indices, size: int) -> np.ndarray:
+    """How often each row was drawn in each resample.
+
+    Args:
+      indices: ``[K, n]`` row indices in ``[0, size)``, one resample per row.
+      size: the number of rows resampled.
+
+    Returns:
+      ``[K, size]`` float64 counts (each row sums to ``n``).
+
+    Example:
+      >>> resample_counts([[0, 0, 2], [1, 2, 2]], 3).tolist()
+      [[2.0, 0.0, 1.0], [0.0, 1.0, 2.0]]
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 2:
+        raise ValueError(f"indices must be [K, n] row indices; got shape {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= size):
+        raise ValueError(f"indices must lie in [0, {size}); got {indices.min()}..{indices.max()}")
+    count = indices.shape[0]
+    flat = (indices + size * np.arange(count)[:, None]).reshape(-1)
+    return np.bincount(flat, minlength=count * size).reshape(count, size).astype(np.float64)
+
+
+def _weights(scores, weights, name: str) -> tuple[np.ndarray, np.ndarray]:
+    values = _scores(scores, name)
+    counts = np.asarray(weights, np.float64)
+    if counts.ndim != 2 or counts.shape[1] != values.size:
+        raise ValueError(f"{name}'s weights must be [K, {values.size}] (one count per score and "
+                         f"resample); got shape {counts.shape}")
+    return values, counts
+
+
+def weighted_auroc(positive_scores, positive_weights, negative_scores,
+                   negative_weights) -> np.ndarray:
+    """:func:`auroc` of ``K`` resamples at once, each given by how often it took each score.
+
+    Resample ``k`` is ``np.repeat(positive_scores, positive_weights[k])`` against
+    ``np.repeat(negative_scores, negative_weights[k])``; its AUROC is computed from
+    cumulative counts over the sorted negatives, without sorting the resample, and with
+    integer counts it equals :func:`auroc` of the repeated scores bit for bit (the
+    Mann-Whitney count is a sum of halves, exact in float64).
+
+    Args:
+      positive_scores: ``[P]`` scores of positives.
+      positive_weights: ``[K, P]`` non-negative counts.
+      negative_scores: ``[N]`` scores of negatives.
+      negative_weights: ``[K, N]`` non-negative counts.
+
+    Returns:
+      ``[K]`` AUROCs; NaN where a class has no weight.
+
+    Example:
+      >>> weighted_auroc([0.9, 0.4], [[1, 1], [2, 0]], [0.1, 0.4], [[1, 1], [0, 3]]).tolist()
+      [0.875, 1.0]
+    """
+    positive, positive_weights = _weights(positive_scores, positive_weights, "positive_scores")
+    negative, negative_weights = _weights(negative_scores, negative_weights, "negative_scores")
+    order = np.argsort(negative, kind="stable")
+    ordered = negative[order]
+    below = np.searchsorted(ordered, positive, side="left")
+    up_to = np.searchsorted(ordered, positive, side="right")
+    cumulative = np.zeros((negative_weights.shape[0], negative.size + 1))
+    np.cumsum(negative_weights[:, order], axis=1, out=cumulative[:, 1:])
+    less = cumulative[:, below]
+    tied = cumulative[:, up_to] - less
+    pairs = positive_weights.sum(axis=1) * negative_weights.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, np.sum(positive_weights * (less + 0.5 * tied), axis=1) / pairs,
+                        np.nan)
+
+
+def weighted_ranking(positive_scores, positive_weights, negative_scores, negative_weights,
+                     budgets: Sequence[float] = (0.01, 0.02, 0.05)) -> dict[str, np.ndarray]:
+    """AUROC, average precision and audit-budget curve of ``K`` resamples, from one ranking.
+
+    Weights as in :func:`weighted_auroc`. The three figures rank the same scores, so
+    they share one sort of the pooled scores and the cumulative counts of each
+    resample down its distinct values. ``auroc`` equals :func:`auroc` and
+    ``audit_budget`` :func:`audit_budget_curve` of the repeated scores bit for bit;
+    ``average_precision`` equals :func:`average_precision` up to the order of its final
+    floating-point sum.
+
+    Args:
+      positive_scores, positive_weights, negative_scores, negative_weights: as
+        :func:`weighted_auroc`.
+      budgets: audit fractions in [0, 1].
+
+    Returns:
+      ``{"auroc": [K], "average_precision": [K], "audit_budget": [K, len(budgets)]}``;
+      NaN where a figure needs a class that has no weight (the curve needs positives
+      only).
+
+    Example:
+      >>> found = weighted_ranking([3.0, 1.0], [[1, 1]], [2.0, 0.0], [[1, 1]], budgets=(0.5,))
+      >>> found["auroc"].tolist(), found["audit_budget"].tolist()
+      ([0.75], [[0.5]])
+    """
+    positive, positive_weights = _weights(positive_scores, positive_weights, "positive_scores")
+    negative, negative_weights = _weights(negative_scores, negative_weights, "negative_scores")
+    budgets = [_fraction(b, "each budget") for b in budgets]
+    count = positive_weights.shape[0]
+    if negative_weights.shape[0] != count:
+        raise ValueError(f"positive and negative weights must hold the same resamples; got "
+                         f"{count} and {negative_weights.shape[0]}")
+    n_positive, n_negative = positive_weights.sum(axis=1), negative_weights.sum(axis=1)
+    found = dict(auroc=np.full(count, np.nan), average_precision=np.full(count, np.nan),
+                 audit_budget=np.full((count, len(budgets)), np.nan))
+    if positive.size + negative.size == 0:
+        return found
+    # Per distinct score, highest first: the resample's scores at or above it (flagged at
+    # that threshold) and the positives among them.
+    scores = np.concatenate([positive, negative])
+    order = np.argsort(-scores, kind="stable")
+    ordered = scores[order]
+    last = np.r_[np.flatnonzero(ordered[1:] != ordered[:-1]), ordered.size - 1]
+    weights = np.concatenate([positive_weights, negative_weights], axis=1)[:, order]
+    is_positive = order < positive.size
+    flagged = np.cumsum(weights, axis=1)[:, last]
+    true_positives = np.cumsum(np.where(is_positive, weights, 0.0), axis=1)[:, last]
+    positive_steps = np.diff(true_positives, axis=1, prepend=0.0)
+    false_positives = flagged - true_positives
+    negative_steps = np.diff(false_positives, axis=1, prepend=0.0)
+    both = (n_positive > 0) & (n_negative > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # Each positive beats the negatives below its score and ties with those at it.
+        below = n_negative[:, None] - false_positives
+        wins = np.sum(positive_steps * (below + 0.5 * negative_steps), axis=1)
+        found["auroc"] = np.where(both, wins / (n_positive * n_negative), np.nan)
+        terms = np.where(positive_steps > 0,
+                         positive_steps / n_positive[:, None] * true_positives / flagged, 0.0)
+        found["average_precision"] = np.where(both, terms.sum(axis=1), np.nan)
+    above_run = flagged - np.diff(flagged, axis=1, prepend=0.0)  # scores above each run
+    positives_above_run = true_positives - positive_steps
+    total = flagged[:, -1]
+    rows = np.arange(count)
+    for column, budget in enumerate(budgets):
+        # As audit_budget_curve: the fewest episodes k with k / total >= budget.
+        audited = np.minimum(np.ceil(budget * total), total)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            while (down := (audited > 0) & ((audited - 1) / total >= budget)).any():
+                audited = audited - down
+            while (up := (audited < total) & (audited / total < budget)).any():
+                audited = audited + up
+        # The run of tied scores the cut falls in.
+        run = np.argmax(flagged >= audited[:, None], axis=1)
+        above = above_run[rows, run]
+        tied = flagged[rows, run] - above
+        positives_above = positives_above_run[rows, run]
+        positives_tied = true_positives[rows, run] - positives_above
+        with np.errstate(invalid="ignore", divide="ignore"):
+            caught = positives_above + positives_tied * (audited - above) / tied
+            value = np.where(audited == 0, 0.0, caught / n_positive)
+        found["audit_budget"][:, column] = np.where(n_positive > 0, value, np.nan)
+    return found
+
+
+def weighted_average_precision(positive_scores, positive_weights, negative_scores,
+                               negative_weights) -> np.ndarray:
+    """:func:`average_precision` of ``K`` resamples at once (weights as in :func:`weighted_auroc`).
+
+    Equal to :func:`average_precision` of the repeated scores up to the order of the
+    final floating-point sum (:func:`weighted_ranking`).
+
+    Returns:
+      ``[K]``; NaN where a class has no weight.
+
+    Example:
+      >>> weighted_average_precision([3.0, 1.0], [[1, 1]], [2.0, 0.0], [[1, 1]]).round(6).tolist()
+      [0.833333]
+    """
+    return weighted_ranking(positive_scores, positive_weights, negative_scores,
+                            negative_weights, budgets=())["average_precision"]
+
+
+def weighted_audit_budget_curve(positive_scores, positive_weights, negative_scores,
+                                negative_weights,
+                                budgets: Sequence[float] = (0.01, 0.02, 0.05)) -> np.ndarray:
+    """:func:`audit_budget_curve` of ``K`` resamples at once (weights as in
+    :func:`weighted_auroc`), bit for bit (:func:`weighted_ranking`).
+
+    Returns:
+      ``[K, len(budgets)]``; NaN where the positives have no weight.
+
+    Example:
+      >>> weighted_audit_budget_curve([5.0, 3.0], [[1, 1]], [4.0, 3.0], [[1, 1]],
+      ...                             budgets=(0.25, 0.75)).tolist()
+      [[0.5, 0.75]]
+    """
+    return weighted_ranking(positive_scores, positive_weights, negative_scores,
+                            negative_weights, budgets)["audit_budget"]
 
 
 def conformal_p_values(scores, calibration_scores) -> np.ndarray:

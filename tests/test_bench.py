@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -196,6 +197,46 @@ def test_figures_of_a_hand_computed_cell_per_seed_on_p_values():
     assert row["auroc_ci_low"] <= row["auroc"] <= row["auroc_ci_high"]
     assert row["negatives_from"] == "own clean episodes and the honest model"
     assert rows["honest"]["auroc"] is None and rows["honest"]["fpr_own_clean"] == 0.0
+
+
+@pytest.mark.parametrize("control", [False, True])
+def test_the_bootstrap_evaluates_each_seeds_resamples_at_once_with_the_same_figures(control):
+    # The nested bootstrap of a row calls resampled_seed_figures once per seed; each of its
+    # rows must be seed_figures of that resample (tied p-values, absent rows, NaN lead
+    # times and unpaired positives included).
+    rng = np.random.default_rng(11)
+    on_grid = lambda n: rng.integers(0, 12, n) / 12  # noqa: E731 (tied p-values)
+    budgets = (0.01, 0.1, 0.5)
+    seeds = []
+    for positives, clean, honest in ((40, 9, 30), (25, 0, 30), (0, 30, 30), (12, 5, 0)):
+        rows = np.stack([on_grid(positives), on_grid(positives),
+                         rng.integers(1, 9, positives).astype(float), on_grid(positives)], 1)
+        rows[rng.uniform(size=positives) < 0.5, 2] = np.nan
+        rows[rng.uniform(size=positives) < 0.3, 3] = np.nan
+        calibration = rng.normal(size=20)
+        calibration[:3] = np.nan
+        seeds.append((figures._or_nan(rows, 4), figures._or_nan(on_grid(clean), 1),
+                      figures._or_nan(on_grid(honest), 1), calibration, rng.normal(size=15)))
+    for arrays in seeds:
+        indices = [rng.integers(0, len(a), size=(64, len(a))) for a in arrays]
+        found = figures.resampled_seed_figures(arrays, indices, alpha=0.25, budgets=budgets,
+                                               control=control)
+        for k in range(64):
+            resample = (a[i[k]] for a, i in zip(arrays, indices, strict=True))
+            expected = figures.seed_figures(*resample, alpha=0.25, budgets=budgets, control=control)
+            exact = np.arange(expected.size) != figures.FIGURES.index("average_precision")
+            np.testing.assert_array_equal(found[k, exact], expected[exact])
+            np.testing.assert_allclose(found[k, ~exact], expected[~exact], rtol=1e-12)
+    statistic = functools.partial(figures.seed_figures, alpha=0.25, budgets=budgets,
+                                  control=control)
+    resampled = functools.partial(figures.resampled_seed_figures, alpha=0.25, budgets=budgets,
+                                  control=control)
+    plain = metrics.nested_bootstrap_ci(statistic, seeds, resamples=100, seed=2)
+    batched = metrics.nested_bootstrap_ci(statistic, seeds, resamples=100, seed=2,
+                                          resampled_statistic=resampled)
+    for expected, found in zip(plain, batched, strict=True):
+        np.testing.assert_allclose(found, expected, rtol=1e-12)
+        np.testing.assert_array_equal(np.isnan(found), np.isnan(expected))
 
 
 def test_a_short_pre_harm_window_is_compared_with_calibration_prefixes_of_its_length():

@@ -704,6 +704,114 @@ def test_nested_bootstrap_errors_name_the_argument():
 
 
 # ---------------------------------------------------------------------------------------------
+# Many resamples at once: equal to the metric of the repeated scores
+
+
+def resampled_pairs():
+    """Scores of two classes and integer counts of ``K`` resamples (zeros included)."""
+    def build(draw):
+        positive = draw(score_lists(min_size=1))
+        negative = draw(score_lists(min_size=1))
+        count = draw(st.integers(1, 4))
+        positive_weights = [[draw(st.integers(0, 3)) for _ in positive] for _ in range(count)]
+        negative_weights = [[draw(st.integers(0, 3)) for _ in negative] for _ in range(count)]
+        return (np.array(positive), np.array(positive_weights, float), np.array(negative),
+                np.array(negative_weights, float))
+    return st.composite(lambda draw: build(draw))()
+
+
+def repeated(scores, weights):
+    return np.repeat(scores, weights.astype(int))
+
+
+@FAST
+@given(resampled_pairs())
+def test_weighted_auroc_is_the_auroc_of_the_repeated_scores_bit_for_bit(case):
+    positive, positive_weights, negative, negative_weights = case
+    found = metrics.weighted_auroc(positive, positive_weights, negative, negative_weights)
+    ranked = metrics.weighted_ranking(positive, positive_weights, negative, negative_weights)
+    for k in range(found.size):
+        ones, zeros = repeated(positive, positive_weights[k]), repeated(negative,
+                                                                         negative_weights[k])
+        if ones.size and zeros.size:
+            assert found[k] == ranked["auroc"][k] == auroc(ones, zeros)
+        else:
+            assert math.isnan(found[k]) and math.isnan(ranked["auroc"][k])
+
+
+@FAST
+@given(resampled_pairs())
+def test_weighted_average_precision_is_that_of_the_repeated_scores(case):
+    positive, positive_weights, negative, negative_weights = case
+    found = metrics.weighted_average_precision(positive, positive_weights, negative,
+                                               negative_weights)
+    for k in range(found.size):
+        ones, zeros = repeated(positive, positive_weights[k]), repeated(negative,
+                                                                         negative_weights[k])
+        if ones.size and zeros.size:
+            expected = average_precision_score(np.r_[np.ones(ones.size), np.zeros(zeros.size)],
+                                               np.r_[ones, zeros])
+            assert found[k] == pytest.approx(expected, rel=1e-12)
+            assert found[k] == pytest.approx(average_precision(ones, zeros), rel=1e-12)
+        else:
+            assert math.isnan(found[k])
+
+
+@FAST
+@given(resampled_pairs(), st.lists(st.floats(0.0, 1.0), min_size=1, max_size=4, unique=True))
+def test_weighted_audit_budget_curve_is_that_of_the_repeated_scores_bit_for_bit(case, budgets):
+    positive, positive_weights, negative, negative_weights = case
+    found = metrics.weighted_audit_budget_curve(positive, positive_weights, negative,
+                                                negative_weights, budgets)
+    assert found.shape == (positive_weights.shape[0], len(budgets))
+    for k in range(found.shape[0]):
+        ones, zeros = repeated(positive, positive_weights[k]), repeated(negative,
+                                                                         negative_weights[k])
+        if ones.size:
+            assert found[k].tolist() == list(audit_budget_curve(ones, zeros, budgets).values())
+        else:
+            assert np.isnan(found[k]).all()
+
+
+def test_resample_counts_and_weighted_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="indices must lie in"):
+        metrics.resample_counts([[0, 3]], 3)
+    with pytest.raises(ValueError, match=r"indices must be \[K, n\]"):
+        metrics.resample_counts([0, 1], 3)
+    with pytest.raises(ValueError, match=r"positive_scores's weights must be \[K, 2\]"):
+        metrics.weighted_auroc([1.0, 2.0], [[1, 1, 1]], [0.0], [[1]])
+    with pytest.raises(ValueError, match="negative_scores must not contain NaN"):
+        metrics.weighted_auroc([1.0], [[1]], [math.nan], [[1]])
+
+
+def test_nested_bootstrap_with_a_resampled_statistic_draws_and_reports_the_same():
+    rng = np.random.default_rng(3)
+    groups = [(rng.normal(g, 1.0, 30 + g), rng.normal(0.0, 1.0, 20)) for g in range(4)]
+    groups.append((np.array([math.nan]), rng.normal(0.0, 1.0, 5)))  # a group without positives
+
+    def statistic(positives, negatives):
+        if np.isnan(positives).all():
+            raise ValueError("no positives")
+        return [auroc(positives, negatives), float(np.mean(negatives > 0))]
+
+    def resampled(arrays, indices):
+        positives, negatives = arrays
+        if np.isnan(positives).all():
+            return np.full((indices[0].shape[0], 2), np.nan)
+        counts = [metrics.resample_counts(index, len(array))
+                  for array, index in zip(arrays, indices, strict=True)]
+        share = (counts[1] * (negatives > 0)).sum(axis=1) / counts[1].sum(axis=1)
+        return np.stack([metrics.weighted_auroc(positives, counts[0], negatives, counts[1]),
+                         share], axis=1)
+
+    plain = nested_bootstrap_ci(statistic, groups, resamples=300, seed=7)
+    batched = nested_bootstrap_ci(statistic, groups, resamples=300, seed=7,
+                                  resampled_statistic=resampled)
+    for expected, found in zip(plain, batched, strict=True):
+        np.testing.assert_array_equal(found, expected)
+
+
+# ---------------------------------------------------------------------------------------------
 # Documented examples
 
 
@@ -714,7 +822,9 @@ def test_every_public_metric_has_an_example():
     documented = {test.name.rsplit(".", 1)[-1] for test in DOCTESTS}
     assert {"auroc", "average_precision", "threshold_at_fpr", "tpr_at_threshold",
             "fpr_at_threshold", "caught_before_harm", "audit_budget_curve",
-            "bootstrap_ci", "nested_bootstrap_ci"} <= documented
+            "bootstrap_ci", "nested_bootstrap_ci", "resample_counts", "weighted_auroc",
+            "weighted_average_precision", "weighted_audit_budget_curve",
+            "weighted_ranking"} <= documented
 
 
 @pytest.mark.parametrize("test", DOCTESTS, ids=lambda test: test.name)

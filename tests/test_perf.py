@@ -10,7 +10,7 @@ from benchmarks.perf import all as perf_all
 
 def test_every_documented_script_is_run_and_the_report_only_with_a_run(tmp_path):
     assert list(perf_all.scripts(tmp_path, None, False)) == ["envs", "imitation", "gan",
-                                                             "devices", "compare"]
+                                                             "devices", "compare", "figures"]
     with_report = perf_all.scripts(tmp_path, tmp_path / "run", True)
     assert "report" in with_report
     assert "--skip-imitation" not in with_report["compare"][0]
@@ -36,3 +36,13 @@ def test_an_existing_out_is_not_replaced_without_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit):
         perf_all.main(["--out", str(out), "--only", "gan"])
     assert "pass --overwrite" in capsys.readouterr().err and out.read_text() == "{}"
+
+
+def test_the_figures_benchmark_times_both_ways_and_checks_they_agree(capsys):
+    from benchmarks.perf import figures as perf_figures
+
+    assert perf_figures.main(["--resamples", "20", "--seeds", "2", "--cells", "2",
+                              "--episodes", "16"]) == 0
+    printed = capsys.readouterr().out
+    assert "| resampled (default) |" in printed and "| per resample (reference) |" in printed
+    assert "largest difference between the two" in printed

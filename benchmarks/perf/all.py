@@ -17,6 +17,8 @@ the machine; the printed summary lists each script's status and time.
 - ``compare``: the GAIL comparison's ``--quick`` smoke run, this project's side only
   unless ``--with-imitation`` (which needs the ``imitation`` venv, see
   :mod:`benchmarks.perf.compare`).
+- ``figures``: a run's figures (the bootstrap) with each seed's resamples evaluated at
+  once and one call per resample, side by side, on synthetic scores.
 - ``report``: the visual report's weight, only with ``--report-run`` (a finished
   bench run) and Chromium installed.
 """
@@ -51,6 +53,8 @@ def scripts(scratch: Path, report_run: Path | None, with_imitation: bool
         "compare": (["benchmarks.perf.compare", "--quick", "--out", str(scratch / "compare"),
                      *([] if with_imitation else ["--skip-imitation"])],
                     scratch / "compare" / "perf.json"),
+        "figures": (["benchmarks.perf.figures", "--resamples", "200", "--seeds", "3",
+                     "--cells", "4", "--episodes", "128"], None),
     }
     if report_run is not None:
         found["report"] = (["benchmarks.perf.report", str(report_run), "--repeats", "3"], None)
