@@ -963,8 +963,10 @@ def run_bench(args: argparse.Namespace) -> int:
     """``audit bench``: see the subcommand's help."""
     import dataclasses
 
+    import numpy as np
+
     from audit.gan import DivergenceError
-    from audit.protocol import InvalidOrganismError, SuiteCheckpoint, run_suite
+    from audit.protocol import AgreedCheckpoint, InvalidOrganismError, SuiteCheckpoint, run_suite
 
     suite = lookup("suites", args.suite, "--suite")
     if args.envs:
@@ -992,17 +994,30 @@ def run_bench(args: argparse.Namespace) -> int:
     # Several processes (jax.distributed) run one SPMD program: every environment in
     # this process, in the same order everywhere; process 0 writes the run.
     several = distributed.process_count() > 1
-    if several and args.resume:
-        raise UsageError("--resume: a run over several processes cannot be resumed yet; "
-                         "run it again")
     writes = distributed.is_coordinator()
     quiet = args.quiet or not writes
     checkpoint = SuiteCheckpoint(out.parent / f".{out.name}.checkpoint",
                                  {"suite": _as_dict(suite),
                                   "seed_values": list(range(args.seed, args.seed + seeds))})
-    if not several and resume_checkpoint(checkpoint.directory, "run.json", checkpoint.settings,
-                                         out, args.resume, args.overwrite) is None:
-        checkpoint.start()
+    # Over several processes the checkpoint is process 0's (beside the --out it writes);
+    # the others learn from it what to skip (AgreedCheckpoint).
+    refused = None
+    if writes:
+        try:
+            if resume_checkpoint(checkpoint.directory, "run.json", checkpoint.settings, out,
+                                 args.resume, args.overwrite) is None:
+                checkpoint.start()
+        except RunDirError as error:
+            refused = error
+    if several and not distributed.from_coordinator(np.array(refused is None)):
+        if refused is not None:
+            raise refused
+        raise UsageError("process 0 refused the run's checkpoint (--resume / --overwrite); "
+                         "see its error")
+    if refused is not None:
+        raise refused
+    run_checkpoint = (AgreedCheckpoint(checkpoint if writes else None, suite.envs)
+                      if several else checkpoint)
     started = time.perf_counter()
     with _stages(quiet, f"{args.suite} suite") as say:
         try:
@@ -1010,8 +1025,7 @@ def run_bench(args: argparse.Namespace) -> int:
                                 cache_dir=None if args.no_cache else args.cache_dir,
                                 progress=say,
                                 processes=1 if several else args.processes or len(suite.envs),
-                                first_seed=args.seed,
-                                checkpoint=None if several else checkpoint)
+                                first_seed=args.seed, checkpoint=run_checkpoint)
         except (InvalidOrganismError, DivergenceError) as error:
             print(f"audit bench: error: {error}", file=sys.stderr)
             return EXIT_FAILURE

@@ -140,3 +140,24 @@ def all_agree(flag: bool) -> bool:
 
     flags = multihost_utils.process_allgather(np.asarray(bool(flag)))
     return bool(np.all(flags))
+
+
+def from_coordinator(tree):
+    """Process 0's ``tree`` of arrays in every process (a collective: every process must
+    call it at the same point, with a tree of the same structure, shapes and dtypes; the
+    other processes' values are ignored). With one process, ``tree`` itself.
+
+    Used where only process 0 can read something (a checkpoint on its disk) and every
+    process must act on it alike.
+    """
+    if process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+    leaves, treedef = jax.tree.flatten(tree)
+    # Booleans travel as bytes: the collectives move numbers.
+    sent = [np.asarray(leaf).astype(np.uint8) if np.asarray(leaf).dtype == bool
+            else np.asarray(leaf) for leaf in leaves]
+    received = multihost_utils.broadcast_one_to_all(sent, is_source=is_coordinator())
+    return jax.tree.unflatten(treedef, [
+        np.asarray(value).astype(bool) if np.asarray(leaf).dtype == bool else np.asarray(value)
+        for leaf, value in zip(leaves, received, strict=True)])

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from audit import bc, figures, gan, plugins, registry
+from audit import bc, distributed, figures, gan, plugins, registry
 from audit.checkpoint import load_pytree, save_pytree
 from audit.detectors import DetectorContext, check_aggregate
 from audit.detectors.discriminator import DiscriminatorDetector
@@ -315,10 +315,68 @@ class SuiteCheckpoint(RunCheckpoint):
             return None
 
 
+class AgreedCheckpoint:
+    """A :class:`SuiteCheckpoint` that only process 0 holds, read alike by every process.
+
+    Over several processes (``jax.distributed``) the run is one SPMD program: every
+    process must skip the same environments, models and co-training runs, or their
+    collectives diverge. Process 0 reads its checkpoint (on its own disk) and hands each
+    answer to the others (:func:`audit.distributed.from_coordinator`): whether an
+    environment, model or co-training run is finished, and a finished co-training run's
+    states (the models scored after it need them everywhere). A finished environment's
+    or model's scores stay with process 0, the one that writes the run; the others get
+    empty stores in their place. Only process 0 writes.
+
+    Args:
+      checkpoint: process 0's checkpoint (None in the other processes).
+      envs: the suite's environments, in order.
+    """
+
+    def __init__(self, checkpoint: SuiteCheckpoint | None, envs: tuple[str, ...]):
+        if (checkpoint is not None) != distributed.is_coordinator():
+            raise ValueError("process 0, and only it, holds the checkpoint")
+        self.checkpoint, self.envs = checkpoint, tuple(envs)
+
+    def finished(self) -> dict[str, tuple[ScoreStore, dict, list]]:
+        """The environments process 0 recorded (in the others, with empty outcomes)."""
+        found = {} if self.checkpoint is None else self.checkpoint.finished()
+        done = distributed.from_coordinator(np.array([env in found for env in self.envs]))
+        return {env: found.get(env, (ScoreStore(), {}, []))
+                for env, finished in zip(self.envs, done, strict=True) if finished}
+
+    def save(self, outcome) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save(outcome)
+
+    def save_model(self, unit: str, store: ScoreStore, cotraining: list[dict]) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save_model(unit, store, cotraining)
+
+    def finished_model(self, unit: str) -> tuple[ScoreStore, list[dict]] | None:
+        found = None if self.checkpoint is None else self.checkpoint.finished_model(unit)
+        if not distributed.from_coordinator(np.array(found is not None)):
+            return None
+        return found if found is not None else (ScoreStore(), [])
+
+    def save_cotraining(self, unit: str, state_and_history) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save_cotraining(unit, state_and_history)
+
+    def finished_cotraining(self, unit: str, like):
+        found = (None if self.checkpoint is None
+                 else self.checkpoint.finished_cotraining(unit, like))
+        if not distributed.from_coordinator(np.array(found is not None)):
+            return None
+        mine = (found if found is not None else
+                jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), like))
+        return jax.tree.map(jnp.asarray, distributed.from_coordinator(
+            jax.tree.map(np.asarray, mine)))
+
+
 def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
               progress: Callable[[str], None] | None = None,
               processes: int = 1, first_seed: int = 0,
-              checkpoint: SuiteCheckpoint | None = None) -> dict[str, Any]:
+              checkpoint: SuiteCheckpoint | AgreedCheckpoint | None = None) -> dict[str, Any]:
     """Runs every cell of ``suite`` and computes its figures.
 
     Args:
@@ -332,8 +390,9 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         must pickle by reference (module-level functions and classes).
       first_seed: the seeds are ``first_seed, first_seed + 1, ...``.
       checkpoint: where each environment's scores are saved as soon as it finishes
-        (:class:`SuiteCheckpoint`); environments it already holds are loaded, not run
-        again, so a killed run resumes with the same numbers.
+        (:class:`SuiteCheckpoint`, or over several processes an :class:`AgreedCheckpoint`);
+        environments it already holds are loaded, not run again, so a killed run resumes
+        with the same numbers.
 
     Returns:
       ``{"rows", "models", "model_level", "roc", "cotraining", "timings", "scores"}``:
@@ -378,8 +437,12 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         timings.update(env_timings)
         cotraining.extend(env_cotraining)
     started = time.perf_counter()
-    say(f"figures and bootstrap intervals of {len(store.cells)} scored (model, detector) pairs")
-    results = figures.compute(store)
+    if distributed.is_coordinator():
+        say(f"figures and bootstrap intervals of {len(store.cells)} scored (model, detector) "
+            "pairs")
+        results = figures.compute(store)
+    else:  # process 0 writes the run; a resumed run's other processes lack its old scores
+        results = dict(rows=[], models=[], model_level=[], roc={})
     timings["figures"] = time.perf_counter() - started
     return dict(results, cotraining=cotraining, timings=timings, scores=store)
 
@@ -665,7 +728,8 @@ def _build_models(suite, env_spec, specs, seed, cache_dir) -> list[_Model]:
 
 
 def _run_env(suite: Suite, env_spec, specs, detector_specs, seeds: tuple[int, ...], cache_dir,
-             say, checkpoint: SuiteCheckpoint | None = None) -> tuple[ScoreStore, dict, list]:
+             say, checkpoint: SuiteCheckpoint | AgreedCheckpoint | None = None
+             ) -> tuple[ScoreStore, dict, list]:
     """Every model of one environment: ``(store, timings, co-training summaries)``;
     each scored model is recorded in ``checkpoint`` (and taken from it when there)."""
     store = ScoreStore(settings=score_settings(suite))

@@ -32,10 +32,11 @@ def _free_port() -> int:
 
 
 def _run_processes(code: str, tmp_path: Path, count: int = 2, devices: int = 4,
-                   timeout: int = 900) -> list[str]:
+                   timeout: int = 900, expect: int = 0) -> list[str]:
     """Runs ``code`` in ``count`` processes joined as one runtime; their stdout.
 
-    ``code`` sees ``PROCESS`` (its id) and ``ADDRESS`` (the coordinator's).
+    ``code`` sees ``PROCESS`` (its id) and ``ADDRESS`` (the coordinator's). Each process
+    must exit with ``expect``.
     """
     address = f"localhost:{_free_port()}"
     environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count="
@@ -52,9 +53,9 @@ def _run_processes(code: str, tmp_path: Path, count: int = 2, devices: int = 4,
     try:
         for process in started:
             out, err = process.communicate(timeout=timeout)
-            if process.returncode != 0:
-                pytest.fail(f"a process of the multi-process run failed "
-                            f"({process.returncode}):\n{err[-3000:]}")
+            if process.returncode != expect:
+                pytest.fail(f"a process of the multi-process run exited with "
+                            f"{process.returncode}, not {expect}:\n{err[-3000:]}")
             outputs.append(out)
     finally:
         for process in started:
@@ -165,6 +166,88 @@ def test_a_tiny_suite_over_2_processes_has_the_rows_of_one_process(isolated_regi
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     assert [(r["organism"], r["detector"], r["view"]) for r in two["rows"]] == \
         [(r["organism"], r["detector"], r["view"]) for r in one["rows"]]
+    compared = 0
+    for row_two, row in zip(two["rows"], one["rows"], strict=True):
+        if row["detector"] == "null":  # its noise is keyed to the bits of its fitting data
+            continue
+        for key, value in row.items():
+            if isinstance(value, float) and value == value:
+                assert abs(row_two[key] - value) <= FIGURE_TOLERANCE, (row["detector"], key)
+                compared += 1
+    assert compared > 100
+
+
+# Both processes stop right after process 0 recorded the first scored model of the second
+# environment (each process calls save_model at the same point of the SPMD program).
+STOP_IN_TAKEOVER = """
+import os
+from audit import protocol
+recorded = protocol.AgreedCheckpoint.save_model
+def record_then_stop(self, unit, store, cotraining):
+    recorded(self, unit, store, cotraining)
+    if unit.startswith('takeover/'):
+        os._exit(3)
+protocol.AgreedCheckpoint.save_model = record_then_stop
+"""
+# What each process of the resumed run computes and what it takes from process 0's record.
+WATCH_RESUMPTION = """
+from audit import protocol
+def note(text):
+    with open(f'resumed{PROCESS}.txt', 'a') as out:
+        out.write(text + '\\n')
+run_env = protocol._run_env
+def noted_run_env(suite, env_spec, *rest, **kwargs):
+    note('ran ' + env_spec.name)
+    return run_env(suite, env_spec, *rest, **kwargs)
+protocol._run_env = noted_run_env
+for method in ('finished_model', 'finished_cotraining'):
+    def loaded(self, unit, *rest, _found=getattr(protocol.AgreedCheckpoint, method),
+               _name=method):
+        found = _found(self, unit, *rest)
+        if found is not None:
+            note(_name + ' ' + unit.split('/')[0])
+        return found
+    setattr(protocol.AgreedCheckpoint, method, loaded)
+"""
+
+
+@pytest.mark.ci
+@pytest.mark.slow
+def test_a_killed_run_over_2_processes_resumes_from_process_0s_record(isolated_registry,
+                                                                      tmp_path, capsys):
+    from test_sharding import FIGURE_TOLERANCE, TINY_SUITE
+    plugin = tmp_path / "tiny.py"
+    plugin.write_text(TINY_SUITE + """
+registry.register("suites", "tiny_two_envs", dataclasses.replace(
+    registry.get("suites", "tiny_sharded"), name="tiny_two_envs",
+    envs=("offswitch", "takeover")))
+""")
+    argv = ["--plugin", str(plugin), "bench", "--suite", "tiny_two_envs", "--seeds", "2",
+            "--no-report", "--quiet", "--cache-dir", str(tmp_path / "cache_two")]
+    launch = ("from audit.cli import main\n"
+              "code = main(['--coordinator-address', ADDRESS, '--num-processes', '2', "
+              f"'--process-id', str(PROCESS), *{argv!r}, '--out', 'two'{{resume}}])\n"
+              "sys.exit(code)")
+    _run_processes(STOP_IN_TAKEOVER + launch.format(resume=""), tmp_path, expect=3)
+    record = tmp_path / ".two.checkpoint"
+    assert (record / "env-offswitch.json").is_file() and not (tmp_path / "two").exists()
+    assert list((record / "models").glob("*.json")) and list((record / "cotraining").glob("*"))
+
+    _run_processes(WATCH_RESUMPTION + launch.format(resume=", '--resume'"), tmp_path)
+    for process in (0, 1):  # both skip offswitch and take takeover's finished parts
+        notes = (tmp_path / f"resumed{process}.txt").read_text().split("\n")
+        assert "ran offswitch" not in notes and "ran takeover" in notes
+        assert "finished_cotraining takeover" in notes and "finished_model takeover" in notes
+    assert not record.exists()  # the run is written: nothing left to resume
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["processes"] == 2
+
+    argv[-1] = str(tmp_path / "cache_one")
+    assert main([*argv, "--processes", "1", "--out", str(tmp_path / "one")]) == 0, \
+        capsys.readouterr().err
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert [(r["env"], r["organism"], r["detector"], r["view"]) for r in two["rows"]] == \
+        [(r["env"], r["organism"], r["detector"], r["view"]) for r in one["rows"]]
     compared = 0
     for row_two, row in zip(two["rows"], one["rows"], strict=True):
         if row["detector"] == "null":  # its noise is keyed to the bits of its fitting data
