@@ -345,24 +345,31 @@ class AgreedCheckpoint:
                 for env, finished in zip(self.envs, done, strict=True) if finished}
 
     def save(self, outcome) -> None:
+        """Records one finished environment (process 0 only)."""
         if self.checkpoint is not None:
             self.checkpoint.save(outcome)
 
     def save_model(self, unit: str, store: ScoreStore, cotraining: list[dict]) -> None:
+        """Records one scored model (process 0 only); see :meth:`SuiteCheckpoint.save_model`."""
         if self.checkpoint is not None:
             self.checkpoint.save_model(unit, store, cotraining)
 
     def finished_model(self, unit: str) -> tuple[ScoreStore, list[dict]] | None:
+        """Process 0's record of a scored model, or None in every process if it has none
+        (in the others, an empty store and no summaries)."""
         found = None if self.checkpoint is None else self.checkpoint.finished_model(unit)
         if not distributed.from_coordinator(np.array(found is not None)):
             return None
         return found if found is not None else (ScoreStore(), [])
 
     def save_cotraining(self, unit: str, state_and_history) -> None:
+        """Records a finished co-training run (process 0 only)."""
         if self.checkpoint is not None:
             self.checkpoint.save_cotraining(unit, state_and_history)
 
     def finished_cotraining(self, unit: str, like):
+        """Process 0's record of a co-training run (its states and histories, in the
+        structure of ``like``) in every process, or None in every process."""
         found = (None if self.checkpoint is None
                  else self.checkpoint.finished_cotraining(unit, like))
         if not distributed.from_coordinator(np.array(found is not None)):
