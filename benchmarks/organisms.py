@@ -634,9 +634,12 @@ def _clone_together(specs, config, shape, num_actions, datasets, keys) -> list[O
         starts.append(nnx.split(start)[1])
     params, _ = clone(jnp.stack([jax.random.fold_in(key, 1) for key in keys]), datasets,
                       jax.tree.map(lambda *x: jnp.stack(x), *starts))
+    # Sliced on the host: indexing a device array is a compiled program per leaf shape,
+    # which cost seconds of compiling a suite run.
+    params = jax.device_get(params)
     imitators = []
     for index, spec in enumerate(specs):
-        imitator = nnx.merge(graphdef, jax.tree.map(lambda x, i=index: x[i], params))
+        imitator = nnx.merge(graphdef, jax.tree.map(lambda x, i=index: jnp.asarray(x[i]), params))
         imitator.defect_share[...] = jnp.float32(spec.imitator_share)
         imitator.pseudorandom[...] = jnp.float32(spec.pseudorandom)
         imitator.trigger_bit[...] = jnp.float32(spec.selector == "trigger")
