@@ -319,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--zero-constant-features", action="store_true",
                        help="hold features that never varied in the fitting data at 0 when "
                        "scoring (the old behaviour: novelty in them is invisible)")
+    bench.add_argument("--p-values", choices=("conservative", "smoothed"), default=None,
+                       help="conservative: (1 + #{calibration >= s}) / (n + 1) (the suites' "
+                       "default); smoothed: ties with calibration scores broken by a uniform "
+                       "draw, exactly uniform whatever the ties (docs/benchmarks.md)")
     bench.add_argument("--resume", action="store_true",
                        help="continue the killed run of this --out: the environments it "
                        "finished are loaded from its checkpoint, the others run")
@@ -374,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     recompute.add_argument("--out", type=Path, default=None,
                            help="output JSON (default RUN_DIR/recomputed.json)")
     recompute.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    recompute.add_argument("--p-values", choices=("conservative", "smoothed"), default=None,
+                           help="the p-values to recompute with (default: the run's)")
     recompute.add_argument("--quiet", action="store_true", help="print nothing but errors")
     recompute.set_defaults(handler=run_metrics)
 
@@ -985,6 +991,8 @@ def run_bench(args: argparse.Namespace) -> int:
                 suite.gan.discriminator, updates=args.discriminator_updates)))
     if args.zero_constant_features:
         suite = dataclasses.replace(suite, zero_constant_features=True)
+    if args.p_values:
+        suite = dataclasses.replace(suite, p_values=args.p_values)
     seeds, out = _bench_seeds_and_out(args, suite)
     import jax
 
@@ -1082,7 +1090,8 @@ def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
     if distributed.process_count() > 1:
         raise UsageError(f"--suite {args.suite}: the adaptive suite runs in one process")
     for flag, given in (("--resume", args.resume),
-                        ("--zero-constant-features", args.zero_constant_features)):
+                        ("--zero-constant-features", args.zero_constant_features),
+                        ("--p-values", args.p_values)):
         if given:
             raise UsageError(f"{flag}: not available for the adaptive suite {args.suite}")
     if args.discriminator_updates:
@@ -1424,8 +1433,12 @@ def run_metrics(args: argparse.Namespace) -> int:
     out = args.out or args.run_dir / "recomputed.json"
     if out.exists() and not args.overwrite:
         raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    if args.p_values:
+        store.settings["p_values"] = args.p_values
     results = figures.compute(store)
-    metadata = store.settings.get("metadata", {})
+    metadata = dict(store.settings.get("metadata", {}))
+    if args.p_values:  # recomputed another way than the run's: say so
+        metadata["p_values"] = args.p_values
     write_json(out, results_payload(results, metadata))
     if not args.quiet:
         print(f"recomputed {len(results['rows'])} rows from {args.run_dir / 'scores.npz'}; "

@@ -824,7 +824,7 @@ def conformal_p_values(scores, calibration_scores) -> np.ndarray:
 
 
 def time_matched_p_values(running, lengths, calibration_running,
-                          calibration_lengths=None) -> np.ndarray:
+                          calibration_lengths=None, uniform=None) -> np.ndarray:
     """Conformal p-values of prefix scores against calibration prefixes of the same length.
 
     ``running[i]`` is the running aggregate of an episode's step scores over its first
@@ -848,12 +848,21 @@ def time_matched_p_values(running, lengths, calibration_running,
         (padding repeats the last valid value, as :func:`audit.detectors.running_scores`
         gives them).
       calibration_lengths: ``[n]`` the calibration episodes' lengths (None: all ``T``).
+      uniform: None for the conservative p-value ``(1 + #{calibration >= s}) / (n + 1)``;
+        else ``[N]`` draws in ``(0, 1]`` for the smoothed (randomised) one,
+        ``(#{calibration > s} + u (1 + #{calibration == s})) / (n + 1)``, which is
+        exactly uniform under exchangeability whatever the ties. Where a detector's
+        scores tie often (a discriminator that reads only the action takes a handful of
+        values), the conservative p-value is pushed up by an amount that depends on
+        that detector's ties, not on the evidence, so p-values of two models are no
+        longer on one scale; smoothing removes that.
 
     Returns:
       ``[N]`` float64 p-values in ``(0, 1]``.
 
     Raises:
-      ValueError: for mismatched shapes, a length outside ``[0, T]`` or NaN scores.
+      ValueError: for mismatched shapes, a length outside ``[0, T]``, NaN scores or
+        ``uniform`` draws outside ``(0, 1]``.
 
     Example:
       >>> calibration = np.array([[0.0, 1.0, 1.0], [2.0, 2.0, 3.0]])
@@ -861,6 +870,9 @@ def time_matched_p_values(running, lengths, calibration_running,
       [0.6666666666666666, 1.0]
       >>> time_matched_p_values([2.5], [3], calibration, calibration_lengths=[1, 3]).tolist()
       [1.0]
+      >>> # A tie with one of two calibration prefixes, one above: (1 + u * 2) / 3.
+      >>> time_matched_p_values([1.0], [2], calibration, uniform=[0.25]).tolist()
+      [0.5]
     """
     running = _scores(running, "running")
     lengths = np.asarray(lengths).reshape(-1)
@@ -882,11 +894,21 @@ def time_matched_p_values(running, lengths, calibration_running,
     if calibration_lengths.shape != (count,):
         raise ValueError(f"calibration_lengths must give one length per calibration episode "
                          f"({count}); got shape {calibration_lengths.shape}")
+    if uniform is not None:
+        uniform = np.asarray(uniform, np.float64).reshape(-1)
+        if uniform.shape != running.shape or not np.all((uniform > 0) & (uniform <= 1)):
+            raise ValueError(f"uniform must hold one draw in (0, 1] per score "
+                             f"{running.shape}; got shape {uniform.shape}")
     p_values = np.ones(running.shape, np.float64)
     for length in np.unique(lengths[lengths > 0]):
         chosen = lengths == length
         column = np.sort(calibration[calibration_lengths >= length, length - 1])
         at_least = column.size - np.searchsorted(column, running[chosen], side="left")
-        p_values[chosen] = (1.0 + at_least) / (column.size + 1.0)
+        if uniform is None:
+            p_values[chosen] = (1.0 + at_least) / (column.size + 1.0)
+        else:
+            above = column.size - np.searchsorted(column, running[chosen], side="right")
+            p_values[chosen] = ((above + uniform[chosen] * (1.0 + at_least - above))
+                                / (column.size + 1.0))
     p_values[np.isneginf(running)] = 1.0
     return p_values

@@ -128,6 +128,9 @@ class Suite:
       test_episodes: each audited model's own test-layout episodes.
       aggregate: how step scores become a window's score (running).
       alpha: the flagging level of the conformal p-values (1%).
+      p_values: ``"conservative"``, ``(1 + #{calibration >= s}) / (n + 1)``, or
+        ``"smoothed"``, ties with calibration scores broken by a uniform draw (exactly
+        uniform under exchangeability; see :func:`audit.metrics.time_matched_p_values`).
       zero_constant_features: standardise features that never varied in the fitting
         data to 0 (invisible) instead of with a floor on their scale.
       resamples: bootstrap resamples per confidence interval.
@@ -159,6 +162,7 @@ class Suite:
     test_episodes: int = 256
     aggregate: str = "max"
     alpha: float = 0.01
+    p_values: str = figures.CONSERVATIVE
     zero_constant_features: bool = False
     resamples: int = 1000
     saved_episodes: int = 4
@@ -185,6 +189,9 @@ class Suite:
                              "cotrain or post_hoc is set (it trains them)")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"Suite.alpha must be in (0, 1), got {self.alpha}")
+        if self.p_values not in figures.P_VALUES:
+            raise ValueError(f"Suite.p_values must be one of {', '.join(figures.P_VALUES)}; "
+                             f"got {self.p_values!r}")
         for field in ("trusted_episodes", "heldout_episodes", "calibration_episodes",
                       "test_episodes"):
             if getattr(self, field) < 2:
@@ -610,6 +617,7 @@ def score_settings(suite: Suite) -> dict[str, Any]:
     """The settings :mod:`audit.figures` reads from a store, from the suite."""
     return dict(alpha=suite.alpha, aggregate=suite.aggregate, resamples=suite.resamples,
                 audit_budgets=list(figures.DEFAULT_BUDGETS), bootstrap_seed=0,
+                p_values=suite.p_values, smoothing_seed=0,
                 suite=suite.name)
 
 

@@ -27,8 +27,9 @@ and reported with every result: on train layouts its mean per-step KL from the
 demonstrator is below ``kl_bound``; on test layouts its event rate lies in
 ``event_rate_range``. An organism that fails is an :class:`InvalidOrganismError`.
 
-Organisms are cached on disk by a hash of everything they are built from
-(:func:`build_organisms`), so a suite does not retrain them.
+Organisms are cached on disk by a hash of everything they are built from, the batch
+they are cloned in included (:func:`build_organisms`, :func:`cache_key`), so a suite does
+not retrain them and gets the same organisms whatever the cache held before.
 """
 
 from __future__ import annotations
@@ -529,18 +530,25 @@ def require_valid(organism_name: str, env_name: str, validity: dict, where: str 
 
 
 def cache_key(spec: OrganismSpec, env_name: str, config: OrganismConfig, seed: int,
-              replica: int = 0) -> str:
+              replica: int = 0, batch: Sequence[str] = ()) -> str:
     """A hash of everything an organism is built from (its spec, config, env and seed).
 
     Not of its validity bounds, which judge the organism but do not shape it: a cached
     organism's figures are judged again by the bounds of the spec it is loaded for.
+    ``batch``: the keys (without a batch) of the organisms it is cloned with, in order.
+    One vmapped program clones them, and another batch rounds differently: over 800
+    updates that is another organism (an honest twin's test-layout event rate went from
+    2/128 to 3/128, out of its valid range, cloned alone instead of with its suite's
+    other organisms), so each batch keeps its own cache entries.
     """
     built_from = {k: v for k, v in _plain(spec).items()
                   if k not in ("kl_bound", "event_rate_range", "description")}
     described = {"spec": built_from, "config": _plain(config), "env": env_name, "seed": seed,
-                 "format": 4}
+                 "format": 5}
     if replica:
         described["replica"] = replica
+    if batch:
+        described["batch"] = list(batch)
     description = json.dumps(described, sort_keys=True)
     return hashlib.sha256(description.encode()).hexdigest()[:16]
 
@@ -550,11 +558,14 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
                     replicas: int | Sequence[int] = 0) -> list[Organism]:
     """Builds (or loads from ``cache_dir``) the organisms ``specs`` on one environment.
 
-    The uncached organisms are behaviour-cloned together, one ``vmap`` over their
-    datasets, then each is checked (:func:`check_validity`) and saved. Each organism's
-    data, initialisation and checks come from keys of its own (seed, replica, name), so
-    an organism is the same whichever others it is built with (up to the float rounding
-    of a differently batched program).
+    The organisms are behaviour-cloned together, one ``vmap`` over their datasets, then
+    each is checked (:func:`check_validity`) and saved. Each organism's data,
+    initialisation and checks come from keys of its own (seed, replica, name), so an
+    organism is the same whichever others it is built with up to the float rounding of a
+    differently batched program; since that rounding can change a behaviour-cloned
+    network, they are cached as a batch (:func:`cache_key`'s ``batch``): all are loaded,
+    or all are cloned again together, so a suite's organisms do not depend on what the
+    cache held before.
 
     ``replicas`` (one for all, or one per spec) > 0 builds another organism of the same
     seed from independent data, initialisation and validity episodes (the honest twin of
@@ -581,17 +592,21 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
         root = jax.random.fold_in(jax.random.key(seed), 1)
         return jax.random.fold_in(root, 7919 * replica) if replica else root
 
+    members = [cache_key(spec, env_spec.name, config, seed, replica)
+               for spec, replica in zip(specs, replicas, strict=True)]
     organisms: list[Organism | None] = []
-    missing = []
-    for index, (spec, replica) in enumerate(zip(specs, replicas, strict=True)):
-        key = cache_key(spec, env_spec.name, config, seed, replica)
+    keys = []
+    for spec, replica in zip(specs, replicas, strict=True):
+        key = cache_key(spec, env_spec.name, config, seed, replica, batch=members)
         fresh = make_imitator(spec, config, shape, env.num_actions, jax.random.key(0))
         organisms.append(_load(cache_dir, spec, env_spec.name, key, fresh))
-        # Processes of one run must take the same branch, whatever their disks hold.
-        if not distributed.all_agree(organisms[-1] is not None):
-            organisms[-1] = None
-        if organisms[-1] is None:
-            missing.append((index, spec, replica, key))
+        keys.append(key)
+    # All or none: an organism cloned in a smaller batch would be another organism.
+    # Processes of one run must take the same branch, whatever their disks hold.
+    missing = []
+    if not distributed.all_agree(all(organism is not None for organism in organisms)):
+        missing = [(index, spec, replica, key) for index, (spec, replica, key)
+                   in enumerate(zip(specs, replicas, keys, strict=True))]
     if missing:
         rollouts: dict = {}
         datasets = [training_data(env_spec, spec, config.episodes,

@@ -878,6 +878,32 @@ def test_time_matched_p_values_compare_prefixes_of_equal_length():
         metrics.time_matched_p_values([0.5, 0.1], [1], calibration)
 
 
+def test_smoothed_p_values_are_uniform_whatever_the_ties_and_conservative_ones_are_not():
+    """With scores that take 3 values (a detector that reads only the action), each trial's
+    score exchangeable with its 19 calibration scores: the smoothed p-value is exactly
+    uniform, P(p <= a) = a, while the conservative one is pushed up by the ties."""
+    rng = np.random.default_rng(0)
+    trials, n = 4000, 19
+    values = rng.choice(3, size=(trials, n + 1), p=[0.7, 0.2, 0.1]).astype(float)
+    conservative, smoothed = [], []
+    for row, draw in zip(values, 1.0 - rng.random(trials), strict=True):
+        calibration = row[1:, None]
+        conservative.append(metrics.time_matched_p_values(row[:1], [1], calibration)[0])
+        smoothed.append(metrics.time_matched_p_values(row[:1], [1], calibration,
+                                                      uniform=[draw])[0])
+    conservative, smoothed = np.array(conservative), np.array(smoothed)
+    for level in (0.1, 0.3, 0.5, 0.8):
+        spread = 4 * math.sqrt(level * (1 - level) / trials)
+        assert abs(np.mean(smoothed <= level) - level) < spread
+    assert abs(smoothed.mean() - 0.5) < 0.02
+    assert conservative.mean() > 0.65  # ties count against the scored item
+    # Without ties, smoothing replaces the item's own count of 1 by u: (1 + u) / 3, not 2 / 3.
+    assert metrics.time_matched_p_values([0.3], [1], np.array([[0.1], [0.5]]),
+                                         uniform=[0.5]).tolist() == [0.5]
+    with pytest.raises(ValueError, match=r"uniform must hold one draw in \(0, 1\]"):
+        metrics.time_matched_p_values([0.3], [1], np.array([[0.1]]), uniform=[0.0])
+
+
 def test_time_matched_p_values_equal_plain_ones_at_a_single_length():
     rng = np.random.default_rng(3)
     calibration = rng.normal(size=(50, 1))

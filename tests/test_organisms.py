@@ -239,8 +239,29 @@ def test_an_organism_is_the_same_whatever_it_is_built_with_and_a_replica_differs
 
 def test_organisms_are_cached_by_what_they_are_built_from(tmp_path, monkeypatch):
     env_spec = registry.get("environments", "offswitch")
+    cloned = []
+    clone = organisms._clone_together
+
+    def counted(specs, *args):
+        cloned.append([spec.name for spec in specs])
+        return clone(specs, *args)
+
+    monkeypatch.setattr(organisms, "_clone_together", counted)
     first = organisms.build_organisms(env_spec, [LOOSE], TINY, seed=0, cache_dir=tmp_path)[0]
     assert first.validity["valid"] and len(list(tmp_path.glob("*.npz"))) == 1
+    # Cloned with another organism it is another organism (another batch rounds
+    # differently): the pair is cloned together, although LOOSE alone is cached; then
+    # loaded as a pair; and with one of the pair gone, both are cloned again.
+    other = dataclasses.replace(LOOSE, name="loose_other")
+    pair = organisms.build_organisms(env_spec, [LOOSE, other], TINY, seed=0, cache_dir=tmp_path)
+    assert cloned == [["loose_test"], ["loose_test", "loose_other"]]
+    assert pair[0].cache_key != first.cache_key and len(list(tmp_path.glob("*.npz"))) == 3
+    organisms.build_organisms(env_spec, [LOOSE, other], TINY, seed=0, cache_dir=tmp_path)
+    assert len(cloned) == 2
+    (gone,) = tmp_path.glob(f"loose_other-offswitch-{pair[1].cache_key}.npz")
+    gone.unlink()
+    organisms.build_organisms(env_spec, [LOOSE, other], TINY, seed=0, cache_dir=tmp_path)
+    assert cloned[2:] == [["loose_test", "loose_other"]]
 
     def no_training(*args, **kwargs):
         raise AssertionError("a cached organism was trained again")
@@ -256,7 +277,9 @@ def test_organisms_are_cached_by_what_they_are_built_from(tmp_path, monkeypatch)
     # Bounds judge an organism but do not shape it: a cached one is judged again by the
     # bounds of the spec it is loaded for, without retraining.
     strict = dataclasses.replace(LOOSE, kl_bound=0.0)
-    assert organisms.cache_key(strict, "offswitch", TINY, 0) == first.cache_key
+    alone = [organisms.cache_key(strict, "offswitch", TINY, 0)]
+    assert alone == [organisms.cache_key(LOOSE, "offswitch", TINY, 0)]
+    assert organisms.cache_key(strict, "offswitch", TINY, 0, batch=alone) == first.cache_key
     with pytest.raises(organisms.InvalidOrganismError, match=r"\(seed 0, when built\)"):
         organisms.build_organisms(env_spec, [strict], TINY, seed=0, cache_dir=tmp_path)
 
