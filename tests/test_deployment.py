@@ -215,6 +215,8 @@ def test_the_quantilizer_keeps_the_models_favourites_up_to_q_of_the_reference_ma
         quantilized(0.0)
 
 
+@pytest.mark.slow
+@pytest.mark.ci
 def test_constrained_choice_at_its_ends_is_the_reference_or_the_model(deployment):
     from audit.deployment import constrained_deployment, kl_constrained, mixed_rollout
 
