@@ -264,7 +264,9 @@ def resampled_seed_figures(arrays: Sequence[np.ndarray], indices: Sequence[np.nd
       arrays: ``(positives, clean, honest, calibration, demo)`` as :func:`seed_figures`
         takes them.
       indices: one ``[K, len(array)]`` array of row indices per array.
-      alpha, budgets, control: as :func:`seed_figures`.
+      alpha: the flagging level.
+      budgets: audit budgets.
+      control: the honest-vs-honest control row (as :func:`seed_figures`).
 
     Returns:
       ``[K, len(FIGURES) + len(budgets)]``.

@@ -685,8 +685,10 @@ def weighted_ranking(positive_scores, positive_weights, negative_scores, negativ
     floating-point sum.
 
     Args:
-      positive_scores, positive_weights, negative_scores, negative_weights: as
-        :func:`weighted_auroc`.
+      positive_scores: ``[P]`` scores of positives.
+      positive_weights: ``[K, P]`` non-negative counts.
+      negative_scores: ``[N]`` scores of negatives.
+      negative_weights: ``[K, N]`` non-negative counts.
       budgets: audit fractions in [0, 1].
 
     Returns:
