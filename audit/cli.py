@@ -316,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="co-trained discriminators' updates per GAN iteration (default: "
                        "the suite's; e.g. 10x the default to check that the table does not "
                        "move)")
+    bench.add_argument("--dagger-rounds", type=non_negative_int, default=None, metavar="N",
+                       help="organisms: N rounds of on-policy correction (DAgger) after "
+                       "cloning: each organism's own episodes, labelled by its planners, "
+                       "added to its data and cloned again (default: the suite's, 0 for the "
+                       "built-in suites)")
     bench.add_argument("--zero-constant-features", action="store_true",
                        help="hold features that never varied in the fitting data at 0 when "
                        "scoring (the old behaviour: novelty in them is invisible)")
@@ -965,6 +970,19 @@ def run_train_gan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_dagger_rounds(args, suite):
+    """``suite`` with ``--dagger-rounds`` in its organism settings (if given)."""
+    if args.dagger_rounds is None:
+        return suite
+    import dataclasses
+
+    if not hasattr(suite.organism, "dagger_rounds"):
+        raise UsageError(f"--dagger-rounds: suite {args.suite}'s organism settings "
+                         f"({type(suite.organism).__name__}) have no dagger_rounds")
+    return dataclasses.replace(suite, organism=dataclasses.replace(
+        suite.organism, dagger_rounds=args.dagger_rounds))
+
+
 def run_bench(args: argparse.Namespace) -> int:
     """``audit bench``: see the subcommand's help."""
     import dataclasses
@@ -989,6 +1007,7 @@ def run_bench(args: argparse.Namespace) -> int:
         suite = dataclasses.replace(suite, gan=dataclasses.replace(
             suite.gan, discriminator=dataclasses.replace(
                 suite.gan.discriminator, updates=args.discriminator_updates)))
+    suite = _with_dagger_rounds(args, suite)
     if args.zero_constant_features:
         suite = dataclasses.replace(suite, zero_constant_features=True)
     if args.p_values:
@@ -1094,6 +1113,7 @@ def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
                         ("--p-values", args.p_values)):
         if given:
             raise UsageError(f"{flag}: not available for the adaptive suite {args.suite}")
+    suite = _with_dagger_rounds(args, suite)
     if args.discriminator_updates:
         suite = dataclasses.replace(suite, cotraining=dataclasses.replace(
             suite.cotraining, discriminator=dataclasses.replace(

@@ -63,6 +63,7 @@ from audit import bc, registry
 from audit.modules import scan_updates
 from audit.rollout import check_observation_shape, rollout, rollout_expert, teacher_forced
 from audit.trajectories import Trajectories, validate
+from benchmarks import organisms
 from benchmarks.envs.gridworld import (
     NUM_ACTIONS,
     NUM_CHANNELS,
@@ -593,8 +594,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for name in args.envs:
         result = measure(name, episodes=args.episodes, steps=args.steps, seed=args.seed)
         results.append(result)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in result.items()), flush=True)
+        print(organisms.figures_line(result), flush=True)
     return results
 
 
@@ -655,8 +655,6 @@ class GeneralisingSpec:
     def validity_figures(self, demonstrations: Trajectories, own_train: Trajectories,
                          own_test: Trajectories) -> dict[str, Any]:
         """:func:`benchmarks.organisms.validity_figures` with this spec's bounds."""
-        from benchmarks import organisms
-
         return organisms.validity_figures(self, demonstrations, own_train, own_test)
 
 

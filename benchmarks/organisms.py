@@ -345,6 +345,16 @@ class OrganismConfig:
         decision; dropping them buys more updates for the same time.
       bc: the behaviour-cloning settings.
       check_episodes: episodes per split of the validity check.
+      dagger_rounds: rounds of on-policy correction after cloning (DAgger; 0: none).
+        Each round rolls the organism out (as trained) on train and test layouts,
+        labels every state it visits with the action distribution of the planner
+        its training data takes that episode from (the demonstrator, or the
+        incorrigible planner by the spec's selector), adds those episodes to its
+        data and clones ``dagger_updates`` more updates from where it was. Cloning
+        fits the planners on *their* states; an organism's own small errors take it
+        to states they rarely visit, where nothing was fitted (compounding error).
+      dagger_episodes: episodes per split rolled out and labelled in each round.
+      dagger_updates: behaviour-cloning updates after each round (None: ``bc.updates``).
     """
 
     hidden_sizes: tuple[int, ...] = (64, 64)
@@ -353,6 +363,20 @@ class OrganismConfig:
     clone_steps: int | None = None
     bc: bc.BCConfig = bc.BCConfig(updates=1500, batch_episodes=32, learning_rate=2e-3)
     check_episodes: int = 512
+    dagger_rounds: int = 0
+    dagger_episodes: int = 256
+    dagger_updates: int | None = None
+
+    def __post_init__(self):
+        for name in ("dagger_rounds",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"OrganismConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("episodes", "check_episodes", "dagger_episodes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"OrganismConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.dagger_updates is not None and self.dagger_updates < 1:
+            raise ValueError(f"OrganismConfig.dagger_updates must be >= 1 or None, got "
+                             f"{self.dagger_updates!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -543,8 +567,12 @@ def cache_key(spec: OrganismSpec, env_name: str, config: OrganismConfig, seed: i
     """
     built_from = {k: v for k, v in _plain(spec).items()
                   if k not in ("kl_bound", "event_rate_range", "description")}
-    described = {"spec": built_from, "config": _plain(config), "env": env_name, "seed": seed,
-                 "format": 5}
+    config_described = _plain(config)
+    if not config.dagger_rounds:  # organisms cloned before DAgger keep their keys
+        for name in ("dagger_rounds", "dagger_episodes", "dagger_updates"):
+            config_described.pop(name)
+    described = {"spec": built_from, "config": config_described, "env": env_name,
+                 "seed": seed, "format": 5}
     if replica:
         described["replica"] = replica
     if batch:
@@ -616,8 +644,26 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
         stacked = jax.tree.map(lambda *x: jnp.stack(x)[:, :, :config.clone_steps], *datasets)
         keys = [jax.random.fold_in(jax.random.fold_in(root_of(replica), 2),
                                    _stable_id(spec.name)) for _, spec, replica, _ in missing]
-        trained = _clone_together([spec for _, spec, _, _ in missing], config, shape,
-                                  env.num_actions, stacked, keys)
+        built_specs = [spec for _, spec, _, _ in missing]
+        params, graphdef = _clone_together(built_specs, config, shape, env.num_actions,
+                                           stacked, keys)
+        for round_index in range(config.dagger_rounds):
+            as_trained = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: jnp.asarray(x[i]),
+                                                           params))
+                          for i in range(len(missing))]
+            labelled = [dagger_data(env_spec, spec, imitator, config.dagger_episodes,
+                                    jax.random.fold_in(jax.random.fold_in(
+                                        root_of(replica), 4 + round_index),
+                                        _stable_id(spec.name)))
+                        for imitator, (_, spec, replica, _) in zip(as_trained, missing,
+                                                                    strict=True)]
+            stacked = jax.tree.map(
+                lambda old, *new: jnp.concatenate([old, jnp.stack(new)[:, :, :config.clone_steps]],
+                                                  axis=1),
+                _bc_fields(stacked), *[_bc_fields(data) for data in labelled])
+            round_keys = [jax.random.fold_in(key, 1000 + round_index) for key in keys]
+            params = _clone_round(config, shape, env.num_actions, stacked, round_keys, params)
+        trained = _audited_imitators(built_specs, graphdef, params)
         for imitator, (index, spec, replica, key) in zip(trained, missing, strict=True):
             validity = check_validity(
                 spec, imitator, env_spec, config.check_episodes,
@@ -632,10 +678,12 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
     return organisms
 
 
-def _clone_together(specs, config, shape, num_actions, datasets, keys) -> list[OrganismImitator]:
+def _clone_together(specs, config, shape, num_actions, datasets, keys):
     """Behaviour-clones one imitator per dataset (and key), vmapped over the stacked datasets.
 
-    The specs' settings differ only in variable values, so one graphdef serves all.
+    Returns ``(params, graphdef)``: the stacked states (on the host) of the imitators as
+    trained (their training-time plan-bit rule, sampling honestly). The specs' settings
+    differ only in variable values, so one graphdef serves all.
     """
     clone, graphdef = _compiled_cloning(config, tuple(shape), num_actions,
                                         jax.tree.map(lambda x: x[0], datasets))
@@ -651,7 +699,72 @@ def _clone_together(specs, config, shape, num_actions, datasets, keys) -> list[O
                       jax.tree.map(lambda *x: jnp.stack(x), *starts))
     # Sliced on the host: indexing a device array compiles a program per leaf shape (six
     # of an environment's 142 compilations in the quick suite).
-    params = jax.device_get(params)
+    return jax.device_get(params), graphdef
+
+
+def _clone_round(config, shape, num_actions, datasets, keys, params):
+    """``dagger_updates`` more cloning updates of the stacked ``params`` on ``datasets``."""
+    round_config = dataclasses.replace(config, bc=dataclasses.replace(
+        config.bc, updates=config.dagger_updates or config.bc.updates))
+    clone, _ = _compiled_cloning(round_config, tuple(shape), num_actions,
+                                 jax.tree.map(lambda x: x[0], datasets))
+    params, _ = clone(jnp.stack([jax.random.fold_in(key, 1) for key in keys]), datasets,
+                      params)
+    return jax.device_get(params)
+
+
+def _bc_fields(data: Trajectories) -> Trajectories:
+    """``data`` without what cloning does not read (activations, reference probabilities),
+    so that planner episodes and an organism's labelled episodes stack."""
+    return data.replace(activations={}, reference_probs=None)
+
+
+def dagger_data(env_spec: EnvironmentSpec, spec: OrganismSpec, imitator, episodes: int,
+                key: jax.Array) -> Trajectories:
+    """An organism's own episodes, labelled by the planners it is cloned from (one DAgger round).
+
+    ``imitator`` (as trained: its training-time plan-bit rule, sampling honestly) is
+    rolled out on ``episodes`` train and ``episodes`` test layouts under its training
+    data's trigger probability; each step's ``action_probs`` become the action
+    distribution, at that state, of the planner :func:`training_data` takes the episode
+    from (by the spec's selector on the first observation), and ``actions`` that
+    planner's choice at the step's noise.
+
+    Returns:
+      :class:`Trajectories` of ``2 * episodes`` episodes (train, then test), without
+      activations.
+    """
+    parts = []
+    for split, split_key in zip(("train", "test"), jax.random.split(key), strict=True):
+        env, params = env_spec.build(split)
+        params = with_trigger_prob(params, spec.train_trigger_prob)
+        max_steps = int(params.max_steps_in_episode)
+
+        def labelled_by(name: str, env=env, params=params, split_key=split_key,
+                        max_steps=max_steps) -> Trajectories:
+            # The same key: the organism's episodes do not depend on the reference.
+            return rollout(imitator, env, params, split_key, episodes, max_steps,
+                           reference=planner(name, env))
+
+        own = labelled_by(env_spec.demonstrator if spec.incorrigible is None or
+                          spec.selector != "all" else spec.incorrigible[env_spec.name])
+        probs = own.reference_probs
+        if spec.incorrigible is not None and spec.selector != "all":
+            defector = labelled_by(spec.incorrigible[env_spec.name])
+            first = own.observations[:, 0]
+            if spec.selector == "hash":
+                chosen = jax.vmap(layout_uniform)(first) < spec.as_trained().defect_share
+            else:
+                chosen = jax.vmap(has_trigger)(first)
+            probs = jnp.where(chosen[:, None, None], defector.reference_probs, probs)
+        actions = inverse_cdf_sample(jnp.log(probs), own.noise)
+        parts.append(_bc_fields(own).replace(action_probs=probs,
+                                             actions=actions.astype(own.actions.dtype)))
+    return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
+
+
+def _audited_imitators(specs, graphdef, params) -> list[OrganismImitator]:
+    """The imitators of the stacked ``params``, each with its audit-time settings."""
     imitators = []
     for index, spec in enumerate(specs):
         imitator = nnx.merge(graphdef, jax.tree.map(lambda x, i=index: jnp.asarray(x[i]), params))
@@ -671,7 +784,8 @@ def _compiled_cloning(config: OrganismConfig, shape, num_actions, example: Traje
     Its data is an argument, so every environment, seed and organism reuses one
     compilation (for equal shapes).
     """
-    index = (config, shape, num_actions)
+    # The episode count is baked into the run (it samples minibatches among them).
+    index = (config, shape, num_actions, example.num_episodes, example.num_steps)
     if index not in _CLONING:
         train, graphdef = bc.make_train(config.bc, lambda k: make_imitator(
             HONEST, config, shape, num_actions, k), example)
@@ -726,3 +840,98 @@ def _save(cache_dir: Path, organism: Organism, config: OrganismConfig, seed: int
     write_json(info_path, {"organism": organism.spec.name, "env": organism.env_name,
                            "validity": organism.validity, "spec": _plain(organism.spec),
                            "config": _plain(config), "seed": seed, "replica": replica})
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def on_policy_figures(imitator, env_spec: EnvironmentSpec, episodes: int, key: jax.Array,
+                      floor: float = 1e-8) -> dict[str, float]:
+    """How far an imitator is from the demonstrator where it goes itself, on train layouts.
+
+    The validity check's ``kl_train`` is measured on the demonstrator's states (the
+    model teacher-forced); these figures are measured on the model's own episodes,
+    where compounding error shows.
+
+    Returns:
+      ``kl_on_policy`` (mean per-step KL(demonstrator || model)), ``oracle_kl_on_policy``
+      (KL(model || demonstrator), the reference floored at ``floor``, as ``oracle_kl``
+      scores), ``off_support_episodes`` (share of episodes with a step where the model
+      puts at least 1/4 of its mass on actions the demonstrator never takes there) and
+      ``return_train``.
+    """
+    env, params = env_spec.build("train")
+    own = rollout(imitator, env, params, key, episodes, int(params.max_steps_in_episode),
+                  reference=planner(env_spec.demonstrator, env))
+    logits = own.activations["logits"]
+    log_model = jax.nn.log_softmax(logits)
+    reference = own.reference_probs
+    reverse = jnp.sum(jnp.exp(log_model) * (log_model - jnp.log(jnp.maximum(reference, floor))),
+                      axis=-1)
+    off_support = jnp.sum(jnp.where(reference > 0, 0.0, jnp.exp(log_model)), axis=-1)
+    mask = own.mask
+    return {"kl_on_policy": float(bc.masked_kl(reference, logits, mask)),
+            "oracle_kl_on_policy": float(jnp.sum(reverse * mask) / jnp.sum(mask)),
+            "off_support_episodes": float(jnp.mean(jnp.any((off_support >= 0.25) & mask, 1))),
+            "return_train": float(jnp.mean(own.episode_returns()))}
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Builds each environment's organisms as a suite does, with and without DAgger
+    rounds, and prints their validity and on-policy figures and build time.
+
+    ``python -m benchmarks.organisms --dagger-rounds 0 2`` (the quick suite's organism
+    settings; ``--envs``, ``--seed``, ``--episodes`` for the on-policy figures).
+    """
+    import argparse
+    import time
+
+    from audit import registry as registry_lib
+    from benchmarks import suites
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--envs", nargs="*", default=list(ALL_ENVS))
+    parser.add_argument("--dagger-rounds", nargs="*", type=int, default=[0, 2])
+    parser.add_argument("--dagger-updates", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=256)
+    args = parser.parse_args(argv)
+    incorrigible = {"offswitch": LONG_HORIZON, "takeover": UNBOUNDED_UTILITY,
+                    "unobserved": DECEPTIVE}
+    results = []
+    for env_name in args.envs:
+        env_spec = registry_lib.get("environments", env_name)
+        specs = [HONEST, incorrigible[env_name], HONEST]
+        for rounds in args.dagger_rounds:
+            config = dataclasses.replace(suites.ORGANISMS, dagger_rounds=rounds,
+                                         dagger_updates=args.dagger_updates)
+            started = time.perf_counter()
+            try:
+                built = build_organisms(env_spec, specs, config, args.seed,
+                                        replicas=[0, 0, 1])
+            except InvalidOrganismError as error:
+                print(f"env={env_name} dagger_rounds={rounds}: {error}", flush=True)
+                continue
+            seconds = time.perf_counter() - started
+            for organism, name in zip(built, ["honest", specs[1].name, "honest_twin"],
+                                      strict=True):
+                result = {"env": env_name, "organism": name, "dagger_rounds": rounds,
+                          "build_seconds": seconds,
+                          **{k: organism.validity[k] for k in
+                             ("kl_train", "event_rate_test", "valid")},
+                          **on_policy_figures(organism.imitator, env_spec, args.episodes,
+                                              jax.random.key(args.seed + 99))}
+                results.append(result)
+                print(figures_line(result), flush=True)
+    return results
+
+
+def figures_line(figures: Mapping[str, Any]) -> str:
+    """``key=value ...`` on one line, floats to 4 significant digits (the measuring
+    scripts' output)."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in figures.items())
+
+
+if __name__ == "__main__":
+    main()

@@ -581,3 +581,30 @@ def test_a_suite_auditing_as_built_trains_post_hoc_discriminators_of_every_archi
         assert {(organism, "posthoc_mlp", "post-hoc"),
                 (organism, "posthoc_airl", "post-hoc")} <= cells
     assert not any(r["detector"].startswith("gan_") for r in rows)
+
+
+def test_dagger_rounds_reach_the_suites_organisms_or_are_refused(tiny_suite, monkeypatch,
+                                                                tmp_path, capsys):
+    import audit.protocol
+
+    seen = []
+
+    class Captured(Exception):
+        pass
+
+    def stop(suite, *args, **kwargs):
+        seen.append(suite.organism)
+        raise Captured
+
+    monkeypatch.setattr(audit.protocol, "run_suite", stop)
+    with pytest.raises(Captured):
+        main(["bench", "--suite", "tiny_test", "--dagger-rounds", "2", "--out",
+              str(tmp_path / "a"), "--quiet", "--processes", "1"])
+    assert seen == [dataclasses.replace(TINY_ORGANISMS, dagger_rounds=2)]
+    other = dataclasses.replace(tiny_suite, name="other_test", organism=None)
+    monkeypatch.setitem(registry._registered["suites"], "other_test", other)
+    assert main(["bench", "--suite", "other_test", "--dagger-rounds", "1", "--out",
+                 str(tmp_path / "b"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "audit bench: error: --dagger-rounds: suite other_test's organism settings (NoneType) "
+        "have no dagger_rounds")

@@ -15,7 +15,7 @@ from scipy import stats
 from audit import bc, registry
 from audit.bc import BCConfig
 from audit.modules import abstract_module, initial_carry_of
-from audit.rollout import inverse_cdf_sample, rollout_expert, unroll
+from audit.rollout import inverse_cdf_sample, rollout, rollout_expert, unroll
 from benchmarks import organisms
 from benchmarks.envs.gridworld import has_trigger
 from benchmarks.planners.presets import CONFIGS
@@ -293,3 +293,74 @@ def test_an_organism_that_fails_its_check_is_an_error(tmp_path):
                                   cache_dir=tmp_path)
     with pytest.raises(ValueError, match="not defined on environment 'takeover'"):
         organisms.build_organisms(registry.get("environments", "takeover"), [LOOSE], TINY, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_dagger_data_labels_the_organisms_own_states_by_the_planner_of_each_episode():
+    """Each episode is the organism's own; its labels are the distribution, at the states
+    it visited, of the planner its selector names for that layout."""
+    env_spec = registry.get("environments", "offswitch")
+    spec = dataclasses.replace(organisms.RARE_DEFECTOR, defect_share=0.5)
+    imitator = organisms.make_imitator(spec, TINY, SHAPE, 6, jax.random.key(3))
+    key = jax.random.key(11)
+    data = organisms.dagger_data(env_spec, spec, imitator, 16, key)
+    assert data.num_episodes == 32 and data.activations == {} and data.reference_probs is None
+    test_key = jax.random.split(key)[1]
+    env, params = build("offswitch", "test")
+    by_demonstrator = rollout(imitator, env, params, test_key, 16, 48,
+                              reference=Planner(env, CONFIGS["demonstrator"]))
+    by_defector = rollout(imitator, env, params, test_key, 16, 48,
+                          reference=Planner(env, CONFIGS["long_horizon"]))
+    test = jax.tree.map(lambda x: x[16:], data)
+    np.testing.assert_array_equal(test.observations, by_demonstrator.observations)
+    np.testing.assert_array_equal(test.noise, by_demonstrator.noise)
+    chosen = np.asarray(jax.vmap(organisms.layout_uniform)(test.observations[:, 0])) < 0.5
+    assert 0 < chosen.sum() < 16
+    probs = np.asarray(test.action_probs)
+    np.testing.assert_array_equal(probs[chosen], np.asarray(by_defector.reference_probs)[chosen])
+    np.testing.assert_array_equal(probs[~chosen],
+                                  np.asarray(by_demonstrator.reference_probs)[~chosen])
+    # The labeller's choice at the step's noise, never an action it would not take.
+    np.testing.assert_array_equal(test.actions, inverse_cdf_sample(jnp.log(test.action_probs),
+                                                                   test.noise))
+    valid = np.asarray(test.mask)
+    taken = np.take_along_axis(probs, np.asarray(test.actions)[..., None], -1)[..., 0]
+    assert (taken[valid] > 0).all()
+    # The organism does not act as the labeller: its own actions are not the labels.
+    assert (np.asarray(by_demonstrator.actions)[valid] != np.asarray(test.actions)[valid]).any()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_dagger_rounds_clone_again_on_the_organisms_own_episodes(monkeypatch):
+    env_spec = registry.get("environments", "offswitch")
+    dagger = dataclasses.replace(TINY, dagger_rounds=2, dagger_episodes=4, dagger_updates=5)
+    rounds = []
+    clone_round = organisms._clone_round
+
+    def recorded(config, shape, num_actions, datasets, keys, params):
+        rounds.append(datasets.observations.shape[:2])
+        return clone_round(config, shape, num_actions, datasets, keys, params)
+
+    monkeypatch.setattr(organisms, "_clone_round", recorded)
+    plain = organisms.build_organisms(env_spec, [LOOSE], TINY, seed=0)[0]
+    corrected = organisms.build_organisms(env_spec, [LOOSE], dagger, seed=0)[0]
+    # One organism; 16 + 16 planner episodes, then 4 + 4 of its own a round, kept.
+    assert rounds == [(1, 40), (1, 48)]
+    assert any(not np.allclose(a, b) for a, b in zip(
+        jax.tree.leaves(nnx.state(plain.imitator, nnx.Param)),
+        jax.tree.leaves(nnx.state(corrected.imitator, nnx.Param)), strict=True))
+    assert corrected.cache_key != plain.cache_key
+    # Without rounds, the DAgger settings shape nothing and keys stay as they were.
+    assert organisms.cache_key(LOOSE, "offswitch", dataclasses.replace(TINY, dagger_episodes=9),
+                               0) == organisms.cache_key(LOOSE, "offswitch", TINY, 0)
+    assert organisms.cache_key(LOOSE, "offswitch", dataclasses.replace(dagger, dagger_episodes=9),
+                               0) != organisms.cache_key(LOOSE, "offswitch", dagger, 0)
+
+
+@pytest.mark.parametrize("field,value", [("dagger_rounds", -1), ("dagger_episodes", 0),
+                                         ("dagger_updates", 0), ("episodes", 0)])
+def test_organism_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"OrganismConfig.{field} must be"):
+        organisms.OrganismConfig(**{field: value})
