@@ -107,11 +107,21 @@ def settings_of(store: ScoreStore) -> dict[str, Any]:
     return settings
 
 
-def check_p_values(kind: str) -> str:
-    """``kind`` if it names a p-value (:data:`P_VALUES`), else a ValueError naming them."""
+def check_p_values(kind: str, name: str = "p_values") -> str:
+    """``kind`` if it names a p-value (:data:`P_VALUES`), else a ValueError naming the
+    argument ``name`` and the choices."""
     if kind not in P_VALUES:
-        raise ValueError(f"p_values must be one of {', '.join(P_VALUES)}; got {kind!r}")
+        raise ValueError(f"{name} must be one of {', '.join(P_VALUES)}; got {kind!r}")
     return kind
+
+
+def all_windows(store: ScoreStore, settings: dict[str, Any] | None = None
+                ) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`windows` of every cell of ``store``, under its settings (:func:`settings_of`)."""
+    settings = settings_of(store) if settings is None else settings
+    return {cell: windows(store, cell, settings["alpha"], settings["aggregate"],
+                          settings["p_values"], settings["smoothing_seed"])
+            for cell in store.cells}
 
 
 def _smoothing_draws(cell: str, count: int, seed: int) -> np.ndarray:
@@ -351,8 +361,7 @@ def compute(store: ScoreStore, *, resampled: bool = True) -> dict[str, Any]:
     settings = settings_of(store)
     alpha, aggregate = settings["alpha"], settings["aggregate"]
     budgets = tuple(float(b) for b in settings["audit_budgets"])
-    per_cell = {cell: windows(store, cell, alpha, aggregate, settings["p_values"],
-                              settings["smoothing_seed"]) for cell in store.cells}
+    per_cell = all_windows(store, settings)
 
     honest_windows = _honest_windows(store, per_cell)
     grouped = _grouped_cells(store)
@@ -460,9 +469,7 @@ def roc_curves(store: ScoreStore, per_cell: dict | None = None) -> dict[str, lis
     """
     settings = settings_of(store)
     if per_cell is None:
-        per_cell = {cell: windows(store, cell, settings["alpha"], settings["aggregate"],
-                                  settings["p_values"], settings["smoothing_seed"])
-                    for cell in store.cells}
+        per_cell = all_windows(store, settings)
     honest_windows = _honest_windows(store, per_cell)
     roc: dict[str, list] = {model["env"]: [] for model in store.models.values()}
     for (env, group, organism, detector, view), cells in _grouped_cells(store).items():

@@ -163,9 +163,7 @@ def _bench_body(run_dir: Path, highlight: str | None) -> tuple[str, str]:
     rows = results.get("rows", [])
     settings = figure_math.settings_of(store)
     alpha, aggregate = settings["alpha"], settings["aggregate"]
-    per_cell = {cell: figure_math.windows(store, cell, alpha, aggregate, settings["p_values"],
-                                          settings["smoothing_seed"])
-                for cell in store.cells}
+    per_cell = figure_math.all_windows(store, settings)
     saved = _Figures(run_dir)
     envs = list(dict.fromkeys(model["env"] for model in store.models.values()))
     suite = results.get("suite", "benchmark")

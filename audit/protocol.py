@@ -189,9 +189,7 @@ class Suite:
                              "cotrain or post_hoc is set (it trains them)")
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"Suite.alpha must be in (0, 1), got {self.alpha}")
-        if self.p_values not in figures.P_VALUES:
-            raise ValueError(f"Suite.p_values must be one of {', '.join(figures.P_VALUES)}; "
-                             f"got {self.p_values!r}")
+        figures.check_p_values(self.p_values, "Suite.p_values")
         for field in ("trusted_episodes", "heldout_episodes", "calibration_episodes",
                       "test_episodes"):
             if getattr(self, field) < 2:

@@ -683,8 +683,6 @@ def build_generalising(env_spec, specs: Sequence[GeneralisingSpec], config, seed
     Raises:
       audit.protocol.InvalidOrganismError: if an organism fails its validity check.
     """
-    from benchmarks import organisms
-
     replicas = [replicas] * len(specs) if isinstance(replicas, int) else list(replicas)
     built = []
     for spec, replica in zip(specs, replicas, strict=True):

@@ -368,9 +368,9 @@ class OrganismConfig:
     dagger_updates: int | None = None
 
     def __post_init__(self):
-        for name in ("dagger_rounds",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"OrganismConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.dagger_rounds < 0:
+            raise ValueError(f"OrganismConfig.dagger_rounds must be >= 0, got "
+                             f"{self.dagger_rounds!r}")
         for name in ("episodes", "check_episodes", "dagger_episodes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OrganismConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -648,15 +648,12 @@ def build_organisms(env_spec: EnvironmentSpec, specs: Sequence[OrganismSpec],
         params, graphdef = _clone_together(built_specs, config, shape, env.num_actions,
                                            stacked, keys)
         for round_index in range(config.dagger_rounds):
-            as_trained = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: jnp.asarray(x[i]),
-                                                           params))
-                          for i in range(len(missing))]
-            labelled = [dagger_data(env_spec, spec, imitator, config.dagger_episodes,
+            labelled = [dagger_data(env_spec, spec, _imitator_at(graphdef, params, index),
+                                    config.dagger_episodes,
                                     jax.random.fold_in(jax.random.fold_in(
                                         root_of(replica), 4 + round_index),
                                         _stable_id(spec.name)))
-                        for imitator, (_, spec, replica, _) in zip(as_trained, missing,
-                                                                    strict=True)]
+                        for index, (_, spec, replica, _) in enumerate(missing)]
             stacked = jax.tree.map(
                 lambda old, *new: jnp.concatenate([old, jnp.stack(new)[:, :, :config.clone_steps]],
                                                   axis=1),
@@ -763,11 +760,16 @@ def dagger_data(env_spec: EnvironmentSpec, spec: OrganismSpec, imitator, episode
     return jax.tree.map(lambda *x: jnp.concatenate(x), *parts)
 
 
+def _imitator_at(graphdef, params, index: int) -> OrganismImitator:
+    """The imitator at ``index`` of the stacked (host) ``params``, as its state holds it."""
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.asarray(x[index]), params))
+
+
 def _audited_imitators(specs, graphdef, params) -> list[OrganismImitator]:
     """The imitators of the stacked ``params``, each with its audit-time settings."""
     imitators = []
     for index, spec in enumerate(specs):
-        imitator = nnx.merge(graphdef, jax.tree.map(lambda x, i=index: jnp.asarray(x[i]), params))
+        imitator = _imitator_at(graphdef, params, index)
         imitator.defect_share[...] = jnp.float32(spec.imitator_share)
         imitator.pseudorandom[...] = jnp.float32(spec.pseudorandom)
         imitator.trigger_bit[...] = jnp.float32(spec.selector == "trigger")
