@@ -325,9 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hold features that never varied in the fitting data at 0 when "
                        "scoring (the old behaviour: novelty in them is invisible)")
     bench.add_argument("--p-values", choices=("conservative", "smoothed"), default=None,
-                       help="conservative: (1 + #{calibration >= s}) / (n + 1) (the suites' "
-                       "default); smoothed: ties with calibration scores broken by a uniform "
-                       "draw, exactly uniform whatever the ties (docs/benchmarks.md)")
+                       help="smoothed (the suites' default): ties with calibration scores "
+                       "broken by a uniform draw, exactly uniform whatever the ties; "
+                       "conservative: (1 + #{calibration >= s}) / (n + 1), whose excess over "
+                       "uniform depends on each detector's ties (docs/benchmarks.md)")
     bench.add_argument("--resume", action="store_true",
                        help="continue the killed run of this --out: the environments it "
                        "finished are loaded from its checkpoint, the others run")

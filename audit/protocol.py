@@ -128,9 +128,11 @@ class Suite:
       test_episodes: each audited model's own test-layout episodes.
       aggregate: how step scores become a window's score (running).
       alpha: the flagging level of the conformal p-values (1%).
-      p_values: ``"conservative"``, ``(1 + #{calibration >= s}) / (n + 1)``, or
-        ``"smoothed"``, ties with calibration scores broken by a uniform draw (exactly
-        uniform under exchangeability; see :func:`audit.metrics.time_matched_p_values`).
+      p_values: ``"smoothed"`` (the default), ties with calibration scores broken by a
+        uniform draw (exactly uniform under exchangeability, so that models and
+        detectors whose scores tie differently are on one scale; see
+        :func:`audit.metrics.time_matched_p_values`), or ``"conservative"``,
+        ``(1 + #{calibration >= s}) / (n + 1)``.
       zero_constant_features: standardise features that never varied in the fitting
         data to 0 (invisible) instead of with a floor on their scale.
       resamples: bootstrap resamples per confidence interval.
@@ -162,7 +164,7 @@ class Suite:
     test_episodes: int = 256
     aggregate: str = "max"
     alpha: float = 0.01
-    p_values: str = figures.CONSERVATIVE
+    p_values: str = figures.SMOOTHED
     zero_constant_features: bool = False
     resamples: int = 1000
     saved_episodes: int = 4

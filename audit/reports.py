@@ -152,12 +152,16 @@ def _controls_markdown(rows: list[dict]) -> list[str]:
            "layout after as many steps: a random direction that is off chance there too "
            "reads neither the layout nor the window's length but the model itself (its "
            "activations leave their calibration range before the harm in any direction), "
-           "and the cells it marks cannot tell detectors apart. A control row with fewer "
-           f"than {MIN_CONTROL_POSITIVES} positives gives no verdict (n/a): a bootstrap over "
-           "so few cannot cover anything reliably.", "",
-           "| env | control | organism / detector | view | pre-harm AUROC | covers 0.5 | "
-           "paired AUROC |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+           "and the cells it marks cannot tell detectors apart. `null` and "
+           "`random_direction` are judged on the positives with at least one step before "
+           "the harm (an empty window is a miss for every detector, so where a share f of "
+           "the positives have one, chance for the pre-harm AUROC is about 0.5 (1 - f)); the "
+           "honest twin on all its windows. A control row with fewer "
+           f"than {MIN_CONTROL_POSITIVES} such positives gives no verdict (n/a): a bootstrap "
+           "over so few cannot cover anything reliably.", "",
+           "| env | control | organism / detector | view | pre-harm AUROC | "
+           "without empty windows | covers 0.5 | paired AUROC |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         if row["detector"] in CONTROLS and row["organism"] != "honest_twin":
             control, subject = row["detector"], _label(row)
@@ -169,9 +173,10 @@ def _controls_markdown(rows: list[dict]) -> list[str]:
         covers = ("yes" if verdict else "**no**") if verdict is not None else (
             f"n/a ({row['positives']} positives)" if row.get("auroc") is not None else "n/a")
         value = _with_interval(dict(row, control_failed=False), "auroc")
+        rankable = _with_interval(dict(row, control_failed=False), "auroc_rankable")
         paired = _with_interval(dict(row, control_failed=False), "auroc_paired")
         out.append(f"| {row['env']} | {control} | {subject} | {row['view']} | {value} | "
-                   f"{covers} | {paired} |")
+                   f"{rankable} | {covers} | {paired} |")
     failed = sorted({reason for row in rows for reason in row.get("control_failures", [])})
     out.append("")
     if failed:

@@ -111,13 +111,16 @@ def test_a_failed_control_is_marked_in_every_table_and_listed(rows):
     rows[0].update(control_failed=True, control_failures=["random_direction pre-harm AUROC "
                                                           "[0.70, 0.80] excludes 0.5"])
     control = dict(rows[4], detector="random_direction", auroc=0.75, auroc_ci_low=0.7,
-                   auroc_ci_high=0.8, auroc_paired=0.7, auroc_paired_ci_low=0.6,
+                   auroc_ci_high=0.8, auroc_rankable=0.8, auroc_rankable_ci_low=0.72,
+                   auroc_rankable_ci_high=0.86, auroc_paired=0.7, auroc_paired_ci_low=0.6,
                    auroc_paired_ci_high=0.8, control_failed=True)
     text = markdown(rows + [control], VIEW_ORDER)
     controls = _section(text, "## Controls (pre-harm AUROC; each interval must cover 0.5)")
-    # The paired AUROC beside it says whether layout or length could explain the failure.
+    # Judged without empty windows (shown beside the AUROC); the paired AUROC beside it
+    # says whether layout or length could explain the failure.
     assert ("| grid_a | random_direction | long_horizon (trained-in) | activations | "
-            "0.750 [0.70, 0.80] | **no** | 0.700 [0.60, 0.80] |") in controls
+            "0.750 [0.70, 0.80] | 0.800 [0.72, 0.86] | **no** | 0.700 [0.60, 0.80] |"
+            ) in controls
     assert "- random_direction pre-harm AUROC [0.70, 0.80] excludes 0.5" in controls
     assert "0.912 [0.85, 0.97]\u2020" in text
     assert "0.912 [0.85, 0.97]$^\\dagger$" in latex(rows, VIEW_ORDER)
