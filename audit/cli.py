@@ -367,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-report", action="store_true",
                        help="do not write the report.html files (`audit report DIR` writes "
                        "them later)")
+    sweep.add_argument("--p-values", choices=("conservative", "smoothed"), default=None,
+                       help="the p-values of every point (default: the suite's, smoothed; "
+                       "conservative reproduces figures measured before smoothed became "
+                       "the default)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the killed sweep of this --out: the points it finished "
                        "are taken from its checkpoint, the others run")
@@ -1165,6 +1169,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             raise UsageError(f"NAME {args.name}: its suite {sweep.suite_for(args.setting)!r} "
                              f"({type(base).__name__}) is not an audit.protocol.Suite, "
                              "which a sweep runs")
+        if args.p_values:
+            base = dataclasses.replace(base, p_values=args.p_values)
         for value in values:  # a value the setting refuses fails here, before any run
             sweep.apply(base, value)
     except registry.UnknownNameError as error:

@@ -101,7 +101,7 @@ def test_sweep_runs_every_point_and_fits_on_test_layout_demonstrations_only_when
     monkeypatch.setattr(protocol, "rollout_expert", spy)
     out = tmp_path / "sweep"
     code = main(["sweep", "tiny_sweep", "--out", str(out), "--cache-dir",
-                 str(tmp_path / "cache"), "--processes", "1"])
+                 str(tmp_path / "cache"), "--processes", "1", "--p-values", "conservative"])
     assert code == 0, capsys.readouterr().err
     assert "tiny_sweep.csv" in capsys.readouterr().out
     # Point 0 rolled out trusted and held-out demonstrations only; point 4 also 4 episodes.
@@ -112,6 +112,7 @@ def test_sweep_runs_every_point_and_fits_on_test_layout_demonstrations_only_when
                                   / "results.json").read_text()) for value in (0, 4)}
     for value, result in results.items():
         assert result["config"]["test_layout_demonstrations"] == value
+        assert result["config"]["p_values"] == "conservative"  # --p-values reaches every point
         mine = [r for r in table if r["value"] == str(value)]
         assert len(mine) == 2 * len(result["rows"])  # two figures per cell
     assert (out / "tiny_sweep.png").stat().st_size > 5000 and (out / "tiny_sweep.pdf").exists()
