@@ -1151,6 +1151,8 @@ def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """``audit sweep``: see the subcommand's help."""
+    import dataclasses
+
     from audit.gan import DivergenceError
     from audit.protocol import InvalidOrganismError
 
