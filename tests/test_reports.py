@@ -252,3 +252,35 @@ def test_roc_plot_draws_each_view_through_the_roc_points(tmp_path, monkeypatch):
         x, y = line.get_xydata().T
         np.testing.assert_allclose(x, fpr)
         assert np.trapezoid(y, x) == pytest.approx(auroc(positives, negatives))  # 8/9
+
+
+def test_cells_below_point_four_are_listed_with_the_evidence_in_their_rows():
+    """A pre-harm AUROC interval entirely below 0.4 is listed with what its own row says:
+    chance in a cell with empty windows, a paired AUROC below 0.5 (neither layout nor
+    length explains it) or at chance, benign novelty, a failed control."""
+    empty = make_row("grid_b", "deceptive", "d", "actions", "co-trained", 0.36,
+                     interval=(0.31, 0.39), positives=200)
+    empty.update(empty_windows=50, auroc_paired=0.5, auroc_paired_ci_low=0.44,
+                 auroc_paired_ci_high=0.57, fpr_honest=0.9)  # chance 0.5 * 150/200
+    probe = make_row("grid_a", "long_horizon", "probe", "activations", "demonstrations-only",
+                     0.27, interval=(0.22, 0.32))
+    probe.update(empty_windows=0, auroc_paired=0.27, auroc_paired_ci_low=0.21,
+                 auroc_paired_ci_high=0.32, control_failed=True)
+    unexplained = make_row("grid_a", "long_horizon", "other", "actions", "co-trained", 0.3,
+                           interval=(0.25, 0.35))
+    unexplained.update(empty_windows=0, auroc_paired=None, auroc_paired_ci_low=None,
+                       auroc_paired_ci_high=None, fpr_honest=0.0)
+    fine = make_row("grid_a", "long_horizon", "fine", "actions", "co-trained", 0.38,
+                    interval=(0.33, 0.43))  # reaches 0.4: not listed
+    text = markdown([empty, probe, unexplained, fine])
+    section = _section(text, "## Cells below 0.4 (pre-harm AUROC interval entirely below it)")
+    lines = [line for line in section if line.startswith("| grid")]
+    assert [line.split(" | ")[2] for line in lines] == ["d", "probe", "other"]
+    assert ("| 0.360 [0.31, 0.39] | 0.38 | 0.250 [0.12, 0.38] | 0.500 [0.44, 0.57] | 0.90 | "
+            "at this cell's chance level, 0.38 (50 of 200 positives do harm at the first "
+            "step); matched with the honest model's episode") in lines[0]
+    assert "flags 90% of the honest model's test windows" in lines[0]
+    assert "neither layout nor window length explains it" in lines[1]
+    assert lines[1].endswith("its control failed (above) |")
+    assert lines[2].endswith("none of the row's own figures explains it |")
+    assert "## Cells below" not in markdown([fine])
