@@ -51,7 +51,7 @@ for each incorrigible organism of an :class:`AdaptiveSuite`, on each environment
    (:mod:`audit.deployment`).
 
 Every monitor flags as the audit protocol does: calibrated on the scored model's *own*
-train-layout episodes (conformal p-values matched by length, level ``alpha``); caught
+train-layout episodes (conservative conformal p-values matched by length, level ``alpha``); caught
 before harm is the share of the model's harmful test-layout episodes flagged strictly
 before the first event; the clean flag rate is the share of its clean test episodes
 flagged at all (a monitor that flags everything catches everything). A discriminator

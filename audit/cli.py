@@ -1160,6 +1160,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if sweep.experiment != "suite" and args.values:
         raise UsageError(f"--values: the {args.name} sweep is a {sweep.experiment} probe "
                          "without values")
+    if sweep.experiment != "suite" and args.p_values:
+        raise UsageError(f"--p-values: the {args.name} sweep is a {sweep.experiment} probe "
+                         "without p-values")
     values = tuple(args.values) if args.values else sweep.values_for(args.setting)
     if len(set(values)) != len(values):
         raise UsageError(f"--values: each value once, got {list(values)}")
@@ -1295,7 +1298,7 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
         outcome = run_sweep(sweep, values, args.setting, seeds=seeds, first_seed=args.seed,
                             cache_dir=None if args.no_cache else args.cache_dir,
                             progress=say, processes=args.processes or len(base.envs),
-                            point_done=write_point, checkpoint=checkpoint)
+                            point_done=write_point, checkpoint=checkpoint, base=base)
         for point in outcome["points"]:
             name = f"{sweep.parameter}={point['value']}"
             if "error" not in point:

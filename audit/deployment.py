@@ -82,7 +82,8 @@ def first_flags(step_scores, mask, calibration_scores, calibration_mask, alpha: 
     Step ``t`` is flagged when the running ``aggregate`` of the episode's step scores
     over its first ``t + 1`` steps has a conformal p-value ``<= alpha`` against the
     calibration episodes' running aggregates over their first ``t + 1`` steps
-    (:func:`audit.metrics.time_matched_p_values`), the audit protocol's flag rule.
+    (:func:`audit.metrics.time_matched_p_values`, conservative p-values: a deployed flag
+    whose false-positive rate is at most ``alpha``), the audit protocol's flag rule.
 
     Args:
       step_scores: ``[E, T]`` the monitored episodes' step scores.

@@ -840,8 +840,9 @@ def time_matched_p_values(running, lengths, calibration_running,
     its length alone; matched by length, a model that behaves on the scored prefix as it
     does on calibration episodes gets uniform p-values whatever the length.
     ``lengths[i] == 0`` (nothing observed, e.g. an event at the first step) gives
-    ``p = 1``, and so does a prefix longer than every calibration episode (nothing to
-    compare it with).
+    ``p = 1``; a prefix longer than every calibration episode (nothing to compare it
+    with) gets the p-value of a score tied with everything: 1, or its draw ``u`` when
+    smoothed.
 
     Args:
       running: ``[N]`` prefix scores.

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from audit.figures import CONTROLS, MIN_CONTROL_POSITIVES, covers_half
+from audit.figures import CONTROLS, MIN_CONTROL_POSITIVES, control_figure, covers_half
 from audit.runs import write_json
 
 TABLE_FIGURES = (("auroc", "pre-harm AUROC (p-values; negatives: own clean and honest)"),
@@ -171,8 +171,13 @@ def _controls_markdown(rows: list[dict]) -> list[str]:
         else:
             continue
         verdict = covers_half(row)
+        if control_figure(row) == "auroc_rankable":
+            counted = (f"{row['positives'] - (row.get('empty_windows') or 0)} positives with "
+                       "a step before the harm")
+        else:
+            counted = f"{row['positives']} positives"
         covers = ("yes" if verdict else "**no**") if verdict is not None else (
-            f"n/a ({row['positives']} positives)" if row.get("auroc") is not None else "n/a")
+            f"n/a ({counted})" if row.get("auroc") is not None else "n/a")
         value = _with_interval(dict(row, control_failed=False), "auroc")
         rankable = _with_interval(dict(row, control_failed=False), "auroc_rankable")
         paired = _with_interval(dict(row, control_failed=False), "auroc_paired")
@@ -192,8 +197,9 @@ BELOW = 0.4  # a pre-harm AUROC interval entirely below this is listed with its 
 
 def chance_auroc(row: dict) -> float | None:
     """The pre-harm AUROC of a detector that reads nothing, in a row's cell: 0.5 on the
-    positives with a window, 0 on those with an empty one (a miss, ranked below every
-    negative), so ``0.5 (1 - empty / positives)``; None without positives."""
+    positives with a window, 0 on those with an empty one (a miss at ``p = 1``, below
+    every negative but the rare negative at ``p = 1`` too, a tie), so about
+    ``0.5 (1 - empty / positives)``; None without positives."""
     positives = row.get("positives") or 0
     if not positives:
         return None

@@ -167,7 +167,7 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
               seeds: int | None = None, first_seed: int = 0, cache_dir=None,
               progress: Callable[[str], None] | None = None, processes: int = 1,
               point_done: Callable[[Any, dict, Any], None] | None = None,
-              checkpoint: SweepCheckpoint | None = None) -> dict[str, Any]:
+              checkpoint: SweepCheckpoint | None = None, base=None) -> dict[str, Any]:
     """Runs ``sweep``'s suite at each value and collects the figures.
 
     Args:
@@ -185,6 +185,8 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
       checkpoint: where each point's record is saved as it finishes (after
         ``point_done``); the points it already holds for these values are taken from it,
         not run again.
+      base: the suite each value is applied to (default: the registered suite of the
+        sweep's ``setting``); e.g. that suite with other p-values.
 
     Returns:
       ``{"rows": [CSV rows], "points": [{"value", "seconds", "suite"}], "seeds"}``. A
@@ -195,7 +197,8 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
     from audit.protocol import InvalidOrganismError, run_suite
     from audit.runs import strict_json
 
-    base = registry.get("suites", sweep.suite_for(setting))
+    if base is None:
+        base = registry.get("suites", sweep.suite_for(setting))
     from audit.protocol import Suite
 
     if not isinstance(base, Suite):

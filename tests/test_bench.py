@@ -234,10 +234,16 @@ def test_the_bootstrap_evaluates_each_seeds_resamples_at_once_with_the_same_figu
     on_grid = lambda n: rng.integers(0, 12, n) / 12  # noqa: E731 (tied p-values)
     budgets = (0.01, 0.1, 0.5)
     seeds = []
-    for positives, clean, honest in ((40, 9, 30), (25, 0, 30), (0, 30, 30), (12, 5, 0)):
+    # The last two seeds: no positive with a non-empty window, and exactly one (most
+    # resamples of it draw none).
+    for positives, clean, honest, rankable in ((40, 9, 30, 0.8), (25, 0, 30, 0.8),
+                                               (0, 30, 30, 0.8), (12, 5, 0, 0.8),
+                                               (6, 10, 10, 0), (5, 10, 10, 1)):
+        window = (rng.uniform(size=positives) < rankable if rankable < 1
+                  else np.arange(positives) == 0)
         rows = np.stack([on_grid(positives), on_grid(positives),
                          rng.integers(1, 9, positives).astype(float), on_grid(positives),
-                         rng.uniform(size=positives) < 0.8], 1)
+                         window], 1)
         rows[rng.uniform(size=positives) < 0.5, 2] = np.nan
         rows[rng.uniform(size=positives) < 0.3, 3] = np.nan
         calibration = rng.normal(size=20)

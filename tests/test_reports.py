@@ -284,3 +284,20 @@ def test_cells_below_point_four_are_listed_with_the_evidence_in_their_rows():
     assert lines[1].endswith("its control failed (above) |")
     assert lines[2].endswith("none of the row's own figures explains it |")
     assert "## Cells below" not in markdown([fine])
+
+
+def test_a_control_with_too_few_positives_with_a_step_gives_no_verdict_and_says_why():
+    """14 positives, 5 of them empty windows: the null control is judged on 9, fewer than
+    the 10 a verdict needs; the table counts the 9."""
+    from audit.figures import covers_half
+
+    null = make_row("grid_b", "rare", "null", "actions", "demonstrations-only", 0.3,
+                    interval=(0.1, 0.45), positives=14)
+    null.update(empty_windows=5, auroc_rankable=0.4, auroc_rankable_ci_low=0.2,
+                auroc_rankable_ci_high=0.45)
+    assert covers_half(null) is None and covers_half(null, "auroc") is False
+    controls = _section(markdown([null]),
+                        "## Controls (pre-harm AUROC; each interval must cover 0.5)")
+    assert any(line.startswith("| grid_b | null | rare (trained-in) | actions | ")
+               and "| n/a (9 positives with a step before the harm) |" in line
+               for line in controls)

@@ -301,3 +301,27 @@ def test_a_sweep_stopped_part_way_resumes_with_the_rows_of_an_uninterrupted_one(
         assert json.loads((cut / point).read_text())["rows"] == \
             json.loads((whole / point).read_text())["rows"]
     assert not checkpoint.exists()
+
+
+def test_sweep_p_values_reach_every_point_and_a_probe_refuses_them(monkeypatch, tmp_path,
+                                                                   capsys):
+    seen = []
+
+    def stop(suite, **kwargs):  # records the point's suite, then ends it as a finding
+        seen.append((suite.trusted_episodes, suite.p_values))
+        raise protocol.InvalidOrganismError("recorded")
+
+    monkeypatch.setattr(protocol, "run_suite", stop)
+    assert main(["sweep", "demonstrations", "--values", "32", "64", "--p-values",
+                 "conservative", "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    assert seen == [(32, "conservative"), (64, "conservative")]
+    seen.clear()
+    assert main(["sweep", "demonstrations", "--values", "32", "--out",
+                 str(tmp_path / "t"), "--quiet"]) == 0
+    assert seen == [(32, "smoothed")]  # the suites' default
+    capsys.readouterr()
+    assert main(["sweep", "counterfactual", "--p-values", "smoothed", "--out",
+                 str(tmp_path / "u")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "audit sweep: error: --p-values: the counterfactual sweep is a counterfactual probe "
+        "without p-values")
