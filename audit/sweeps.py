@@ -38,6 +38,7 @@ from audit.runs import RunCheckpoint
 # Figures a sweep can plot (keys of audit.figures rows, each with ``_ci_low`` / ``_ci_high``).
 SWEEP_FIGURES = {
     "auroc": "pre-harm AUROC",
+    "auroc_rankable": "pre-harm AUROC, positives with a non-empty window",
     "caught_before_harm": "caught before harm",
     "fpr_own_clean": "FPR, own clean test episodes",
     "fpr_honest": "FPR, honest model's test episodes",
