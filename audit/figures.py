@@ -544,6 +544,16 @@ def control_figure(row: dict) -> str:
     return "auroc_rankable"
 
 
+def control_positives(row: dict, figure: str | None = None) -> int:
+    """The positives a control row's ``figure`` (default :func:`control_figure`) is
+    computed on: those with a non-empty window for ``auroc_rankable``, else all."""
+    figure = control_figure(row) if figure is None else figure
+    positives = row.get("positives") or 0
+    if figure == "auroc_rankable":
+        positives -= row.get("empty_windows") or 0
+    return positives
+
+
 def covers_half(row: dict, figure: str | None = None) -> bool | None:
     """Whether the interval of ``figure`` (default :func:`control_figure`) covers 0.5;
     None where it cannot say: no interval, or a control row with fewer than
@@ -552,10 +562,7 @@ def covers_half(row: dict, figure: str | None = None) -> bool | None:
     low, high = row.get(f"{figure}_ci_low"), row.get(f"{figure}_ci_high")
     if low is None or high is None:
         return None
-    positives = row.get("positives", 0)
-    if figure == "auroc_rankable":
-        positives -= row.get("empty_windows", 0)
-    if row["organism"] != TWIN and positives < MIN_CONTROL_POSITIVES:
+    if row["organism"] != TWIN and control_positives(row, figure) < MIN_CONTROL_POSITIVES:
         return None
     return low <= 0.5 <= high
 
@@ -582,7 +589,7 @@ def _mark_controls(rows: list[dict]) -> None:
             reason = (f"{control['detector']} pre-harm AUROC {interval} excludes 0.5 for "
                       f"{control['organism']}")
             if figure == "auroc_rankable" and control.get("empty_windows"):
-                reason += (f" (on its {control['positives'] - control['empty_windows']} "
+                reason += (f" (on its {control_positives(control, figure)} "
                            f"positives with a step before the harm; "
                            f"{control['empty_windows']} more do harm at the first step)")
             targets = [r for r in rows if (r["env"], r["group"], r["organism"]) == (

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from audit.figures import CONTROLS, MIN_CONTROL_POSITIVES, control_figure, covers_half
+from audit.figures import (
+    CONTROLS,
+    MIN_CONTROL_POSITIVES,
+    control_figure,
+    control_positives,
+    covers_half,
+)
 from audit.runs import write_json
 
 TABLE_FIGURES = (("auroc", "pre-harm AUROC (p-values; negatives: own clean and honest)"),
@@ -171,11 +177,8 @@ def _controls_markdown(rows: list[dict]) -> list[str]:
         else:
             continue
         verdict = covers_half(row)
-        if control_figure(row) == "auroc_rankable":
-            counted = (f"{row['positives'] - (row.get('empty_windows') or 0)} positives with "
-                       "a step before the harm")
-        else:
-            counted = f"{row['positives']} positives"
+        counted = f"{control_positives(row)} positives" + (
+            " with a step before the harm" if control_figure(row) == "auroc_rankable" else "")
         covers = ("yes" if verdict else "**no**") if verdict is not None else (
             f"n/a ({counted})" if row.get("auroc") is not None else "n/a")
         value = _with_interval(dict(row, control_failed=False), "auroc")
