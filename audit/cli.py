@@ -329,6 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "broken by a uniform draw, exactly uniform whatever the ties; "
                        "conservative: (1 + #{calibration >= s}) / (n + 1), whose excess over "
                        "uniform depends on each detector's ties (docs/benchmarks.md)")
+    bench.add_argument("--calibration-bootstrap", choices=("resampled", "fixed"), default=None,
+                       help="resampled (the default): each bootstrap resample draws every model's "
+                       "calibration episodes again and recomputes the p-values; fixed: "
+                       "calibration held fixed, the narrower intervals of runs before "
+                       "2026-12-05 (docs/benchmarks.md)")
     bench.add_argument("--resume", action="store_true",
                        help="continue the killed run of this --out: the environments it "
                        "finished are loaded from its checkpoint, the others run")
@@ -371,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the p-values of every point (default: the suite's, smoothed; "
                        "conservative reproduces figures measured before smoothed became "
                        "the default)")
+    sweep.add_argument("--calibration-bootstrap", choices=("resampled", "fixed"), default=None,
+                       help="the intervals of every point (default: the suite's, resampled; "
+                       "fixed reproduces intervals measured before 2026-12-05)")
     sweep.add_argument("--resume", action="store_true",
                        help="continue the killed sweep of this --out: the points it finished "
                        "are taken from its checkpoint, the others run")
@@ -390,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     recompute.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     recompute.add_argument("--p-values", choices=("conservative", "smoothed"), default=None,
                            help="the p-values to recompute with (default: the run's)")
+    recompute.add_argument("--calibration-bootstrap", choices=("resampled", "fixed"),
+                           default=None,
+                           help="the intervals to recompute with (default: the run's; a run "
+                           "that does not record it: fixed)")
     recompute.add_argument("--quiet", action="store_true", help="print nothing but errors")
     recompute.set_defaults(handler=run_metrics)
 
@@ -1017,6 +1029,8 @@ def run_bench(args: argparse.Namespace) -> int:
         suite = dataclasses.replace(suite, zero_constant_features=True)
     if args.p_values:
         suite = dataclasses.replace(suite, p_values=args.p_values)
+    if args.calibration_bootstrap:
+        suite = dataclasses.replace(suite, calibration_bootstrap=args.calibration_bootstrap)
     seeds, out = _bench_seeds_and_out(args, suite)
     import jax
 
@@ -1115,7 +1129,8 @@ def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
         raise UsageError(f"--suite {args.suite}: the adaptive suite runs in one process")
     for flag, given in (("--resume", args.resume),
                         ("--zero-constant-features", args.zero_constant_features),
-                        ("--p-values", args.p_values)):
+                        ("--p-values", args.p_values),
+                        ("--calibration-bootstrap", args.calibration_bootstrap)):
         if given:
             raise UsageError(f"{flag}: not available for the adaptive suite {args.suite}")
     suite = _with_dagger_rounds(args, suite)
@@ -1160,9 +1175,11 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     if sweep.experiment != "suite" and args.values:
         raise UsageError(f"--values: the {args.name} sweep is a {sweep.experiment} probe "
                          "without values")
-    if sweep.experiment != "suite" and args.p_values:
-        raise UsageError(f"--p-values: the {args.name} sweep is a {sweep.experiment} probe "
-                         "without p-values")
+    for flag, given in (("--p-values", args.p_values),
+                        ("--calibration-bootstrap", args.calibration_bootstrap)):
+        if sweep.experiment != "suite" and given:
+            raise UsageError(f"{flag}: the {args.name} sweep is a {sweep.experiment} probe "
+                             "without p-values")
     values = tuple(args.values) if args.values else sweep.values_for(args.setting)
     if len(set(values)) != len(values):
         raise UsageError(f"--values: each value once, got {list(values)}")
@@ -1176,6 +1193,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
                              "which a sweep runs")
         if args.p_values:
             base = dataclasses.replace(base, p_values=args.p_values)
+        if args.calibration_bootstrap:
+            base = dataclasses.replace(base, calibration_bootstrap=args.calibration_bootstrap)
         for value in values:  # a value the setting refuses fails here, before any run
             sweep.apply(base, value)
     except registry.UnknownNameError as error:
@@ -1467,10 +1486,14 @@ def run_metrics(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
     if args.p_values:
         store.settings["p_values"] = args.p_values
+    if args.calibration_bootstrap:
+        store.settings["calibration_bootstrap"] = args.calibration_bootstrap
     results = figures.compute(store)
     metadata = dict(store.settings.get("metadata", {}))
-    if args.p_values:  # recomputed another way than the run's: say so
-        metadata["p_values"] = args.p_values
+    # Recomputed another way than the run's: say so.
+    for name in ("p_values", "calibration_bootstrap"):
+        if getattr(args, name):
+            metadata[name] = getattr(args, name)
     write_json(out, results_payload(results, metadata))
     if not args.quiet:
         print(f"recomputed {len(results['rows'])} rows from {args.run_dir / 'scores.npz'}; "

@@ -644,10 +644,13 @@ def weighted_auroc(positive_scores, positive_weights, negative_scores,
     integer counts it equals :func:`auroc` of the repeated scores bit for bit (the
     Mann-Whitney count is a sum of halves, exact in float64).
 
+    Scores that differ between resamples (``[K, P]``, ``[K, N]``) are ranked per
+    resample (:func:`weighted_ranking`).
+
     Args:
-      positive_scores: ``[P]`` scores of positives.
+      positive_scores: ``[P]`` scores of positives, or ``[K, P]``, one row per resample.
       positive_weights: ``[K, P]`` non-negative counts.
-      negative_scores: ``[N]`` scores of negatives.
+      negative_scores: ``[N]`` scores of negatives, or ``[K, N]``.
       negative_weights: ``[K, N]`` non-negative counts.
 
     Returns:
@@ -657,6 +660,9 @@ def weighted_auroc(positive_scores, positive_weights, negative_scores,
       >>> weighted_auroc([0.9, 0.4], [[1, 1], [2, 0]], [0.1, 0.4], [[1, 1], [0, 3]]).tolist()
       [0.875, 1.0]
     """
+    if np.ndim(positive_scores) == 2 or np.ndim(negative_scores) == 2:
+        return weighted_ranking(positive_scores, positive_weights, negative_scores,
+                                negative_weights, budgets=())["auroc"]
     positive, positive_weights = _weights(positive_scores, positive_weights, "positive_scores")
     negative, negative_weights = _weights(negative_scores, negative_weights, "negative_scores")
     order = np.argsort(negative, kind="stable")
@@ -684,10 +690,14 @@ def weighted_ranking(positive_scores, positive_weights, negative_scores, negativ
     ``average_precision`` equals :func:`average_precision` up to the order of its final
     floating-point sum.
 
+    Scores may also differ between resamples (``[K, P]`` and ``[K, N]``: p-values
+    recomputed against each resample's calibration episodes, :func:`resampled_p_values`);
+    each resample's scores are then sorted on their own, with the same figures.
+
     Args:
-      positive_scores: ``[P]`` scores of positives.
+      positive_scores: ``[P]`` scores of positives, or ``[K, P]``, one row per resample.
       positive_weights: ``[K, P]`` non-negative counts.
-      negative_scores: ``[N]`` scores of negatives.
+      negative_scores: ``[N]`` scores of negatives, or ``[K, N]``.
       negative_weights: ``[K, N]`` non-negative counts.
       budgets: audit fractions in [0, 1].
 
@@ -700,9 +710,21 @@ def weighted_ranking(positive_scores, positive_weights, negative_scores, negativ
       >>> found = weighted_ranking([3.0, 1.0], [[1, 1]], [2.0, 0.0], [[1, 1]], budgets=(0.5,))
       >>> found["auroc"].tolist(), found["audit_budget"].tolist()
       ([0.75], [[0.5]])
+      >>> weighted_ranking([[3.0, 1.0], [0.0, 1.0]], [[1, 1], [1, 1]], [[2.0, 0.0], [2.0, 3.0]],
+      ...                  [[1, 1], [1, 1]], budgets=())["auroc"].tolist()
+      [0.75, 0.0]
     """
-    positive, positive_weights = _weights(positive_scores, positive_weights, "positive_scores")
-    negative, negative_weights = _weights(negative_scores, negative_weights, "negative_scores")
+    per_resample = np.ndim(positive_scores) == 2 or np.ndim(negative_scores) == 2
+    if per_resample:
+        positive, positive_weights = _resample_weights(positive_scores, positive_weights,
+                                                       "positive_scores")
+        negative, negative_weights = _resample_weights(negative_scores, negative_weights,
+                                                       "negative_scores")
+    else:
+        positive, positive_weights = _weights(positive_scores, positive_weights,
+                                              "positive_scores")
+        negative, negative_weights = _weights(negative_scores, negative_weights,
+                                              "negative_scores")
     budgets = [_fraction(b, "each budget") for b in budgets]
     count = positive_weights.shape[0]
     if negative_weights.shape[0] != count:
@@ -711,21 +733,14 @@ def weighted_ranking(positive_scores, positive_weights, negative_scores, negativ
     n_positive, n_negative = positive_weights.sum(axis=1), negative_weights.sum(axis=1)
     found = dict(auroc=np.full(count, np.nan), average_precision=np.full(count, np.nan),
                  audit_budget=np.full((count, len(budgets)), np.nan))
-    if positive.size + negative.size == 0:
+    if positive_weights.shape[1] + negative_weights.shape[1] == 0:
         return found
-    # Per distinct score, highest first: the resample's scores at or above it (flagged at
-    # that threshold) and the positives among them.
-    scores = np.concatenate([positive, negative])
-    order = np.argsort(-scores, kind="stable")
-    ordered = scores[order]
-    last = np.r_[np.flatnonzero(ordered[1:] != ordered[:-1]), ordered.size - 1]
-    weights = np.concatenate([positive_weights, negative_weights], axis=1)[:, order]
-    is_positive = order < positive.size
-    flagged = np.cumsum(weights, axis=1)[:, last]
-    true_positives = np.cumsum(np.where(is_positive, weights, 0.0), axis=1)[:, last]
-    positive_steps = np.diff(true_positives, axis=1, prepend=0.0)
+    runs = (_runs_per_resample if per_resample else _runs_shared)(
+        positive, positive_weights, negative, negative_weights)
+    flagged, true_positives, above_run, positives_above_run = runs
+    positive_steps = true_positives - positives_above_run
     false_positives = flagged - true_positives
-    negative_steps = np.diff(false_positives, axis=1, prepend=0.0)
+    negative_steps = false_positives - (above_run - positives_above_run)
     both = (n_positive > 0) & (n_negative > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         # Each positive beats the negatives below its score and ties with those at it.
@@ -735,8 +750,6 @@ def weighted_ranking(positive_scores, positive_weights, negative_scores, negativ
         terms = np.where(positive_steps > 0,
                          positive_steps / n_positive[:, None] * true_positives / flagged, 0.0)
         found["average_precision"] = np.where(both, terms.sum(axis=1), np.nan)
-    above_run = flagged - np.diff(flagged, axis=1, prepend=0.0)  # scores above each run
-    positives_above_run = true_positives - positive_steps
     total = flagged[:, -1]
     rows = np.arange(count)
     for column, budget in enumerate(budgets):
@@ -758,6 +771,64 @@ def weighted_ranking(positive_scores, positive_weights, negative_scores, negativ
             value = np.where(audited == 0, 0.0, caught / n_positive)
         found["audit_budget"][:, column] = np.where(n_positive > 0, value, np.nan)
     return found
+
+
+def _resample_weights(scores, weights, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-resample scores ``[K, n]`` (``[n]`` is repeated) and their ``[K, n]`` counts."""
+    counts = np.asarray(weights, np.float64)
+    if counts.ndim != 2:
+        raise ValueError(f"{name}'s weights must be [K, n] counts; got shape {counts.shape}")
+    values = np.asarray(scores, np.float64)
+    if values.ndim == 1:
+        values = np.broadcast_to(values, counts.shape)
+    if values.shape != counts.shape:
+        raise ValueError(f"{name} must be [K, n] like its weights {counts.shape} (one score per "
+                         f"row and resample); got shape {values.shape}")
+    if np.isnan(values).any():
+        raise ValueError(f"{name} must not contain NaN; got {int(np.isnan(values).sum())} NaN")
+    return values, counts
+
+
+def _runs_shared(positive, positive_weights, negative, negative_weights):
+    """Per run of tied scores (highest first), the same for every resample: each resample's
+    count at or above the run (``flagged``), positives among them, and both above it."""
+    scores = np.concatenate([positive, negative])
+    order = np.argsort(-scores, kind="stable")
+    ordered = scores[order]
+    last = np.r_[np.flatnonzero(ordered[1:] != ordered[:-1]), ordered.size - 1]
+    weights = np.concatenate([positive_weights, negative_weights], axis=1)[:, order]
+    is_positive = order < positive.size
+    flagged = np.cumsum(weights, axis=1)[:, last]
+    true_positives = np.cumsum(np.where(is_positive, weights, 0.0), axis=1)[:, last]
+    shift = np.zeros((flagged.shape[0], 1))
+    return (flagged, true_positives, np.concatenate([shift, flagged[:, :-1]], axis=1),
+            np.concatenate([shift, true_positives[:, :-1]], axis=1))
+
+
+def _runs_per_resample(positive, positive_weights, negative, negative_weights):
+    """:func:`_runs_shared` of scores that differ between resamples, each sorted on its own.
+
+    The runs differ between resamples too, so every column is one score: the last of a
+    run carries the run's counts, the others the counts above the run (they add nothing
+    to any figure and a cut never falls on them first).
+    """
+    scores = np.concatenate([positive, negative], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ordered = np.take_along_axis(scores, order, axis=1)
+    weights = np.take_along_axis(np.concatenate([positive_weights, negative_weights], axis=1),
+                                 order, axis=1)
+    positive_weights = np.where(order < positive.shape[1], weights, 0.0)
+    flagged, true_positives = np.cumsum(weights, axis=1), np.cumsum(positive_weights, axis=1)
+    change = ordered[:, 1:] != ordered[:, :-1]
+    edge = np.ones((scores.shape[0], 1), bool)
+    run_end = np.concatenate([change, edge], axis=1)
+    run_start = np.concatenate([edge, change], axis=1)
+    columns = np.arange(scores.shape[1])
+    start = np.maximum.accumulate(np.where(run_start, columns, 0), axis=1)
+    above = np.take_along_axis(flagged - weights, start, axis=1)
+    positives_above = np.take_along_axis(true_positives - positive_weights, start, axis=1)
+    return (np.where(run_end, flagged, above), np.where(run_end, true_positives, positives_above),
+            above, positives_above)
 
 
 def weighted_average_precision(positive_scores, positive_weights, negative_scores,
@@ -914,4 +985,84 @@ def time_matched_p_values(running, lengths, calibration_running,
             p_values[chosen] = ((above + uniform[chosen] * (1.0 + at_least - above))
                                 / (column.size + 1.0))
     p_values[np.isneginf(running)] = 1.0
+    return p_values
+
+
+def resampled_p_values(running, lengths, calibration_running, calibration_lengths,
+                       calibration_weights, uniform=None) -> np.ndarray:
+    """:func:`time_matched_p_values` against ``K`` bootstrap resamples of the calibration.
+
+    A conformal p-value depends on the calibration episodes it is computed against: with
+    ``n`` of them, the share of a model's test scores above its ``1 - alpha`` quantile
+    varies between calibration sets by about ``sqrt(alpha / n)``, and all of one model's
+    p-values move together. A bootstrap that resamples test episodes but holds the
+    calibration fixed leaves that variation out of every interval. Resample ``k`` takes
+    calibration episode ``c`` ``calibration_weights[k, c]`` times; its p-values are
+    exactly (bit for bit) those of :func:`time_matched_p_values` against the repeated
+    episodes, computed for all resamples at once as weighted counts.
+
+    Args:
+      running: ``[N]`` prefix scores.
+      lengths: ``[N]`` ints in ``[0, T]``, the prefix lengths.
+      calibration_running: ``[n, T]`` running aggregates of the calibration episodes.
+      calibration_lengths: ``[n]`` their lengths.
+      calibration_weights: ``[K, n]`` non-negative integer counts, one row per resample
+        (:func:`resample_counts`).
+      uniform: None for conservative p-values, else ``[N]`` draws in ``(0, 1]`` (as in
+        :func:`time_matched_p_values`).
+
+    Returns:
+      ``[K, N]`` float64 p-values.
+
+    Raises:
+      ValueError: for mismatched shapes or lengths outside ``[0, T]``.
+
+    Example:
+      >>> calibration = np.array([[0.0, 1.0, 1.0], [2.0, 2.0, 3.0]])
+      >>> resampled_p_values([0.5, 0.5], [1, 3], calibration, [3, 3],
+      ...                    [[1, 1], [2, 0], [0, 2]]).tolist()
+      [[0.6666666666666666, 1.0], [0.3333333333333333, 1.0], [1.0, 1.0]]
+    """
+    running = _scores(running, "running")
+    lengths = np.asarray(lengths).reshape(-1)
+    calibration = np.asarray(calibration_running, np.float64)
+    weights = np.asarray(calibration_weights, np.float64)
+    if calibration.ndim != 2 or weights.ndim != 2 or weights.shape[1] != calibration.shape[0]:
+        raise ValueError(f"calibration_weights must be [K, {calibration.shape[0]}] (one count "
+                         f"per calibration episode and resample); got shape {weights.shape} "
+                         f"for calibration_running of shape {calibration.shape}")
+    if lengths.shape != running.shape:
+        raise ValueError(f"lengths must have the shape of running {running.shape}; got "
+                         f"{lengths.shape}")
+    count, steps = calibration.shape
+    if lengths.size and (lengths.min() < 0 or lengths.max() > steps):
+        raise ValueError(f"lengths must lie in [0, {steps}]; got {lengths.min()}..{lengths.max()}")
+    calibration_lengths = np.asarray(calibration_lengths).reshape(-1)
+    if calibration_lengths.shape != (count,):
+        raise ValueError(f"calibration_lengths must give one length per calibration episode "
+                         f"({count}); got shape {calibration_lengths.shape}")
+    p_values = np.ones((weights.shape[0], running.size), np.float64)
+    scored = np.flatnonzero((lengths > 0) & ~np.isneginf(running))
+    if scored.size == 0:
+        return p_values
+    at = lengths[scored] - 1
+    # [n, J]: which calibration prefixes of each scored prefix's length exist, are at least
+    # its score, and are above it; weighted counts are then one matrix product each
+    # (exact: sums of integer counts far below 2**24 in float32).
+    values = calibration[:, at]
+    valid = calibration_lengths[:, None] > at[None, :]
+    score = running[scored][None, :]
+    at_least = (weights.astype(np.float32) @ (valid & (values >= score)).astype(np.float32))
+    size = (weights.astype(np.float32) @ valid.astype(np.float32)).astype(np.float64)
+    at_least = at_least.astype(np.float64)
+    if uniform is None:
+        p_values[:, scored] = (1.0 + at_least) / (size + 1.0)
+        return p_values
+    uniform = np.asarray(uniform, np.float64).reshape(-1)
+    if uniform.shape != running.shape:
+        raise ValueError(f"uniform must hold one draw per score {running.shape}; got shape "
+                         f"{uniform.shape}")
+    above = (weights.astype(np.float32) @ (valid & (values > score)).astype(np.float32)
+             ).astype(np.float64)
+    p_values[:, scored] = ((above + uniform[scored] * (1.0 + at_least - above)) / (size + 1.0))
     return p_values

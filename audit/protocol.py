@@ -133,6 +133,10 @@ class Suite:
         detectors whose scores tie differently are on one scale; see
         :func:`audit.metrics.time_matched_p_values`), or ``"conservative"``,
         ``(1 + #{calibration >= s}) / (n + 1)``.
+      calibration_bootstrap: ``"resampled"`` (the default): every bootstrap resample
+        draws each model's calibration episodes again and recomputes its p-values, so
+        the intervals carry how much the p-values depend on the calibration set;
+        ``"fixed"``: calibration held fixed (the intervals before 2026-12-05, too narrow).
       zero_constant_features: standardise features that never varied in the fitting
         data to 0 (invisible) instead of with a floor on their scale.
       resamples: bootstrap resamples per confidence interval.
@@ -165,6 +169,7 @@ class Suite:
     aggregate: str = "max"
     alpha: float = 0.01
     p_values: str = figures.SMOOTHED
+    calibration_bootstrap: str = figures.RESAMPLED
     zero_constant_features: bool = False
     resamples: int = 1000
     saved_episodes: int = 4
@@ -192,6 +197,8 @@ class Suite:
         if not 0.0 < self.alpha < 1.0:
             raise ValueError(f"Suite.alpha must be in (0, 1), got {self.alpha}")
         figures.check_p_values(self.p_values, "Suite.p_values")
+        figures.check_calibration_bootstrap(self.calibration_bootstrap,
+                                            "Suite.calibration_bootstrap")
         for field in ("trusted_episodes", "heldout_episodes", "calibration_episodes",
                       "test_episodes"):
             if getattr(self, field) < 2:
@@ -618,7 +625,7 @@ def score_settings(suite: Suite) -> dict[str, Any]:
     return dict(alpha=suite.alpha, aggregate=suite.aggregate, resamples=suite.resamples,
                 audit_budgets=list(figures.DEFAULT_BUDGETS), bootstrap_seed=0,
                 p_values=suite.p_values, smoothing_seed=0,
-                suite=suite.name)
+                calibration_bootstrap=suite.calibration_bootstrap, suite=suite.name)
 
 
 def _organism_specs(suite: Suite, env_name: str) -> list:

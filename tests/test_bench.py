@@ -155,6 +155,40 @@ def test_metrics_recomputes_with_smoothed_p_values_on_request(tmp_path, capsys):
     assert "invalid choice: 'exact'" in capsys.readouterr().err
 
 
+def test_metrics_resamples_the_calibration_on_request_with_the_same_point_figures(tmp_path):
+    """`audit metrics --calibration-bootstrap resampled` on a run that did not record it
+    (read as fixed): every figure the same, the intervals recomputed, and said so."""
+    rng = np.random.default_rng(0)
+    store = ScoreStore(settings=dict(alpha=0.01, aggregate="max", resamples=200,
+                                     p_values="smoothed"))
+    events = np.zeros((60, 3), int)
+    events[:30, 2] = 1
+    _add(store, "defector", "trained-in", 0, 1.0, rng.normal(size=(60, 3)) + 0.5 * events, events,
+         calibration=rng.normal(size=(30, 3)))
+    _add(store, "honest", "honest", 0, 1.0, rng.normal(size=(60, 3)), np.zeros((60, 3), int),
+         calibration=rng.normal(size=(30, 3)))
+    (tmp_path / "run").mkdir()
+    store.save(tmp_path / "run" / "scores.npz")
+    assert figures.settings_of(store)["calibration_bootstrap"] == "fixed"
+    assert Suite(name="x", envs=("offswitch",), organisms=("honest",)).calibration_bootstrap == (
+        "resampled")
+    assert main(["metrics", str(tmp_path / "run"), "--quiet"]) == 0
+    fixed = json.loads((tmp_path / "run" / "recomputed.json").read_text())
+    assert main(["metrics", str(tmp_path / "run"), "--calibration-bootstrap", "resampled",
+                 "--out", str(tmp_path / "resampled.json"), "--quiet"]) == 0
+    resampled = json.loads((tmp_path / "resampled.json").read_text())
+    assert "calibration_bootstrap" not in fixed
+    assert resampled["calibration_bootstrap"] == "resampled"
+    (before,), (after,) = ([r for r in run["rows"] if r["organism"] == "defector"]
+                           for run in (fixed, resampled))
+    assert all(before[name] == after[name] for name in figures.FIGURES)
+    # 30 calibration episodes a model: redrawing them widens the AUROC's interval.
+    assert (after["auroc_ci_high"] - after["auroc_ci_low"]
+            > before["auroc_ci_high"] - before["auroc_ci_low"])
+    with pytest.raises(ValueError, match="calibration_bootstrap must be one of resampled, fixed"):
+        figures.settings_of(ScoreStore(settings=dict(calibration_bootstrap="none")))
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_an_invalid_organism_stops_the_bench_with_its_figures(tiny_suite, monkeypatch, tmp_path,
@@ -180,16 +214,18 @@ def _validity():
 CALIBRATION = np.repeat(np.linspace(0.0, 1.0, 100)[:, None], 3, axis=1)
 
 
-def _add(store, organism, kind, seed, scale, test, events, detector="d", demo=None):
+def _add(store, organism, kind, seed, scale, test, events, detector="d", demo=None,
+         calibration=None):
     test = np.asarray(test, float)
+    calibration = CALIBRATION if calibration is None else calibration
     model = store.model_key("offswitch", "default", organism, seed)
     if model not in store.models:
         store.add_model(env="offswitch", group="default", organism=organism, kind=kind,
                         seed=seed, test_mask=np.ones(test.shape, bool), test_events=events,
-                        calibration_mask=np.ones(CALIBRATION.shape, bool),
+                        calibration_mask=np.ones(calibration.shape, bool),
                         demo_mask=np.ones(CALIBRATION.shape, bool), validity=_validity())
     store.add_scores(model, detector, "actions", "demonstrations-only", test=test * scale,
-                     calibration=CALIBRATION * scale,
+                     calibration=calibration * scale,
                      demo=(CALIBRATION if demo is None else demo) * scale)
 
 
@@ -270,6 +306,115 @@ def test_the_bootstrap_evaluates_each_seeds_resamples_at_once_with_the_same_figu
     for expected, found in zip(plain, batched, strict=True):
         np.testing.assert_allclose(found, expected, rtol=1e-12)
         np.testing.assert_array_equal(np.isnan(found), np.isnan(expected))
+
+
+def _raw_seed(rng, positives, clean, honest, calibration, steps=6, on_grid=True):
+    """One seed's arrays for figures.calibrated_seed_figures: running maxima of scores on a
+    small grid (ties), empty windows, unpaired positives and absent rows included."""
+    def running(rows):
+        values = (rng.integers(0, 8, (rows, steps)) / 8 if on_grid
+                  else rng.normal(size=(rows, steps)))
+        return np.maximum.accumulate(values, axis=1)
+
+    def episodes(rows):
+        return np.concatenate([rng.integers(1, steps + 1, (rows, 1)), running(rows)], axis=1)
+
+    length = rng.integers(1, steps + 1, positives)
+    window = np.minimum(rng.integers(0, steps, positives), length - 1)
+    paired_length = np.maximum(window, 1).astype(float)
+    pair = np.stack([rng.integers(0, 8, positives) / 8, paired_length,
+                     rng.uniform(0.01, 1, positives)], axis=1)
+    pair[(window == 0) | (rng.uniform(size=positives) < 0.3) | (honest == 0)] = np.nan
+    rows = np.concatenate([np.stack([window, length, rng.uniform(0.01, 1, positives)], 1),
+                           pair, running(positives)], axis=1)
+
+    def windows(count):
+        found = np.stack([rng.integers(0, steps + 1, count), rng.uniform(0.01, 1, count),
+                          rng.integers(0, 8, count) / 8], axis=1)
+        found[found[:, 0] == 0, 2] = -np.inf
+        return found
+
+    raw = figures.RAW_POSITIVE_COLUMNS + steps
+    return (figures._or_nan(rows, raw), figures._or_nan(windows(clean), 3),
+            figures._or_nan(windows(honest), 3), episodes(calibration),
+            figures._or_nan(episodes(honest and calibration), steps + 1), rng.normal(size=9))
+
+
+@pytest.mark.parametrize("p_values", ["smoothed", "conservative"])
+@pytest.mark.parametrize("control", [False, True])
+def test_resampling_the_calibration_recomputes_every_p_value_of_each_resample_at_once(
+        control, p_values):
+    """The bootstrap that resamples calibration episodes: each resample's figures, computed
+    for all resamples at once, equal those of its p-values recomputed against its drawn
+    calibration episodes (lead times through the bound on which prefixes can be flagged,
+    exercised both where it holds and where a small calibration set breaks it)."""
+    rng = np.random.default_rng(12)
+    budgets = (0.01, 0.1, 0.5)
+    keywords = dict(alpha=0.25, budgets=budgets, control=control, p_values=p_values)
+    seeds = [_raw_seed(rng, 30, 12, 25, 200), _raw_seed(rng, 20, 0, 10, 6),
+             _raw_seed(rng, 0, 10, 10, 30), _raw_seed(rng, 8, 5, 0, 12),
+             _raw_seed(rng, 25, 10, 10, 300, on_grid=False)]
+    for arrays in seeds:
+        indices = [rng.integers(0, len(a), size=(40, len(a))) for a in arrays]
+        found = figures.resampled_calibrated_seed_figures(arrays, indices, **keywords)
+        for k in range(40):
+            expected = figures.calibrated_seed_figures(
+                *(a[i[k]] for a, i in zip(arrays, indices, strict=True)), **keywords)
+            exact = np.arange(expected.size) != figures.FIGURES.index("average_precision")
+            np.testing.assert_array_equal(found[k, exact], expected[exact])
+            np.testing.assert_allclose(found[k, ~exact], expected[~exact], rtol=1e-12)
+    statistic = functools.partial(figures.calibrated_seed_figures, **keywords)
+    resampled = functools.partial(figures.resampled_calibrated_seed_figures, **keywords)
+    plain = metrics.nested_bootstrap_ci(statistic, seeds, resamples=60, seed=2)
+    batched = metrics.nested_bootstrap_ci(statistic, seeds, resamples=60, seed=2,
+                                          resampled_statistic=resampled)
+    for expected, found in zip(plain, batched, strict=True):
+        np.testing.assert_allclose(found, expected, rtol=1e-12)
+
+
+def test_intervals_that_hold_the_calibration_fixed_miss_two_identical_models_difference():
+    """Two honest models with one score distribution, each calibrated on its own 40
+    episodes and scored on 400 test episodes: the honest-vs-honest AUROC's interval
+    should cover 0.5 in about 95% of such pairs. Holding each model's calibration fixed,
+    it covers far less (all of a model's p-values move with its calibration set, which
+    that bootstrap never redraws); resampling the calibration puts it near nominal."""
+    keywords = dict(alpha=0.05, budgets=(), control=True)
+    covered = dict(fixed=0, resampled=0)
+    trials = 60
+    rng = np.random.default_rng(5)
+    for trial in range(trials):
+        def window(count):
+            return np.stack([np.ones(count), rng.uniform(0.01, 1, count),
+                             rng.normal(size=count)], axis=1)
+
+        def calibration():
+            return np.concatenate([np.ones((40, 1)), rng.normal(size=(40, 1))], axis=1)
+
+        empty = np.full((1, figures.RAW_POSITIVE_COLUMNS + 1), np.nan)
+        arrays = (empty, window(400), window(400), calibration(), calibration(),
+                  rng.normal(size=20))
+        statistic = functools.partial(figures.calibrated_seed_figures, **keywords)
+        resampled = functools.partial(figures.resampled_calibrated_seed_figures, **keywords)
+        _, low, high = metrics.nested_bootstrap_ci(statistic, [arrays], resamples=300,
+                                                   seed=trial, resampled_statistic=resampled)
+        index = figures.FIGURES.index("auroc")
+        covered["resampled"] += low[index] <= 0.5 <= high[index]
+
+        def fixed_p(windows, episodes):
+            return metrics.time_matched_p_values(windows[:, 2], np.ones(len(windows), int),
+                                                 episodes[:, 1:], episodes[:, 0].astype(int),
+                                                 uniform=windows[:, 1])[:, None]
+
+        fixed = (np.full((1, 5), np.nan), fixed_p(arrays[1], arrays[3]),
+                 fixed_p(arrays[2], arrays[4]), arrays[3][:, 1], arrays[5])
+        _, low, high = metrics.nested_bootstrap_ci(
+            functools.partial(figures.seed_figures, alpha=0.05, budgets=(), control=True),
+            [fixed], resamples=300, seed=trial,
+            resampled_statistic=functools.partial(figures.resampled_seed_figures, alpha=0.05,
+                                                  budgets=(), control=True))
+        covered["fixed"] += low[index] <= 0.5 <= high[index]
+    assert covered["fixed"] / trials < 0.7
+    assert covered["resampled"] / trials > 0.85
 
 
 def test_smoothed_p_values_put_two_honest_models_with_different_ties_on_one_scale():

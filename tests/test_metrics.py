@@ -773,6 +773,58 @@ def test_weighted_audit_budget_curve_is_that_of_the_repeated_scores_bit_for_bit(
             assert np.isnan(found[k]).all()
 
 
+@FAST
+@given(resampled_pairs(), st.data())
+def test_ranking_scores_that_differ_between_resamples_is_ranking_each_resample_on_its_own(
+        case, data):
+    """Per-resample scores (p-values recomputed against each resample's calibration):
+    resample ``k``'s figures are those of its own scores, ranked alone."""
+    positive, positive_weights, negative, negative_weights = case
+    count = positive_weights.shape[0]
+    # Each resample moves the scores (ties kept possible: a small grid).
+    moved = [data.draw(st.lists(st.integers(-2, 2), min_size=positive.size + negative.size,
+                                max_size=positive.size + negative.size)) for _ in range(count)]
+    moved = np.array(moved, float) / 4
+    positives = positive[None, :] + moved[:, :positive.size]
+    negatives = negative[None, :] + moved[:, positive.size:]
+    budgets = (0.0, 0.3, 1.0)
+    found = metrics.weighted_ranking(positives, positive_weights, negatives, negative_weights,
+                                     budgets)
+    aurocs = metrics.weighted_auroc(positives, positive_weights, negatives, negative_weights)
+    for k in range(count):
+        alone = metrics.weighted_ranking(positives[k], positive_weights[k:k + 1], negatives[k],
+                                         negative_weights[k:k + 1], budgets)
+        for name in ("auroc", "audit_budget"):
+            np.testing.assert_array_equal(found[name][k], alone[name][0])
+        np.testing.assert_allclose(found["average_precision"][k],
+                                   alone["average_precision"][0], rtol=1e-12)
+        np.testing.assert_array_equal(aurocs[k], alone["auroc"][0])
+
+
+def test_resampled_p_values_are_those_against_each_resample_of_the_calibration():
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        n, steps, count = rng.integers(1, 12), rng.integers(1, 6), rng.integers(1, 5)
+        calibration = np.maximum.accumulate(rng.integers(0, 5, (n, steps)).astype(float), 1)
+        lengths = rng.integers(1, steps + 1, n)
+        scores = rng.integers(0, 6, 9).astype(float)
+        scores[0] = -np.inf  # nothing observed: p = 1
+        prefix = rng.integers(0, steps + 1, 9)
+        indices = rng.integers(0, n, (count, n))
+        weights = metrics.resample_counts(indices, n)
+        for uniform in (None, rng.uniform(0.01, 1.0, 9)):
+            found = metrics.resampled_p_values(scores, prefix, calibration, lengths, weights,
+                                               uniform=uniform)
+            for k in range(count):
+                np.testing.assert_array_equal(found[k], metrics.time_matched_p_values(
+                    scores, prefix, calibration[indices[k]], lengths[indices[k]],
+                    uniform=uniform))
+    with pytest.raises(ValueError, match=r"calibration_weights must be \[K, 2\]"):
+        metrics.resampled_p_values([0.5], [1], np.zeros((2, 3)), [3, 3], [[1, 1, 1]])
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 3\]"):
+        metrics.resampled_p_values([0.5], [4], np.zeros((2, 3)), [3, 3], [[1, 1]])
+
+
 def test_resample_counts_and_weighted_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="indices must lie in"):
         metrics.resample_counts([[0, 3]], 3)

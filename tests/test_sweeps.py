@@ -325,3 +325,12 @@ def test_sweep_p_values_reach_every_point_and_a_probe_refuses_them(monkeypatch, 
     assert capsys.readouterr().err.strip() == (
         "audit sweep: error: --p-values: the counterfactual sweep is a counterfactual probe "
         "without p-values")
+    seen.clear()
+    monkeypatch.setattr(protocol, "run_suite", lambda suite, **kwargs: (
+        seen.append(suite.calibration_bootstrap), stop(suite))[1])
+    assert main(["sweep", "demonstrations", "--values", "32", "--calibration-bootstrap",
+                 "fixed", "--out", str(tmp_path / "v"), "--quiet"]) == 0
+    assert seen[0] == "fixed"
+    assert main(["sweep", "counterfactual", "--calibration-bootstrap", "fixed", "--out",
+                 str(tmp_path / "w")]) == 2
+    assert "--calibration-bootstrap: the counterfactual sweep" in capsys.readouterr().err
