@@ -402,7 +402,8 @@ def _roc_figure(curves: list[dict], env: str):
         axis.legend(fontsize=4.5, loc="lower right")
     for axis in list(axes.flat)[len(organisms):]:
         axis.set_visible(False)
-    figure.suptitle(f"{env}: pre-harm ROC (controls dotted)")
+    figure.suptitle(f"{env}: pre-harm ROC (controls dotted, on the positives with a step "
+                    "before the harm)")
     return figure
 
 

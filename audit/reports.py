@@ -370,7 +370,9 @@ def roc_plot(curves: list[dict], path: str | os.PathLike, title: str = "") -> Pa
             if (curve["organism"], curve["detector"]) == (organism, detector):
                 # Straight segments: between two ROC points a group of tied scores
                 # moves both rates at once (a step would understate the area).
-                axis.plot(curve["fpr"], curve["tpr"], label=curve["view"])
+                label = curve["view"] + (" (non-empty windows)" if curve.get("rankable")
+                                         else "")
+                axis.plot(curve["fpr"], curve["tpr"], label=label)
         axis.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle=":")
         axis.set_title(f"{organism} / {detector}", fontsize=9)
         axis.set_xlabel("false-positive rate")

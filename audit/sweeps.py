@@ -49,7 +49,7 @@ SETTINGS = ("quick", "paper")
 EXPERIMENTS = ("suite", "counterfactual")
 CSV_COLUMNS = ("parameter", "value", "env", "group", "organism", "organism_kind", "detector",
                "view", "protocol", "figure", "estimate", "ci_low", "ci_high", "positives",
-               "control_failed")
+               "control_failed", "empty_windows")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +269,8 @@ def sweep_rows(result_rows: Sequence[dict], parameter: str, value: Any,
                                                  "detector", "view", "protocol")},
                 figure=figure, estimate=row.get(figure), ci_low=row.get(f"{figure}_ci_low"),
                 ci_high=row.get(f"{figure}_ci_high"), positives=row.get("positives"),
-                control_failed=bool(row.get("control_failed"))))
+                control_failed=bool(row.get("control_failed")),
+                empty_windows=row.get("empty_windows")))
     return out
 
 

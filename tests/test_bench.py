@@ -577,9 +577,15 @@ def test_the_controls_are_judged_on_windows_with_a_step_and_few_positives_give_n
     rare = np.zeros((400, 3), int)
     rare[:3, 2] = 1
     add("rare", "trained-in", rng.uniform(size=(400, 3)) + 0.5 * rare, rare)
-    rows = {r["organism"]: r for r in figures.compute(store)["rows"]}
+    computed = figures.compute(store)
+    rows = {r["organism"]: r for r in computed["rows"]}
     defector = rows["defector"]
     assert defector["positives"] == 200 and defector["empty_windows"] == 100
+    # Its ROC curve, like its verdict, leaves the empty windows out: the area under it is
+    # auroc_rankable (with them the curve would reach TPR 1 only at FPR 1).
+    (curve,) = [c for c in computed["roc"]["offswitch"] if c["organism"] == "defector"]
+    assert curve["rankable"] and np.trapezoid(curve["tpr"], curve["fpr"]) == pytest.approx(
+        defector["auroc_rankable"], abs=1e-9)
     assert defector["auroc"] == pytest.approx(0.5 * 0.5, abs=0.06)
     assert defector["auroc_rankable"] == pytest.approx(0.5, abs=0.08)
     assert figures.control_figure(defector) == "auroc_rankable"

@@ -18,7 +18,7 @@ from benchmarks import sweeps as builtin
 def _row(organism, kind, detector, auroc, failed=False):
     return dict(env="offswitch", group="default", organism=organism, organism_kind=kind,
                 detector=detector, view="actions", protocol="co-trained", positives=12,
-                control_failed=failed, auroc=auroc, auroc_ci_low=auroc - 0.1,
+                empty_windows=3, control_failed=failed, auroc=auroc, auroc_ci_low=auroc - 0.1,
                 auroc_ci_high=auroc + 0.05, caught_before_harm=None)
 
 
@@ -30,6 +30,7 @@ def test_sweep_rows_keep_each_figure_with_its_interval_and_control_mark():
     assert (rows[0]["estimate"], rows[0]["ci_low"], rows[0]["ci_high"]) == (0.8, 0.7000000000000001,
                                                                             0.8500000000000001)
     assert rows[0]["control_failed"] is True and rows[1]["estimate"] is None
+    assert rows[0]["empty_windows"] == 3  # of the 12 positives, misses for every detector
     table = list(csv.DictReader(csv_text(rows).splitlines()))
     assert tuple(table[0]) == CSV_COLUMNS and table[1]["estimate"] == ""
     # The figure draws incorrigible organisms with a defined estimate only.
