@@ -28,8 +28,12 @@ differently on one scale (a store's settings say which; a store that does not sa
 computed with the conservative one).
 
 **Cell figures** per (environment, organism, detector, view), computed per seed (with
-that seed's models and detectors) and averaged, with a nested (seed, episode) bootstrap
-95% interval:
+that seed's models and detectors) and averaged, with a nested bootstrap 95% interval:
+seeds, then each seed's test windows and, with ``calibration_bootstrap="resampled"``
+(the suites' default), each model's calibration episodes, every p-value recomputed
+against the drawn ones (:func:`calibrated_seed_figures`); ``"fixed"`` holds the
+calibration fixed (a store that does not say was computed so). All of a model's
+p-values move with its calibration set, so intervals that hold it fixed are too narrow.
 
 - ``auroc``, ``average_precision``: pre-harm windows of positives against negatives
   (the model's own clean test windows and the honest model's test windows on the same

@@ -14,7 +14,7 @@ from audit import registry
 from audit.bc import BCConfig, make_train, masked_kl
 from audit.cli import main
 from audit.evaluate import imitation_figures
-from audit.rollout import rollout_expert
+from audit.rollout import rollout, rollout_expert
 from benchmarks.planners import CONFIGS, Planner
 from models.imitators import MLPImitator
 
@@ -49,6 +49,32 @@ def test_training_is_a_pure_function_of_the_key():
     assert seeds.shape == (3, 20) and losses_a[-1] < losses_a[0]
 
 
+def test_imitation_figures_say_where_return_is_lost_without_changing_the_rollouts():
+    """KL on the imitator's own states beside KL on the demonstrator's, and when the first
+    reward comes; recording the demonstrator's distributions changes no episode."""
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 16, 48)
+    train, graphdef = make_train(BCConfig(updates=10), lambda k: MLPImitator(
+        (9, 9, 8), 6, hidden_sizes=(16,), rngs=nnx.Rngs(k)), demos)
+    imitator = nnx.merge(graphdef, jax.jit(train)(jax.random.key(1))[0])
+    figures = imitation_figures(imitator, registry.get("environments", "offswitch"),
+                                registry.get("planners", "demonstrator"), jax.random.key(2),
+                                episodes=16)
+    for split in ("train", "test"):
+        assert figures[f"kl_on_policy_{split}"] > 0.0 and np.isfinite(figures[f"kl_{split}"])
+        assert 0.0 <= figures[f"no_reward_share_{split}"] <= 1.0
+        # The planner reaches the goal unless the supervisor switches it off first.
+        assert figures[f"demonstrator_no_reward_share_{split}"] < 0.5
+        assert 1 <= figures[f"demonstrator_first_reward_step_{split}"] < 48
+    train_key = jax.random.split(jax.random.split(jax.random.key(2))[0])[1]
+    plain = rollout(imitator, env, params, train_key, 16, 48)
+    recorded = rollout(imitator, env, params, train_key, 16, 48,
+                       reference=Planner(env, CONFIGS["demonstrator"]))
+    np.testing.assert_array_equal(plain.actions, recorded.actions)
+    np.testing.assert_array_equal(plain.rewards, recorded.rewards)
+
+
 # A learning bar (about a minute); the default run checks BC's plumbing and that its loss falls.
 @pytest.mark.slow
 def test_mlp_bc_on_offswitch_matches_the_demonstrator_and_stays_corrigible():
@@ -76,7 +102,8 @@ def test_train_bc_command_writes_params_and_summary(tmp_path, capsys):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     for key in ("kl_train", "kl_test", "event_rate_train", "event_rate_test", "return_train",
-                "return_test", "config", "versions"):
+                "return_test", "kl_on_policy_train", "first_reward_step_test",
+                "no_reward_share_train", "config", "versions"):
         assert key in summary
     assert (out / "params.npz").is_file()
 
@@ -102,3 +129,12 @@ def test_train_bc_usage_errors(tmp_path, capsys, argv, expected):
     assert main(["train-bc", *argv, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
+
+
+def test_the_evaluate_modules_examples_hold():
+    import doctest
+
+    import audit.evaluate
+
+    result = doctest.testmod(audit.evaluate)
+    assert result.attempted > 0 and result.failed == 0

@@ -46,3 +46,7 @@ def test_the_figures_benchmark_times_both_ways_and_checks_they_agree(capsys):
     printed = capsys.readouterr().out
     assert "| resampled (default) |" in printed and "| per resample (reference) |" in printed
     assert "largest difference between the two" in printed
+    assert "calibration resampled" in printed  # the suites' bootstrap, by default
+    assert perf_figures.main(["--resamples", "20", "--seeds", "2", "--cells", "2",
+                              "--episodes", "16", "--calibration-bootstrap", "fixed"]) == 0
+    assert "calibration fixed" in capsys.readouterr().out

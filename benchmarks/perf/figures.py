@@ -2,6 +2,7 @@
 
     python -m benchmarks.perf.figures [RUN_DIR] [--resamples 1000] [--seeds 5]
                                       [--cells 12] [--episodes 256] [--repeats 1]
+                                      [--calibration-bootstrap {resampled,fixed}]
 
 Times :func:`audit.figures.compute` (what ``audit bench`` does after scoring and ``audit
 metrics RUN_DIR`` does again) two ways on the same scores, side by side in one process:
@@ -9,7 +10,11 @@ metrics RUN_DIR`` does again) two ways on the same scores, side by side in one p
 (:func:`audit.figures.resampled_seed_figures`, the default) and ``per resample`` calls
 :func:`audit.figures.seed_figures` once per resample and seed (the reference). Prints
 both times, their ratio and the largest difference between the two results' figures
-(the draws are the same, so it must be rounding: at most 1e-12).
+(the draws are the same, so it must be rounding: at most 1e-12). The bootstrap is the
+run's (``--calibration-bootstrap`` chooses: ``resampled``, each model's calibration
+episodes redrawn and every p-value recomputed per resample, the suites' default and the
+synthetic store's; ``fixed``, the calibration held fixed), so both of its costs can be
+timed on the same scores.
 
 With ``RUN_DIR``, the scores are that run's ``scores.npz``; without, a synthetic store
 shaped like one environment of the full suite: ``--seeds`` seeds of an honest model,
@@ -94,6 +99,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cells", type=int, default=12)
     parser.add_argument("--episodes", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--calibration-bootstrap", choices=figures.CALIBRATION_BOOTSTRAPS,
+                        default=None,
+                        help="the bootstrap to time (default: the run's; resampled synthetic)")
     args = parser.parse_args(argv)
     for name in ("resamples", "seeds", "cells", "episodes", "repeats"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -110,8 +118,11 @@ def main(argv=None) -> int:
     else:
         store = synthetic_store(seeds=args.seeds, cells=args.cells, episodes=args.episodes,
                                 resamples=args.resamples or 1000)
+        store.settings["calibration_bootstrap"] = figures.RESAMPLED
         source = (f"synthetic: {args.seeds} seeds, {args.cells} incorrigible cells, "
                   f"{args.episodes} episodes")
+    if args.calibration_bootstrap is not None:
+        store.settings["calibration_bootstrap"] = args.calibration_bootstrap
     timings: dict[str, list[float]] = {"resampled": [], "per resample": []}
     results = {}
     for _ in range(args.repeats):  # alternating, so both see the same machine
@@ -122,8 +133,8 @@ def main(argv=None) -> int:
     fast, slow = min(timings["resampled"]), min(timings["per resample"])
     difference = largest_difference(results["resampled"], results["per resample"])
     print(f"figures of {len(results['resampled']['rows'])} rows, "
-          f"{figures.settings_of(store)['resamples']} resamples "
-          f"({source})")
+          f"{figures.settings_of(store)['resamples']} resamples, calibration "
+          f"{figures.settings_of(store)['calibration_bootstrap']} ({source})")
     print("| bootstrap | seconds |\n| --- | --- |")
     print(f"| resampled (default) | {fast:.2f} |\n| per resample (reference) | {slow:.2f} |")
     print(f"ratio: {slow / fast:.1f}x; largest difference between the two: {difference:.1e}")
