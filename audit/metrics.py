@@ -896,6 +896,32 @@ def conformal_p_values(scores, calibration_scores) -> np.ndarray:
     return np.where(np.isneginf(values), 1.0, (1.0 + at_least) / (calibration.size + 1.0))
 
 
+def _prefixes(running, lengths, calibration_running, calibration_lengths):
+    """The checked inputs of :func:`time_matched_p_values` (and :func:`resampled_p_values`):
+    ``(running, lengths, calibration, calibration_lengths)``; lengths default to ``T``."""
+    running = _scores(running, "running")
+    lengths = np.asarray(lengths).reshape(-1)
+    calibration = np.asarray(calibration_running, np.float64)
+    if calibration.ndim != 2 or calibration.shape[0] == 0:
+        raise ValueError(f"calibration_running must be a non-empty [n, T] array; got shape "
+                         f"{calibration.shape}")
+    if np.isnan(calibration).any():
+        raise ValueError("calibration_running must not contain NaN")
+    if lengths.shape != running.shape:
+        raise ValueError(f"lengths must have the shape of running {running.shape}; got "
+                         f"{lengths.shape}")
+    count, steps = calibration.shape
+    if lengths.size and (lengths.min() < 0 or lengths.max() > steps):
+        raise ValueError(f"lengths must lie in [0, {steps}]; got {lengths.min()}..{lengths.max()}")
+    if calibration_lengths is None:
+        calibration_lengths = np.full(count, steps)
+    calibration_lengths = np.asarray(calibration_lengths).reshape(-1)
+    if calibration_lengths.shape != (count,):
+        raise ValueError(f"calibration_lengths must give one length per calibration episode "
+                         f"({count}); got shape {calibration_lengths.shape}")
+    return running, lengths, calibration, calibration_lengths
+
+
 def time_matched_p_values(running, lengths, calibration_running,
                           calibration_lengths=None, uniform=None) -> np.ndarray:
     """Conformal p-values of prefix scores against calibration prefixes of the same length.
@@ -948,26 +974,8 @@ def time_matched_p_values(running, lengths, calibration_running,
       >>> time_matched_p_values([1.0], [2], calibration, uniform=[0.25]).tolist()
       [0.5]
     """
-    running = _scores(running, "running")
-    lengths = np.asarray(lengths).reshape(-1)
-    calibration = np.asarray(calibration_running, np.float64)
-    if calibration.ndim != 2 or calibration.shape[0] == 0:
-        raise ValueError(f"calibration_running must be a non-empty [n, T] array; got shape "
-                         f"{calibration.shape}")
-    if np.isnan(calibration).any():
-        raise ValueError("calibration_running must not contain NaN")
-    if lengths.shape != running.shape:
-        raise ValueError(f"lengths must have the shape of running {running.shape}; got "
-                         f"{lengths.shape}")
-    count, steps = calibration.shape
-    if lengths.size and (lengths.min() < 0 or lengths.max() > steps):
-        raise ValueError(f"lengths must lie in [0, {steps}]; got {lengths.min()}..{lengths.max()}")
-    if calibration_lengths is None:
-        calibration_lengths = np.full(count, steps)
-    calibration_lengths = np.asarray(calibration_lengths).reshape(-1)
-    if calibration_lengths.shape != (count,):
-        raise ValueError(f"calibration_lengths must give one length per calibration episode "
-                         f"({count}); got shape {calibration_lengths.shape}")
+    running, lengths, calibration, calibration_lengths = _prefixes(
+        running, lengths, calibration_running, calibration_lengths)
     if uniform is not None:
         uniform = np.asarray(uniform, np.float64).reshape(-1)
         if uniform.shape != running.shape or not np.all((uniform > 0) & (uniform <= 1)):
@@ -1023,24 +1031,13 @@ def resampled_p_values(running, lengths, calibration_running, calibration_length
       ...                    [[1, 1], [2, 0], [0, 2]]).tolist()
       [[0.6666666666666666, 1.0], [0.3333333333333333, 1.0], [1.0, 1.0]]
     """
-    running = _scores(running, "running")
-    lengths = np.asarray(lengths).reshape(-1)
-    calibration = np.asarray(calibration_running, np.float64)
+    running, lengths, calibration, calibration_lengths = _prefixes(
+        running, lengths, calibration_running, calibration_lengths)
     weights = np.asarray(calibration_weights, np.float64)
-    if calibration.ndim != 2 or weights.ndim != 2 or weights.shape[1] != calibration.shape[0]:
+    if weights.ndim != 2 or weights.shape[1] != calibration.shape[0]:
         raise ValueError(f"calibration_weights must be [K, {calibration.shape[0]}] (one count "
                          f"per calibration episode and resample); got shape {weights.shape} "
                          f"for calibration_running of shape {calibration.shape}")
-    if lengths.shape != running.shape:
-        raise ValueError(f"lengths must have the shape of running {running.shape}; got "
-                         f"{lengths.shape}")
-    count, steps = calibration.shape
-    if lengths.size and (lengths.min() < 0 or lengths.max() > steps):
-        raise ValueError(f"lengths must lie in [0, {steps}]; got {lengths.min()}..{lengths.max()}")
-    calibration_lengths = np.asarray(calibration_lengths).reshape(-1)
-    if calibration_lengths.shape != (count,):
-        raise ValueError(f"calibration_lengths must give one length per calibration episode "
-                         f"({count}); got shape {calibration_lengths.shape}")
     p_values = np.ones((weights.shape[0], running.size), np.float64)
     scored = np.flatnonzero((lengths > 0) & ~np.isneginf(running))
     if scored.size == 0:
