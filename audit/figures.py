@@ -83,6 +83,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import threadpoolctl
 
 from audit import metrics
 from audit.detectors import running_scores
@@ -600,6 +601,14 @@ def compute(store: ScoreStore, *, resampled: bool = True) -> dict[str, Any]:
       model-level statistics; the model-level AUROC of incorrigible vs honest models;
       ROC points per environment.
     """
+    # The bootstrap's matrix products are small (resamples x calibration episodes x
+    # windows): a second BLAS thread gains little on an idle machine and, on a busy one,
+    # spins waiting for a core (several times slower). One thread keeps the time steady.
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        return _compute(store, resampled)
+
+
+def _compute(store: ScoreStore, resampled: bool) -> dict[str, Any]:
     settings = settings_of(store)
     alpha, aggregate = settings["alpha"], settings["aggregate"]
     budgets = tuple(float(b) for b in settings["audit_budgets"])
