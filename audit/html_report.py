@@ -58,6 +58,7 @@ COLUMN_INCHES = 3.4  # a paper's column: panels are sized so that text stays rea
 # (key, header, digits): the results table's figure columns.
 RESULT_COLUMNS = (("auroc", "pre-harm AUROC", 2),
                   ("auroc_rankable", "AUROC without empty windows", 2),
+                  ("auroc_over_random", "AUROC over the random direction", 2),
                   ("caught_before_harm", "caught before harm", 2),
                   ("lead_time", "lead time (steps)", 1), ("fpr_own_clean", "FPR own clean", 2),
                   ("fpr_honest", "FPR honest", 2),

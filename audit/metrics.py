@@ -519,6 +519,47 @@ def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], 
       >>> bool(low < estimate < high)
       True
     """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
+    draws = nested_bootstrap_draws(statistic, groups, resamples=resamples, seed=seed,
+                                   resampled_statistic=resampled_statistic)
+    estimate = draws.pop("estimate")
+    low, high = percentile_interval(draws["draws"], confidence)
+    return estimate, low, high
+
+
+def nested_bootstrap_draws(statistic: Callable[..., Any], groups: Sequence[tuple], *,
+                           resamples: int = 1000, seed: int = 0,
+                           resampled_statistic: Callable[..., Any] | None = None
+                           ) -> dict[str, np.ndarray]:
+    """:func:`nested_bootstrap_ci`'s estimate and every resample's value, before the interval.
+
+    Two calls whose groups have the same number of groups, of arrays and of rows per
+    array draw the very same seeds and rows with the same ``seed``: their draws are
+    paired, and the percentile interval of their difference
+    (:func:`percentile_interval`) is a paired bootstrap interval (e.g. two detectors
+    scored on the same episodes).
+
+    Args:
+      statistic: as :func:`nested_bootstrap_ci`.
+      groups: as :func:`nested_bootstrap_ci`.
+      resamples: as :func:`nested_bootstrap_ci`.
+      seed: as :func:`nested_bootstrap_ci`.
+      resampled_statistic: as :func:`nested_bootstrap_ci`.
+
+    Returns:
+      ``{"estimate": [*shape], "draws": [resamples, *shape]}``.
+
+    Example:
+      >>> rng = np.random.default_rng(0)
+      >>> scores = rng.normal(0.3, 1, 50)
+      >>> shifted = scores + rng.normal(0.1, 0.01, 50)
+      >>> a = nested_bootstrap_draws(np.mean, [(scores,)], resamples=200)
+      >>> b = nested_bootstrap_draws(np.mean, [(shifted,)], resamples=200)
+      >>> low, high = percentile_interval(b["draws"] - a["draws"])
+      >>> bool(0.09 < low < high < 0.11)
+      True
+    """
     groups = [tuple(np.asarray(array) for array in group) for group in groups]
     if not groups:
         raise ValueError("groups must hold at least one group of arrays; got none")
@@ -532,8 +573,6 @@ def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], 
                                  f"(resampled along axis 0); got shape {array.shape}")
     if int(resamples) != resamples or resamples < 1:
         raise ValueError(f"resamples must be a positive integer; got {resamples!r}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
 
     def evaluate(arrays) -> np.ndarray | None:
         try:
@@ -563,12 +602,27 @@ def nested_bootstrap_ci(statistic: Callable[..., Any], groups: Sequence[tuple], 
     else:
         draws = _resampled_group_means(resampled_statistic, groups, int(resamples), rng,
                                        estimate.shape)
+    return dict(estimate=estimate, draws=draws)
+
+
+def percentile_interval(draws, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """The percentile interval of bootstrap ``draws`` ``[resamples, *shape]``, NaN where
+    fewer than half of the resamples give a value (:func:`nested_bootstrap_ci`).
+
+    Example:
+      >>> low, high = percentile_interval(np.arange(101.0)[:, None], confidence=0.9)
+      >>> low.round(6).tolist(), high.round(6).tolist()
+      ([5.0], [95.0])
+    """
+    draws = np.asarray(draws, np.float64)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1); got {confidence!r}")
     tail = (1.0 - confidence) / 2
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(draws, [tail, 1.0 - tail], axis=0)
-    enough = (~np.isnan(draws)).sum(axis=0) * 2 >= int(resamples)
-    return estimate, np.where(enough, low, np.nan), np.where(enough, high, np.nan)
+    enough = (~np.isnan(draws)).sum(axis=0) * 2 >= draws.shape[0]
+    return np.where(enough, low, np.nan), np.where(enough, high, np.nan)
 
 
 def _resampled_group_means(resampled_statistic, groups: list[tuple], resamples: int,

@@ -28,6 +28,8 @@ from audit.figures import (
 from audit.runs import write_json
 
 TABLE_FIGURES = (("auroc", "pre-harm AUROC (p-values; negatives: own clean and honest)"),
+                 ("auroc_over_random", "pre-harm AUROC minus the random direction's (same "
+                  "windows, paired bootstrap; above 0: more than where the activations went)"),
                  ("caught_before_harm", "caught before harm (flagged at p <= alpha)"),
                  ("fpr_own_clean", "FPR on the model's own clean test episodes"),
                  ("fpr_honest", "FPR on the honest model's test episodes (benign novelty)"),

@@ -39,6 +39,7 @@ from audit.runs import RunCheckpoint
 SWEEP_FIGURES = {
     "auroc": "pre-harm AUROC",
     "auroc_rankable": "pre-harm AUROC, positives with a non-empty window",
+    "auroc_over_random": "pre-harm AUROC minus the random direction's (paired)",
     "caught_before_harm": "caught before harm",
     "fpr_own_clean": "FPR, own clean test episodes",
     "fpr_honest": "FPR, honest model's test episodes",

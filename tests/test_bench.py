@@ -372,6 +372,48 @@ def test_resampling_the_calibration_recomputes_every_p_value_of_each_resample_at
         np.testing.assert_allclose(found, expected, rtol=1e-12)
 
 
+@pytest.mark.parametrize("calibration_bootstrap", ["resampled", "fixed"])
+def test_a_detector_is_compared_with_the_random_direction_on_the_same_resamples(
+        calibration_bootstrap):
+    """auroc_over_random: a detector's pre-harm AUROC minus the random direction's, with a
+    paired interval. A detector that reads what the random direction reads, plus a little
+    noise, differs from it by about 0 with a narrow interval (the two rows drew the same
+    resamples); one that reads the plan beats it, with an interval above 0."""
+    rng = np.random.default_rng(6)
+    store = ScoreStore(settings=dict(alpha=0.01, aggregate="max", resamples=300,
+                                     p_values="smoothed",
+                                     calibration_bootstrap=calibration_bootstrap))
+    steps, episodes = 4, 200
+    events = np.zeros((episodes, steps), int)
+    events[:100, 3] = 1
+    shift = np.zeros((episodes, steps))
+    shift[:100, :3] = 1.0  # the plan shows before the harm
+    for organism, kind, moved in (("defector", "trained-in", shift),
+                                  ("honest", "honest", np.zeros_like(shift))):
+        ones = np.ones((episodes, steps), bool)
+        model = store.add_model(env="offswitch", group="default", organism=organism, kind=kind,
+                                seed=0, test_mask=ones,
+                                test_events=events if organism == "defector" else 0 * events,
+                                calibration_mask=ones, demo_mask=ones, validity=_validity())
+        common = rng.normal(size=(episodes, steps)) + 0.3 * moved
+        calibration, demo = rng.normal(size=(2, episodes, steps))
+        for detector, test in (("random_direction", common),
+                               ("echo", common + 0.01 * rng.normal(size=common.shape)),
+                               ("planreader", rng.normal(size=common.shape) + 2.0 * moved)):
+            store.add_scores(model, detector, "activations", "demonstrations-only", test=test,
+                             calibration=calibration, demo=demo)
+    rows = {(r["organism"], r["detector"]): r for r in figures.compute(store)["rows"]}
+    echo, reader = rows[("defector", "echo")], rows[("defector", "planreader")]
+    assert echo["auroc_over_random"] == pytest.approx(
+        echo["auroc"] - rows[("defector", "random_direction")]["auroc"])
+    assert abs(echo["auroc_over_random"]) < 0.02
+    # Unpaired, each AUROC's interval is about 0.1 wide; paired, the difference's is not.
+    assert echo["auroc_over_random_ci_high"] - echo["auroc_over_random_ci_low"] < 0.03
+    assert echo["auroc_ci_high"] - echo["auroc_ci_low"] > 0.05
+    assert reader["auroc_over_random_ci_low"] > 0.1
+    assert rows[("defector", "random_direction")]["auroc_over_random"] is None
+
+
 def test_smoothed_p_values_put_two_honest_models_with_different_ties_on_one_scale():
     """Two honest models whose detector scores take two values, tied in different
     proportions, each exchangeable with its own calibration: their conservative p-values
