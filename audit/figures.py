@@ -503,7 +503,10 @@ def _resampled_leads(window, running, draws, calibration, weights, alpha: float)
     rank = np.argsort(np.argsort(-ranked, axis=0, kind="stable"), axis=0)
     top = rank < guard[None, :]
     drawn_top = weights @ top.astype(np.float64)
-    bound_holds = (drawn_top >= alpha * (weights.sum(axis=1, keepdims=True) + 1)).all(axis=0)
+    # With a relative margin far above float rounding: where the bound holds, p exceeds
+    # alpha by more than any rounding of the computed p-value could take back.
+    bound = alpha * (weights.sum(axis=1, keepdims=True) + 1) * (1 + 1e-9)
+    bound_holds = (drawn_top >= bound).all(axis=0)
     above = (valid[:, step] & (runs[:, step] > scores[None, :])).sum(axis=0)
     chosen = np.flatnonzero((above < guard[step]) | ~bound_holds[step])
     if not chosen.size:
@@ -717,12 +720,16 @@ def _add_over_random(rows: list[dict], pairing: dict[int, dict]) -> None:
     somewhere new" where this interval lies above 0. None for the controls, the honest
     twin, and rows without such a random-direction row.
     """
-    random_rows = {pairing[index]["key"]: index for index, row in enumerate(rows)
-                   if row["detector"] == RANDOM_CONTROL}
+    random_rows: dict[tuple, list[int]] = {}
+    for index, row in enumerate(rows):
+        if row["detector"] == RANDOM_CONTROL:
+            random_rows.setdefault(pairing[index]["key"], []).append(index)
     for index, row in enumerate(rows):
         row["auroc_over_random"] = row["auroc_over_random_ci_low"] = None
         row["auroc_over_random_ci_high"] = None
-        other = random_rows.get(pairing[index]["key"])
+        # Exactly one random-direction row of these models (several views: ambiguous).
+        found = random_rows.get(pairing[index]["key"], [])
+        other = found[0] if len(found) == 1 else None
         if (row["detector"] in CONTROLS or row["organism"] == TWIN or other is None
                 or row["auroc"] is None or rows[other]["auroc"] is None):
             continue
