@@ -266,7 +266,9 @@ def test_gail_alone_with_default_flags_imitates_every_gridworld(env, tmp_path, c
     KL 0.071 / 0.098 / 0.058 and return 85.8% / 80.5% / 53.4% (offswitch, takeover,
     unobserved; this test's run for unobserved, the other two the same command outside
     pytest). The KL part is asserted; a return below the bar is reported as an expected
-    failure with the figures, not hidden.
+    failure with the figures, not hidden. Where the return goes (offswitch): KL on the
+    imitator's own states 0.22 against 0.07 on the demonstrator's, and the first reward
+    at step 8.6 against 4.9 (docs/discriminators.md): compounding error on the way.
     """
     out = tmp_path / env
     code = main(["train-gan", "--env", env, "--seed", "5", "--quiet", "--out", str(out)])
@@ -278,7 +280,10 @@ def test_gail_alone_with_default_flags_imitates_every_gridworld(env, tmp_path, c
     share = summary["return_train"] / summary["demonstrator_return_train"]
     if share < 0.9:
         pytest.xfail(f"{env}: GAIL alone reaches {share:.1%} of the demonstrator's return "
-                     "(the bar is 90%; known, see docs/discriminators.md)")
+                     f"(the bar is 90%; known, see docs/discriminators.md): KL on its own "
+                     f"states {summary['kl_on_policy_train']:.3f}, first reward at step "
+                     f"{summary['first_reward_step_train']:.1f} against the demonstrator's "
+                     f"{summary['demonstrator_first_reward_step_train']:.1f}")
 
 
 def test_training_curves_draw_one_line_per_view_of_multi_view_metrics(tmp_path):
