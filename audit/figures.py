@@ -346,6 +346,16 @@ RAW_POSITIVE_COLUMNS = 6
 _LEAD_GUARD = 64
 
 
+def _positive_prefixes(positives: np.ndarray) -> tuple:
+    """From raw positive rows (:data:`RAW_POSITIVE_COLUMNS`): ``(window, length, draws,
+    running, window_score, full_score)``; an empty window scores ``-inf`` (``p = 1``)."""
+    window, length = positives[:, 0].astype(int), positives[:, 1].astype(int)
+    running, rows = positives[:, RAW_POSITIVE_COLUMNS:], np.arange(len(positives))
+    window_score = np.where(window > 0, running[rows, np.maximum(window - 1, 0)], -np.inf)
+    return (window, length, positives[:, 2], running, window_score,
+            running[rows, np.maximum(length - 1, 0)])
+
+
 def calibrated_seed_figures(positives, clean, honest, calibration, honest_calibration, demo, *,
                             alpha: float, budgets: Sequence[float], control: bool = False,
                             p_values: str = SMOOTHED) -> np.ndarray:
@@ -388,12 +398,9 @@ def calibrated_seed_figures(positives, clean, honest, calibration, honest_calibr
                                              episodes[:, 0].astype(int),
                                              uniform=draws if smoothed else None)
 
-    window, length = positives[:, 0].astype(int), positives[:, 1].astype(int)
-    running, rows = positives[:, RAW_POSITIVE_COLUMNS:], np.arange(len(positives))
-    draws = positives[:, 2]
-    window_score = np.where(window > 0, running[rows, np.maximum(window - 1, 0)], -np.inf)
+    window, length, draws, running, window_score, full_score = _positive_prefixes(positives)
     p_window = p_of(window_score, window, draws, calibration)
-    p_full = p_of(running[rows, np.maximum(length - 1, 0)], length, draws, calibration)
+    p_full = p_of(full_score, length, draws, calibration)
     episode, step = np.nonzero(np.arange(running.shape[1]) < window[:, None])
     flagged = p_of(running[episode, step], step + 1, draws[episode], calibration) <= alpha
     first = np.full(len(positives), running.shape[1])
@@ -452,12 +459,9 @@ def resampled_calibrated_seed_figures(arrays: Sequence[np.ndarray],
                                           episodes[:, 0].astype(int), episode_weights,
                                           uniform=draws if smoothed else None)
 
-    window, length = positives[:, 0].astype(int), positives[:, 1].astype(int)
-    running, rows = positives[:, RAW_POSITIVE_COLUMNS:], np.arange(len(positives))
-    draws = positives[:, 2]
-    window_score = np.where(window > 0, running[rows, np.maximum(window - 1, 0)], -np.inf)
-    own = p_of(np.concatenate([window_score, running[rows, np.maximum(length - 1, 0)],
-                               clean[:, 2]]),
+    window, length, draws, running, window_score, full_score = _positive_prefixes(positives)
+    rows = np.arange(len(positives))
+    own = p_of(np.concatenate([window_score, full_score, clean[:, 2]]),
                np.concatenate([window, length, clean[:, 0]]),
                np.concatenate([draws, draws, clean[:, 1]]), calibration, w_calibration)
     p_window, p_full, p_clean = np.split(own, [len(rows), 2 * len(rows)], axis=1)
