@@ -274,6 +274,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight of a behaviour-cloning term in the imitator's loss (default 0)")
     gan.add_argument("--entropy-coef", type=non_negative_float, default=None,
                      help="entropy bonus weight (default: the environment's, else 0)")
+    gan.add_argument("--ppo-epochs", type=positive_int, default=None,
+                     help="PPO passes over each iteration's imitator episodes (default: the "
+                     "environment's, else 4)")
+    gan.add_argument("--ppo-minibatches", type=positive_int, default=None,
+                     help="minibatches of whole episodes per PPO pass; must divide "
+                     "--rollout-episodes (default: the environment's, else 4)")
+    gan.add_argument("--gamma", type=finite_float(0.0, 1.0, high_open=False), default=None,
+                     help="PPO discount, in [0, 1] (default: the environment's, else 0.99)")
+    gan.add_argument("--gae-lambda", type=finite_float(0.0, 1.0, high_open=False),
+                     default=None,
+                     help="GAE lambda, in [0, 1] (default: the environment's, else 0.95)")
+    gan.add_argument("--discriminator-batch-episodes", type=positive_int, default=None,
+                     help="demonstrator and imitator episodes per discriminator update "
+                     "(default: the environment's, else 32)")
     gan.add_argument("--anneal-lr", action=argparse.BooleanOptionalAction, default=None,
                      help="anneal the imitator's and critic's learning rate linearly to 0 "
                      "over the run (default: the environment's, else off)")
@@ -666,7 +680,9 @@ def run_train_bc(args: argparse.Namespace) -> int:
 TRAIN_GAN_DEFAULTS = {"imitator": "mlp", "discriminator": "mlp", "view": "transitions",
                       "steps": 200, "rollout_episodes": 64, "reward": "gail",
                       "learning_rate": 3e-4, "discriminator_learning_rate": 3e-4,
-                      "discriminator_updates": 4, "entropy_coef": 0.0, "anneal_lr": False}
+                      "discriminator_updates": 4, "entropy_coef": 0.0, "anneal_lr": False,
+                      "ppo_epochs": 4, "ppo_minibatches": 4, "gamma": 0.99, "gae_lambda": 0.95,
+                      "discriminator_batch_episodes": 32}
 
 
 def resolve_imitation_defaults(args: argparse.Namespace,
@@ -834,12 +850,14 @@ def run_train_gan(args: argparse.Namespace) -> int:
             iterations=args.steps, episodes=args.rollout_episodes, view=args.view,
             activation_names=names, reward=args.reward,
             ppo=PPOSettings(learning_rate=args.learning_rate, entropy_coef=args.entropy_coef,
-                            anneal_lr=args.anneal_lr),
-            bc_coef=args.bc_coef,
+                            anneal_lr=args.anneal_lr, update_epochs=args.ppo_epochs,
+                            gamma=args.gamma, gae_lambda=args.gae_lambda),
+            ppo_minibatches=args.ppo_minibatches, bc_coef=args.bc_coef,
             bc_warm_start=(BCConfig(updates=args.bc_warm_start, learning_rate=2e-3)
                            if args.bc_warm_start > 0 else None),
             discriminator=DiscriminatorConfig(
-                updates=args.discriminator_updates, batch_episodes=32,
+                updates=args.discriminator_updates,
+                batch_episodes=args.discriminator_batch_episodes,
                 learning_rate=args.discriminator_learning_rate,
                 gradient_penalty=args.gradient_penalty, label_smoothing=args.label_smoothing),
             eval_every=args.eval_every, eval_episodes=args.eval_episodes)
@@ -1550,13 +1568,18 @@ def _final_gan_figures(imitator, env_spec, env, env_params, demonstrations, is_g
 
 def _flag_for(message: str) -> str:
     """Maps a config error (``GANConfig.x ...``) to the command-line flag that sets it."""
-    flags = {"GANConfig.view": "--view", "unknown view": "--view", "GANConfig.reward": "--reward",
+    flags = {"divisible by ppo_minibatches": "--rollout-episodes and --ppo-minibatches",
+             "GANConfig.view": "--view", "unknown view": "--view", "GANConfig.reward": "--reward",
              "GANConfig.episodes": "--rollout-episodes", "PPOSettings.learning_rate":
              "--learning-rate", "GANConfig.activation_names": "--activations",
              "DiscriminatorConfig.learning_rate": "--discriminator-learning-rate",
              "DiscriminatorConfig.gradient_penalty": "--gradient-penalty",
              "DiscriminatorConfig.label_smoothing": "--label-smoothing",
              "GANConfig.bc_coef": "--bc-coef", "PPOSettings.entropy_coef": "--entropy-coef",
+             "GANConfig.ppo_minibatches": "--ppo-minibatches",
+             "PPOSettings.update_epochs": "--ppo-epochs", "PPOSettings.gamma": "--gamma",
+             "PPOSettings.gae_lambda": "--gae-lambda",
+             "DiscriminatorConfig.batch_episodes": "--discriminator-batch-episodes",
              "needs activations": "--activations"}
     for prefix, flag in flags.items():
         if prefix in message:

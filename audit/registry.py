@@ -48,7 +48,9 @@ FAMILY_SEPARATOR = ":"
 # The `audit train-gan` settings an environment may recommend (EnvironmentSpec.imitation_defaults).
 IMITATION_DEFAULT_KEYS = ("imitator", "discriminator", "view", "steps", "rollout_episodes",
                           "reward", "learning_rate", "discriminator_learning_rate",
-                          "discriminator_updates", "entropy_coef", "anneal_lr")
+                          "discriminator_updates", "entropy_coef", "anneal_lr", "ppo_epochs",
+                          "ppo_minibatches", "gamma", "gae_lambda",
+                          "discriminator_batch_episodes")
 
 _registered: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
 # Name families (``gymnax:<id>``): prefix -> resolve(full name) -> component.
