@@ -491,3 +491,19 @@ def test_the_internals_penalty_trains_the_imitator_through_its_activations():
     with pytest.raises(ValueError, match="internals_penalty_coef is set but make_train was "
                                          "given no internals_monitor"):
         _attacker_run(internals_penalty_coef=1.0)
+
+
+def test_train_gan_defaults_restate_the_config_classes_own():
+    """train-gan's fallbacks for the PPO and discriminator-batch flags are literals (the
+    command line imports no JAX before it runs); they must be the configs' own defaults."""
+    from audit.discriminator import DiscriminatorConfig
+    from audit.gan import GANConfig
+    from audit.ppo import PPOSettings
+
+    ppo = PPOSettings()
+    assert (TRAIN_GAN_DEFAULTS["ppo_epochs"], TRAIN_GAN_DEFAULTS["gamma"],
+            TRAIN_GAN_DEFAULTS["gae_lambda"]) == (ppo.update_epochs, ppo.gamma, ppo.gae_lambda)
+    assert TRAIN_GAN_DEFAULTS["ppo_minibatches"] == \
+        GANConfig.__dataclass_fields__["ppo_minibatches"].default
+    assert (TRAIN_GAN_DEFAULTS["discriminator_batch_episodes"]
+            == DiscriminatorConfig().batch_episodes)
