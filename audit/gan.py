@@ -592,8 +592,9 @@ def make_train(config: GANConfig, env, env_params,
             iteration and only evaluates (the evaluation before the first iteration).
 
             Every evaluation point is then the one call site inside the scan: XLA compiles
-            the evaluation (an imitator rollout on test layouts) once rather than twice,
-            about a tenth of a GAN program's compilation on CPU. It computes what an
+            the evaluation once rather than twice. Where it rolls the imitator out on test
+            layouts (``audit train-gan``) that is about a tenth of the program's
+            compilation on CPU; without a test environment it is small. It computes what an
             evaluation before the scan did, on the same state and key; XLA may round the
             first evaluation's figures differently in their last digits (1e-6 relative).
             """
