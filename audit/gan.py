@@ -582,27 +582,26 @@ def make_train(config: GANConfig, env, env_params,
             )
             return state, metrics
 
-        def block(state, inputs):
-            (indices, keys), eval_key = inputs
-            state, metrics = jax.lax.scan(iteration, state, (indices, keys))
-            return state, (metrics, dict(evaluate(state, eval_key), iteration=indices[-1] + 1))
-
         def blocks(state, indices, keys, block_eval_keys, evaluate_first):
-            """Full blocks scanned; with ``evaluate_first``, a first stage that runs no
+            """Blocks of equal length (``indices`` is ``[blocks, length]``) scanned, each
+            ending with an evaluation; with ``evaluate_first``, a first stage that runs no
             iteration and only evaluates (the evaluation before the first iteration).
 
-            Every evaluation point is then the one call site inside the scan: XLA compiles
-            the evaluation once rather than twice. Where it rolls the imitator out on test
-            layouts (``audit train-gan``) that is about a tenth of the program's
-            compilation on CPU; without a test environment it is small. It computes what an
+            Every evaluation point of a run whose iterations are a multiple of
+            ``eval_every`` is then the one call site inside the scan: XLA compiles the
+            evaluation once rather than twice (a last, shorter block is a second scan).
+            Where it rolls the imitator out on test layouts (``audit train-gan``) that is
+            about a tenth of the program's compilation on CPU; without a test environment
+            it is small. It computes what an
             evaluation before the scan did, on the same state and key; XLA may round the
             first evaluation's figures differently in their last digits (1e-6 relative).
             """
-            run = jnp.ones(indices.shape[0], bool)
+            count, length = indices.shape
+            run = jnp.ones(count, bool)
             if evaluate_first:
                 # The first stage's indices end at -1, so its evaluation reads iteration 0;
                 # its keys are never used (no iteration runs).
-                indices = jnp.concatenate([jnp.arange(-every, 0, dtype=indices.dtype)[None],
+                indices = jnp.concatenate([jnp.arange(-length, 0, dtype=indices.dtype)[None],
                                            indices])
                 keys = jnp.concatenate([keys[:1], keys])
                 block_eval_keys = jnp.concatenate([eval_key[None], block_eval_keys])
@@ -623,9 +622,8 @@ def make_train(config: GANConfig, env, env_params,
                 stage, state, ((indices, keys), block_eval_keys, run))
             if evaluate_first:
                 metrics = jax.tree.map(lambda x: x[1:], metrics)
-            count = indices.shape[0] - evaluate_first
             return state, jax.tree.map(
-                lambda x: x.reshape((count * every,) + x.shape[2:]), metrics), evaluations
+                lambda x: x.reshape((count * length,) + x.shape[2:]), metrics), evaluations
 
         actor_key, critic_key, disc_key, bc_key, loop_key, eval_key = jax.random.split(key, 6)
         _, full, rest = block_count(config)
@@ -662,14 +660,9 @@ def make_train(config: GANConfig, env, env_params,
         eval_keys = jax.random.split(jax.random.fold_in(eval_key, 1), full + 1)
         every = config.eval_every
         chunks = []
-        # The evaluation before the first iteration, when this call starts the run: as the
-        # first stage of the scan over blocks where there is one, else on its own.
+        # The evaluation before the first iteration, when this call starts the run: the
+        # first stage of the first scan over blocks it makes.
         evaluate_first = resume is None
-        if evaluate_first and not partial and first_block >= full:
-            chunks.append(({}, jax.tree.map(lambda x: x[None],
-                                            dict(evaluate(state, eval_key),
-                                                 iteration=jnp.int32(0)))))
-            evaluate_first = False
         if partial:  # full blocks from a first_block that may be traced
             length = num_blocks * every
             state, metrics, evaluations = blocks(
@@ -689,11 +682,13 @@ def make_train(config: GANConfig, env, env_params,
                     keys[start:full * every].reshape((count, every) + keys.shape[1:]),
                     eval_keys[first_block:full], evaluate_first)
                 chunks.append((metrics, evaluations))
-            if rest:
-                state, (metrics, evaluation) = block(
-                    state, ((indices[-rest:], keys[-rest:]), eval_keys[full]))
-                chunks.append((metrics, jax.tree.map(lambda x: x[None], evaluation)))
-        metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks if c[0]])
+                evaluate_first = False
+            if rest:  # the last, shorter block: one more scan of a single block
+                state, metrics, evaluations = blocks(
+                    state, indices[-rest:][None], keys[-rest:][None], eval_keys[full:],
+                    evaluate_first)
+                chunks.append((metrics, evaluations))
+        metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks])
         evaluations = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[1] for c in chunks])
         if not partial:
             state = unstacked_state(state, config)
