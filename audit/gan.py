@@ -592,9 +592,9 @@ def make_train(config: GANConfig, env, env_params,
             evaluation once rather than twice (a last, shorter block is a second scan).
             Where it rolls the imitator out on test layouts (``audit train-gan``) that is
             about a tenth of the program's compilation on CPU; without a test environment
-            it is small. It computes what an
-            evaluation before the scan did, on the same state and key; XLA may round the
-            first evaluation's figures differently in their last digits (1e-6 relative).
+            it is small. It computes what an evaluation before the scan did, on the same
+            state and key; XLA may round the first evaluation's figures differently in
+            their last digits (1e-6 relative).
             """
             count, length = indices.shape
             run = jnp.ones(count, bool)
