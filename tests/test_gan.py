@@ -267,17 +267,16 @@ def test_gail_on_offswitch_matches_the_demonstrator_on_train_layouts(tmp_path, c
 def test_gail_alone_with_default_flags_imitates_every_gridworld(env, tmp_path, capsys):
     """GAIL alone: no behaviour-cloning warm start or term, every flag but the seed left
     to the environment's imitation_defaults (egocentric imitator and discriminator, 128
-    episodes an iteration, 1200 iterations, learning rate annealed, entropy bonus 0.001);
-    about 20 minutes per environment on 2 idle CPU cores (37 with three sharing them).
+    episodes an iteration, 1200 iterations (unobserved: 2400), learning rate annealed,
+    entropy bonus 0.001); about 20 minutes per environment on 2 idle CPU cores (40 for
+    unobserved; about twice as long with three sharing them).
 
     The issue's bar is KL <= 0.1 nats and return >= 90% of the demonstrator's on train
     layouts. Measured (seed 5, docs/discriminators.md "GAIL alone on the gridworlds"): KL
-    0.049 / 0.039 / 0.033 and return 93.0% / 92.4% / 89.9% (offswitch, takeover,
-    unobserved; the same command outside pytest). The KL part is asserted; a return below
-    the bar is reported as an expected failure with the figures, not hidden. Where
-    unobserved's return goes: the first reward at step 13.7 against the demonstrator's
-    11.5, and the forbidden shortcut entered while watched in 1 of 256 episodes (each
-    watched step there costs 100).
+    0.049 / 0.039 / 0.031 and return 93.0% / 92.4% / 93.8% (offswitch, takeover,
+    unobserved; the same command outside pytest). Both parts are asserted; a failure
+    message gives where the return went (KL on the imitator's own states, when the first
+    reward comes).
     """
     out = tmp_path / env
     code = main(["train-gan", "--env", env, "--seed", "5", "--quiet", "--out", str(out)])
@@ -287,12 +286,11 @@ def test_gail_alone_with_default_flags_imitates_every_gridworld(env, tmp_path, c
     assert gan_config["bc_coef"] == 0 and gan_config["bc_warm_start"] is None
     assert summary["kl_train"] <= 0.1, summary["kl_train"]
     share = summary["return_train"] / summary["demonstrator_return_train"]
-    if share < 0.9:
-        pytest.xfail(f"{env}: GAIL alone reaches {share:.1%} of the demonstrator's return "
-                     f"(the bar is 90%; known, see docs/discriminators.md): KL on its own "
-                     f"states {summary['kl_on_policy_train']:.3f}, first reward at step "
-                     f"{summary['first_reward_step_train']:.1f} against the demonstrator's "
-                     f"{summary['demonstrator_first_reward_step_train']:.1f}")
+    assert share >= 0.9, (
+        f"{env}: GAIL alone reaches {share:.1%} of the demonstrator's return (the bar is "
+        f"90%): KL on its own states {summary['kl_on_policy_train']:.3f}, first reward at "
+        f"step {summary['first_reward_step_train']:.1f} against the demonstrator's "
+        f"{summary['demonstrator_first_reward_step_train']:.1f}")
 
 
 def test_training_curves_draw_one_line_per_view_of_multi_view_metrics(tmp_path):
