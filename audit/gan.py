@@ -659,35 +659,30 @@ def make_train(config: GANConfig, env, env_params,
         indices = jnp.arange(config.iterations, dtype=jnp.int32)
         eval_keys = jax.random.split(jax.random.fold_in(eval_key, 1), full + 1)
         every = config.eval_every
+
+        def cut(first, count, length):
+            """``count`` blocks of ``length`` iterations from block ``first`` (which may be
+            traced): their indices and keys ``[count, length, ...]`` and evaluation keys."""
+            start, size = first * every, count * length
+            return (jax.lax.dynamic_slice_in_dim(indices, start, size).reshape(count, length),
+                    jax.lax.dynamic_slice_in_dim(keys, start, size).reshape(
+                        (count, length) + keys.shape[1:]),
+                    jax.lax.dynamic_slice_in_dim(eval_keys, first, count))
+
+        if partial:  # full blocks from a first_block that may be traced
+            segments = [(first_block, num_blocks, every)]
+        else:  # from first_block to the end: the full blocks, then the last, shorter one
+            segments = [(first_block, full - first_block, every)] if first_block < full else []
+            segments += [(full, 1, rest)] if rest else []
         chunks = []
         # The evaluation before the first iteration, when this call starts the run: the
         # first stage of the first scan over blocks it makes.
         evaluate_first = resume is None
-        if partial:  # full blocks from a first_block that may be traced
-            length = num_blocks * every
-            state, metrics, evaluations = blocks(
-                state,
-                jax.lax.dynamic_slice_in_dim(indices, first_block * every, length
-                                             ).reshape(num_blocks, every),
-                jax.lax.dynamic_slice_in_dim(keys, first_block * every, length
-                                             ).reshape((num_blocks, every) + keys.shape[1:]),
-                jax.lax.dynamic_slice_in_dim(eval_keys, first_block, num_blocks),
-                evaluate_first)
+        for first, count, length in segments:
+            state, metrics, evaluations = blocks(state, *cut(first, count, length),
+                                                 evaluate_first)
             chunks.append((metrics, evaluations))
-        else:  # from first_block to the end
-            if first_block < full:
-                start, count = first_block * every, full - first_block
-                state, metrics, evaluations = blocks(
-                    state, indices[start:full * every].reshape(count, every),
-                    keys[start:full * every].reshape((count, every) + keys.shape[1:]),
-                    eval_keys[first_block:full], evaluate_first)
-                chunks.append((metrics, evaluations))
-                evaluate_first = False
-            if rest:  # the last, shorter block: one more scan of a single block
-                state, metrics, evaluations = blocks(
-                    state, indices[-rest:][None], keys[-rest:][None], eval_keys[full:],
-                    evaluate_first)
-                chunks.append((metrics, evaluations))
+            evaluate_first = False
         metrics = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[0] for c in chunks])
         evaluations = jax.tree.map(lambda *x: jnp.concatenate(x), *[c[1] for c in chunks])
         if not partial:
