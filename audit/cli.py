@@ -1245,6 +1245,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if "error" in point:  # a finding, not a crash: the other points stand
             print(f"audit sweep: {sweep.parameter} = {point['value']} has no figures: "
                   f"{point['error']}", file=sys.stderr)
+        for env, message in (point.get("skipped_envs") or {}).items():
+            print(f"audit sweep: {sweep.parameter} = {point['value']}: {env} left out "
+                  f"(the other environments' figures stand): {message}", file=sys.stderr)
     if not args.quiet:
         done = sum("error" not in p for p in outcome.get("points", []))
         points = f" and {done} run directories under points/" if values else ""
@@ -1325,7 +1328,8 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
                             "parameter": sweep.parameter, "value": value, "seeds": seeds,
                             "first_seed": args.seed, "timings": results["timings"],
                             "config": _as_dict(suite), "versions": versions(),
-                            "cotraining": results["cotraining"]}
+                            "cotraining": results["cotraining"],
+                            "skipped_envs": results.get("skipped_envs", {})}
                 results["scores"].settings["metadata"] = metadata
                 results["scores"].save(point / "scores.npz")
                 write_results(point, results, metadata, views=suite.views)
@@ -1342,7 +1346,9 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
                 shutil.copytree(checkpoint.point_directory(name), staging / "points" / name)
         (staging / f"{sweep.name}.csv").write_text(csv_text(outcome["rows"]))
         sweep_plot(outcome["rows"], sweep, values, staging / sweep.name,
-                   failed=[p["value"] for p in outcome["points"] if "error" in p])
+                   failed=[p["value"] for p in outcome["points"] if "error" in p],
+                   skipped_envs={p["value"]: list(p["skipped_envs"])
+                                 for p in outcome["points"] if p.get("skipped_envs")})
         seconds = time.perf_counter() - started
         write_json(staging / "sweep.json", {
             "sweep": sweep.name, "suite": sweep.suite, "parameter": sweep.parameter,
@@ -1351,6 +1357,8 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
             "point_seconds": {str(p["value"]): p["seconds"] for p in outcome["points"]},
             "failed_points": {str(p["value"]): p["error"] for p in outcome["points"]
                               if "error" in p},
+            "skipped_envs": {str(p["value"]): p["skipped_envs"] for p in outcome["points"]
+                             if p.get("skipped_envs")},
             "figures": list(sweep.figures), "versions": versions(), "rows": outcome["rows"]})
         if not args.no_report:
             _write_report_or_warn(staging, out, "sweep")

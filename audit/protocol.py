@@ -397,7 +397,8 @@ class AgreedCheckpoint:
 def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
               progress: Callable[[str], None] | None = None,
               processes: int = 1, first_seed: int = 0,
-              checkpoint: SuiteCheckpoint | AgreedCheckpoint | None = None) -> dict[str, Any]:
+              checkpoint: SuiteCheckpoint | AgreedCheckpoint | None = None,
+              skip_invalid_envs: bool = False) -> dict[str, Any]:
     """Runs every cell of ``suite`` and computes its figures.
 
     Args:
@@ -414,16 +415,25 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         (:class:`SuiteCheckpoint`, or over several processes an :class:`AgreedCheckpoint`);
         environments it already holds are loaded, not run again, so a killed run resumes
         with the same numbers.
+      skip_invalid_envs: leave out an environment where an organism fails its validity
+        check or co-training diverges, and compute the figures of the others (a sweep's
+        point keeps its valid environments so); False stops the run at the first such
+        environment.
 
     Returns:
-      ``{"rows", "models", "model_level", "roc", "cotraining", "timings", "scores"}``:
-      the figures of :func:`audit.figures.compute`, the co-training curves' summary,
-      stage timings and the :class:`~audit.scores.ScoreStore` they were computed from.
+      ``{"rows", "models", "model_level", "roc", "cotraining", "timings", "scores",
+      "skipped_envs"}``: the figures of :func:`audit.figures.compute`, the co-training
+      curves' summary, stage timings, the :class:`~audit.scores.ScoreStore` they were
+      computed from, and ``{env: "ErrorType: message"}`` of the environments left out
+      (empty unless ``skip_invalid_envs``). Each environment's numbers are the same
+      whether or not another one was left out; the model-level ``all`` pools the
+      environments that ran.
 
     Raises:
       InvalidOrganismError: if an organism fails its validity check, before or after
-        co-training.
-      audit.gan.DivergenceError: if co-training diverged.
+        co-training (with ``skip_invalid_envs``: only if every environment failed, the
+        message naming each).
+      audit.gan.DivergenceError: if co-training diverged (likewise).
     """
     seeds = seeds or suite.seeds
     if seeds < 1 or first_seed < 0:
@@ -438,19 +448,27 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     todo = [job for job in jobs if job[1].name not in finished]
 
     def done(outcome) -> None:
-        if checkpoint is not None:
+        if isinstance(outcome, _SkippedEnv):
+            say(f"{outcome.env}: left out ({outcome.message})")
+        elif checkpoint is not None:  # a left-out environment runs again on --resume
             checkpoint.save(outcome)
 
     if processes > 1 and len(todo) > 1:
-        outcomes = _run_envs_in_processes(todo, say, processes, done, checkpoint)
+        outcomes = _run_envs_in_processes(todo, say, processes, done, checkpoint,
+                                          skip_invalid_envs)
     else:
         outcomes = []
         for job in todo:
-            outcomes.append(_run_env(*job, say, checkpoint))
+            outcomes.append(_run_env_or_skip(skip_invalid_envs, *job, say, checkpoint))
             done(outcomes[-1])
     by_env = {**finished, **{job[1].name: outcome for job, outcome in zip(todo, outcomes,
                                                                         strict=True)}}
     outcomes = [by_env[job[1].name] for job in jobs]  # suite order, resumed or not
+    skipped = [outcome for outcome in outcomes if isinstance(outcome, _SkippedEnv)]
+    if skipped and len(skipped) == len(outcomes):
+        raise type(skipped[0].error)("every environment was left out: " + "; ".join(
+            f"{outcome.env}: {outcome.message}" for outcome in skipped))
+    outcomes = [outcome for outcome in outcomes if not isinstance(outcome, _SkippedEnv)]
     store = ScoreStore(settings=score_settings(suite))
     timings, cotraining = {}, []
     for env_store, env_timings, env_cotraining in outcomes:
@@ -465,7 +483,31 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     else:  # process 0 writes the run; a resumed run's other processes lack its old scores
         results = dict(rows=[], models=[], model_level=[], roc={})
     timings["figures"] = time.perf_counter() - started
-    return dict(results, cotraining=cotraining, timings=timings, scores=store)
+    return dict(results, cotraining=cotraining, timings=timings, scores=store,
+                skipped_envs={outcome.env: outcome.message for outcome in skipped})
+
+
+@dataclasses.dataclass(frozen=True)
+class _SkippedEnv:
+    """An environment left out of a run (``skip_invalid_envs``): the error that stopped it."""
+
+    env: str
+    error: Exception
+
+    @property
+    def message(self) -> str:
+        return f"{type(self.error).__name__}: {self.error}"
+
+
+def _run_env_or_skip(skip_invalid_envs: bool, suite: Suite, env_spec, *rest):
+    """:func:`_run_env`, or with ``skip_invalid_envs`` a :class:`_SkippedEnv` where an
+    organism is invalid or co-training diverges (a worker process's job: module level)."""
+    try:
+        return _run_env(suite, env_spec, *rest)
+    except (InvalidOrganismError, gan.DivergenceError) as error:
+        if not skip_invalid_envs:
+            raise
+        return _SkippedEnv(env_spec.name, error)
 
 
 def env_jobs(suite: Suite, seed_values: tuple[int, ...], cache_dir) -> list[tuple]:
@@ -636,9 +678,10 @@ def _organism_specs(suite: Suite, env_name: str) -> list:
     return [honest] + [spec for spec in others if spec.supports(env_name)]
 
 
-def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None) -> list:
-    """:func:`_run_env` for every environment, in worker processes, in suite order;
-    ``done(outcome)`` is called as each finishes (in the order they finish).
+def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
+                           skip_invalid_envs: bool = False) -> list:
+    """:func:`_run_env_or_skip` for every environment, in worker processes, in suite
+    order; ``done(outcome)`` is called as each finishes (in the order they finish).
 
     Threads do not help here: XLA runs most of these small programs on one core. Two
     processes keep two cores busy, one compiling while another computes.
@@ -659,8 +702,8 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None) -> 
                 max_workers=min(processes, len(jobs)), mp_context=context,
                 initializer=_start_worker,
                 initargs=(plugins.loaded(), messages, os.getpid())) as pool:
-            futures = [pool.submit(_run_env, *job, _say_from_worker, checkpoint)
-                       for job in jobs]
+            futures = [pool.submit(_run_env_or_skip, skip_invalid_envs, *job,
+                                   _say_from_worker, checkpoint) for job in jobs]
             try:
                 for future in concurrent.futures.as_completed(futures):
                     if done is not None:

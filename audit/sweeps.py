@@ -191,9 +191,12 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
         sweep's ``setting``); e.g. that suite with other p-values.
 
     Returns:
-      ``{"rows": [CSV rows], "points": [{"value", "seconds", "suite"}], "seeds"}``. A
-      point at which an organism fails its validity check or co-training diverges has
-      no rows and an ``error`` (the message) in its ``points`` entry; the sweep goes on.
+      ``{"rows": [CSV rows], "points": [{"value", "seconds", "suite"}], "seeds"}``. An
+      environment where, at a point, an organism fails its validity check or
+      co-training diverges is left out of that point (``skipped_envs``, ``{env:
+      "ErrorType: message"}``, in its ``points`` entry) and the point keeps the rows of
+      its other environments; a point where every environment failed has no rows and
+      an ``error`` (the messages); the sweep goes on either way.
     """
     from audit.gan import DivergenceError
     from audit.protocol import InvalidOrganismError, run_suite
@@ -219,16 +222,19 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
             say(f"{sweep.name}: {sweep.parameter} = {value}: resumed from the checkpoint")
             rows.extend(record["rows"])
             points.append(dict(value=value, seconds=record["seconds"], suite=suite,
-                               **({"error": record["error"]} if "error" in record else {})))
+                               **{key: record[key] for key in ("error", "skipped_envs")
+                                  if key in record}))
             continue
         say(f"{sweep.name}: {sweep.parameter} = {value} ({number + 1} of {len(values)})")
         started = time.perf_counter()
         try:
             results = run_suite(suite, seeds=seeds, cache_dir=cache_dir, progress=say,
-                                processes=processes, first_seed=first_seed)
+                                processes=processes, first_seed=first_seed,
+                                skip_invalid_envs=True)
         except (InvalidOrganismError, DivergenceError) as error:
-            # A point where an organism stops being valid (or co-training diverges) is a
-            # finding of the sweep, not the end of it: recorded, without figures.
+            # A point where an organism stops being valid (or co-training diverges) in
+            # every environment is a finding of the sweep, not the end of it: recorded,
+            # without figures. One such environment only leaves that environment out.
             points.append(dict(value=value, seconds=time.perf_counter() - started,
                                suite=suite, error=f"{type(error).__name__}: {error}"))
             say(f"{sweep.name}: {sweep.parameter} = {value}: {error}")
@@ -241,11 +247,14 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
         point_rows = strict_json(sweep_rows(results["rows"], sweep.parameter, value,
                                             sweep.figures))
         rows.extend(point_rows)
-        points.append(dict(value=value, seconds=seconds, suite=suite))
+        skipped = dict(results.get("skipped_envs") or {})
+        points.append(dict(value=value, seconds=seconds, suite=suite,
+                           **({"skipped_envs": skipped} if skipped else {})))
         if point_done is not None:
             point_done(value, results, suite)
         if checkpoint is not None:
-            checkpoint.save(number, dict(value=value, seconds=seconds, rows=point_rows))
+            checkpoint.save(number, dict(value=value, seconds=seconds, rows=point_rows,
+                                         **({"skipped_envs": skipped} if skipped else {})))
     return dict(rows=rows, points=points, seeds=seeds)
 
 
@@ -303,14 +312,17 @@ def _is_nan(value) -> bool:
 
 
 def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
-               path_stem: str | os.PathLike, failed: Sequence[Any] = ()) -> list[Path]:
+               path_stem: str | os.PathLike, failed: Sequence[Any] = (),
+               skipped_envs: dict[Any, Sequence[str]] | None = None) -> list[Path]:
     """Draws the sweep's figure and writes ``<stem>.png`` and ``<stem>.pdf``.
 
     A panel per (figure, environment); a line per (organism, detector, view) of the
     audited incorrigible organisms (a colour per detector and view, a line style per
     organism), the estimate against the swept value with its 95% interval as error
     bars; a point whose cell's control failed is drawn hollow. The
-    ``failed`` values (points without figures) are named in the title.
+    ``failed`` values (points without figures) are named in the title, and a panel's
+    title names the values where its environment was left out (``skipped_envs``: value
+    -> the environments left out there).
     """
     import matplotlib
 
@@ -375,7 +387,12 @@ def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
             else:
                 axis.set_xticks(range(len(values)), [str(v) for v in values])
             shown = sorted({row["organism"] for row in rows if row["env"] == env})
-            axis.set_title(f"{env} ({', '.join(shown)}): {SWEEP_FIGURES[name]}", fontsize=8)
+            left_out = [str(value) for value in values if env in (skipped_envs or {}).get(
+                value, ())]
+            note = (f"\nleft out at {sweep.parameter} = {', '.join(left_out)} (see sweep.json)"
+                    if left_out else "")
+            axis.set_title(f"{env} ({', '.join(shown)}): {SWEEP_FIGURES[name]}{note}",
+                           fontsize=8)
             axis.set_xlabel(sweep.parameter, fontsize=8)
             axis.tick_params(labelsize=7)
     if handles:

@@ -803,3 +803,60 @@ def test_dagger_rounds_reach_the_suites_organisms_or_are_refused(tiny_suite, mon
     assert capsys.readouterr().err.strip() == (
         "audit bench: error: --dagger-rounds: suite other_test's organism settings (NoneType) "
         "have no dagger_rounds")
+
+
+def test_an_environment_whose_organism_is_invalid_is_left_out_only_when_asked(monkeypatch):
+    """``skip_invalid_envs``: the failed environment is named, the others' figures are
+    computed from their scores alone and only they are checkpointed; without it, or when
+    every environment fails, the run stops with the error."""
+    import pickle
+
+    from audit import protocol
+    from audit.gan import DivergenceError
+
+    suite = registry.get("suites", "quick")
+    failing = {"takeover": protocol.InvalidOrganismError("organism 'unbounded_utility' "
+                                                         "failed its validity check"),
+               "unobserved": DivergenceError("iteration 3: loss nan")}
+
+    def fake_env(suite, env_spec, specs, detectors, seeds, cache_dir, say, checkpoint=None):
+        if env_spec.name in failing:
+            raise failing[env_spec.name]
+        store = ScoreStore(settings=protocol.score_settings(suite))
+        return store, {f"{env_spec.name}/organisms": 1.0}, [{"env": env_spec.name}]
+
+    computed = []
+    monkeypatch.setattr(protocol, "_run_env", fake_env)
+    monkeypatch.setattr(protocol.figures, "compute", lambda store: computed.append(store) or
+                        dict(rows=[], models=[], model_level=[], roc={}))
+
+    class Checkpoint:
+        saved = []
+
+        def finished(self):
+            return {}
+
+        def save(self, outcome):
+            self.saved.append(outcome[2][0]["env"])
+
+    results = protocol.run_suite(suite, checkpoint=Checkpoint(), skip_invalid_envs=True)
+    assert results["skipped_envs"] == {
+        "takeover": "InvalidOrganismError: organism 'unbounded_utility' failed its validity "
+                    "check",
+        "unobserved": "DivergenceError: iteration 3: loss nan"}
+    assert results["cotraining"] == [{"env": "offswitch"}] and Checkpoint.saved == ["offswitch"]
+    assert list(results["timings"]) == ["offswitch/organisms", "figures"] and len(computed) == 1
+    with pytest.raises(protocol.InvalidOrganismError, match="validity check"):
+        protocol.run_suite(suite)
+    failing["offswitch"] = protocol.InvalidOrganismError("organism 'long_horizon' failed")
+    with pytest.raises(protocol.InvalidOrganismError) as raised:
+        protocol.run_suite(suite, skip_invalid_envs=True)
+    message = str(raised.value)
+    assert message.startswith("every environment was left out: offswitch: ")
+    assert all(env in message for env in suite.envs)
+    # What a worker process sends back for a left-out environment survives the trip.
+    job = protocol.env_jobs(suite, (0,), None)[1]
+    skipped = protocol._run_env_or_skip(True, *job, print)
+    assert pickle.loads(pickle.dumps(skipped)).message == skipped.message
+    with pytest.raises(protocol.InvalidOrganismError):
+        protocol._run_env_or_skip(False, *job, print)

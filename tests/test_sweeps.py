@@ -236,7 +236,9 @@ def test_counterfactual_sweep_writes_the_model_level_audit(tiny_suite, monkeypat
 def test_a_point_whose_organism_is_invalid_is_recorded_and_the_sweep_goes_on(monkeypatch):
     from audit.sweeps import run_sweep
 
-    def fake_run_suite(suite, seeds, cache_dir, progress, processes, first_seed):
+    def fake_run_suite(suite, seeds, cache_dir, progress, processes, first_seed,
+                       skip_invalid_envs):
+        assert skip_invalid_envs  # one environment's failure leaves only it out
         if suite.trusted_episodes == 32:
             raise protocol.InvalidOrganismError("organism 'x' failed its validity check")
         return {"rows": [_row("long_horizon", "trained-in", "gan_mlp", 0.7)]}
@@ -249,6 +251,38 @@ def test_a_point_whose_organism_is_invalid_is_recorded_and_the_sweep_goes_on(mon
     failed, ran = outcome["points"]
     assert failed["value"] == 32 and "validity check" in failed["error"]
     assert "error" not in ran
+
+
+def test_a_point_keeps_its_valid_environments_and_names_the_one_left_out(monkeypatch,
+                                                                         tmp_path):
+    from audit.sweeps import SweepCheckpoint, run_sweep
+
+    left_out = {"takeover": "InvalidOrganismError: organism 'unbounded_utility' failed"}
+
+    def fake_run_suite(suite, **settings):
+        skipped = left_out if suite.trusted_episodes == 32 else {}
+        return {"rows": [_row("long_horizon", "trained-in", "gan_mlp", 0.7)],
+                "skipped_envs": skipped}
+
+    monkeypatch.setattr(protocol, "run_suite", fake_run_suite)
+    checkpoint = SweepCheckpoint(tmp_path / "checkpoint", {"sweep": "demonstrations"})
+    checkpoint.start()
+    outcome = run_sweep(builtin.DEMONSTRATIONS, values=(32, 128), checkpoint=checkpoint)
+    partial, whole = outcome["points"]
+    assert partial["skipped_envs"] == left_out and "error" not in partial
+    assert "skipped_envs" not in whole
+    assert [row["value"] for row in outcome["rows"] if row["figure"] == "auroc"] == [32, 128]
+
+    def not_again(suite, **settings):
+        raise AssertionError("a recorded point ran again")
+
+    monkeypatch.setattr(protocol, "run_suite", not_again)
+    resumed = run_sweep(builtin.DEMONSTRATIONS, values=(32, 128), checkpoint=checkpoint)
+    assert resumed["points"][0]["skipped_envs"] == left_out
+    assert resumed["rows"] == outcome["rows"]
+    paths = sweep_plot(outcome["rows"], builtin.DEMONSTRATIONS, (32, 128), tmp_path / "plot",
+                       skipped_envs={32: ["takeover"]})
+    assert all(path.stat().st_size > 0 for path in paths)
 
 
 @pytest.mark.slow
