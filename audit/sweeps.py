@@ -130,10 +130,10 @@ class SweepCheckpoint(RunCheckpoint):
 
     Each point, as it finishes, is written whole under ``points/<parameter>=<value>/``
     (its benchmark run directory, moved into place complete) and then recorded in
-    ``point-<index>.json`` (value, seconds, CSV rows, or the error that left it without
-    figures); ``run.json`` holds the sweep's settings, which a resumed run must match
-    (:func:`audit.runs.resume_checkpoint`). Points do not depend on each other, so a
-    resumed sweep's rows are those of an uninterrupted one.
+    ``point-<index>.json`` (value, seconds, CSV rows and the environments left out, or
+    the error that left it without figures); ``run.json`` holds the sweep's settings,
+    which a resumed run must match (:func:`audit.runs.resume_checkpoint`). Points do not
+    depend on each other, so a resumed sweep's rows are those of an uninterrupted one.
 
     Args:
       directory: where the files go.

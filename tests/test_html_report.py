@@ -216,3 +216,13 @@ def test_a_small_runs_report_shows_its_tables_plots_and_episodes_in_chromium(
     assert errors == []
     assert all(url.startswith(("file:", "data:")) for url in requests), requests
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_sweeps_report_names_the_environments_each_point_left_out(tmp_path):
+    (tmp_path / "sweep.json").write_text(json.dumps({
+        "sweep": "capacity_depth", "parameter": "depth", "values": [1, 4], "rows": [],
+        "failed_points": {"8": "InvalidOrganismError: every environment was left out"},
+        "skipped_envs": {"4": {"offswitch": "InvalidOrganismError: KL 0.117 > 0.1 <b>"}}}))
+    page = html_report.write_report(tmp_path).read_text()
+    assert "<h2>Environments left out</h2>" in page and "<h2>Points without figures</h2>" in page
+    assert "<li>4, offswitch: InvalidOrganismError: KL 0.117 &gt; 0.1 &lt;b&gt;</li>" in page

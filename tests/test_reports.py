@@ -301,3 +301,14 @@ def test_a_control_with_too_few_positives_with_a_step_gives_no_verdict_and_says_
     assert any(line.startswith("| grid_b | null | rare (trained-in) | actions | ")
                and "| n/a (9 positives with a step before the harm) |" in line
                for line in controls)
+
+
+def test_results_markdown_names_the_environments_left_out_first():
+    from audit.reports import markdown
+
+    text = markdown([], title="quick suite",
+                    skipped_envs={"offswitch": "InvalidOrganismError: KL 0.117 > 0.1"})
+    lines = text.splitlines()
+    assert lines[2] == "## Environments left out"
+    assert "- offswitch: InvalidOrganismError: KL 0.117 > 0.1" in lines
+    assert "Environments left out" not in markdown([], title="quick suite")
