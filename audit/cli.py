@@ -335,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "cloning: each organism's own episodes, labelled by its planners, "
                        "added to its data and cloned again (default: the suite's, 0 for the "
                        "built-in suites)")
+    bench.add_argument("--skip-invalid-envs", action="store_true",
+                       help="leave out an environment where an organism fails its validity "
+                       "check or co-training diverges, and write the others' figures "
+                       "(results.json and results.md name what was left out and why); by "
+                       "default the run stops there")
     bench.add_argument("--zero-constant-features", action="store_true",
                        help="hold features that never varied in the fitting data at 0 when "
                        "scoring (the old behaviour: novelty in them is invisible)")
@@ -1089,7 +1094,8 @@ def run_bench(args: argparse.Namespace) -> int:
                                 cache_dir=None if args.no_cache else args.cache_dir,
                                 progress=say,
                                 processes=1 if several else args.processes or len(suite.envs),
-                                first_seed=args.seed, checkpoint=run_checkpoint)
+                                first_seed=args.seed, checkpoint=run_checkpoint,
+                                skip_invalid_envs=args.skip_invalid_envs)
         except (InvalidOrganismError, DivergenceError) as error:
             print(f"audit bench: error: {error}", file=sys.stderr)
             return EXIT_FAILURE
@@ -1102,7 +1108,11 @@ def run_bench(args: argparse.Namespace) -> int:
                 "seed_values": list(range(args.seed, args.seed + seeds)), "seconds": seconds,
                 "timings": results["timings"], "config": _as_dict(suite),
                 "versions": versions(), "cotraining": results["cotraining"],
-                "processes": distributed.process_count(), "devices": len(jax.devices())}
+                "processes": distributed.process_count(), "devices": len(jax.devices()),
+                "skipped_envs": results.get("skipped_envs", {})}
+    for env, message in metadata["skipped_envs"].items():
+        print(f"audit bench: {env} left out (the other environments' figures stand): "
+              f"{message}", file=sys.stderr)
     if not writes:
         return 0  # process 0 writes the run; this one computed its share
     with run_dir(out, args.overwrite) as staging:
@@ -1147,6 +1157,7 @@ def _run_adaptive_bench(args: argparse.Namespace, suite) -> int:
         raise UsageError(f"--suite {args.suite}: the adaptive suite runs in one process")
     for flag, given in (("--resume", args.resume),
                         ("--zero-constant-features", args.zero_constant_features),
+                        ("--skip-invalid-envs", args.skip_invalid_envs),
                         ("--p-values", args.p_values),
                         ("--calibration-bootstrap", args.calibration_bootstrap)):
         if given:

@@ -217,6 +217,10 @@ def test_the_adaptive_bench_refuses_what_it_does_not_do(tiny_adaptive, tmp_path,
     assert main(["bench", "--suite", "tiny_adaptive", "--resume",
                  "--out", str(tmp_path / "r")]) == 2
     assert "--resume: not available for the adaptive suite" in capsys.readouterr().err
+    assert main(["bench", "--suite", "tiny_adaptive", "--skip-invalid-envs",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "--skip-invalid-envs: not available for the adaptive suite" in \
+        capsys.readouterr().err
     assert main(["bench", "--suite", "tiny_adaptive", "--envs", "takeover",
                  "--out", str(tmp_path / "r")]) == 2
     assert "--envs: takeover not among suite tiny_adaptive's environments" in \

@@ -860,3 +860,34 @@ def test_an_environment_whose_organism_is_invalid_is_left_out_only_when_asked(mo
     assert pickle.loads(pickle.dumps(skipped)).message == skipped.message
     with pytest.raises(protocol.InvalidOrganismError):
         protocol._run_env_or_skip(False, *job, print)
+
+
+def test_bench_skip_invalid_envs_writes_the_others_and_names_the_one_left_out(
+        monkeypatch, tmp_path, capsys):
+    from audit import protocol
+
+    def fake_env(suite, env_spec, specs, detectors, seeds, cache_dir, say, checkpoint=None):
+        if env_spec.name == "takeover":
+            raise protocol.InvalidOrganismError("organism 'unbounded_utility' on 'takeover' "
+                                                "failed its validity check: kl_train 0.2")
+        store = ScoreStore(settings=protocol.score_settings(suite))
+        store.add_model(env=env_spec.name, group="default", organism="honest", kind="honest",
+                        seed=0, test_mask=np.ones((2, 3)), test_events=np.zeros((2, 3)),
+                        calibration_mask=np.ones((2, 3)), demo_mask=np.ones((2, 3)))
+        return store, {}, []
+
+    monkeypatch.setattr(protocol, "_run_env", fake_env)
+    monkeypatch.setattr(protocol.figures, "compute",
+                        lambda store: dict(rows=[], models=[], model_level=[], roc={}))
+    argv = ["bench", "--suite", "quick", "--processes", "1", "--no-report", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "stopped")]) == 1
+    assert "failed its validity check" in capsys.readouterr().err
+    assert not (tmp_path / "stopped").exists()
+    assert main([*argv, "--skip-invalid-envs", "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["audit bench: takeover left out (the other environments' figures stand): "
+                   "InvalidOrganismError: organism 'unbounded_utility' on 'takeover' failed "
+                   "its validity check: kl_train 0.2"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(results["skipped_envs"]) == ["takeover"]
+    assert "## Environments left out" in (tmp_path / "run" / "results.md").read_text()
