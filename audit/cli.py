@@ -1109,10 +1109,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 "timings": results["timings"], "config": _as_dict(suite),
                 "versions": versions(), "cotraining": results["cotraining"],
                 "processes": distributed.process_count(), "devices": len(jax.devices()),
-                "skipped_envs": results.get("skipped_envs", {})}
-    for env, message in metadata["skipped_envs"].items():
-        print(f"audit bench: {env} left out (the other environments' figures stand): "
-              f"{message}", file=sys.stderr)
+                "invalid_envs": results.get("invalid_envs", {})}
     if not writes:
         return 0  # process 0 writes the run; this one computed its share
     with run_dir(out, args.overwrite) as staging:
@@ -1121,6 +1118,9 @@ def run_bench(args: argparse.Namespace) -> int:
         text = write_results(staging, results, metadata, views=suite.views)
         reported = not args.no_report and _write_report_or_warn(staging, out, "bench")
     checkpoint.remove()  # the run is written: nothing left to resume
+    for env, message in metadata["invalid_envs"].items():  # once, by the writing process
+        print(f"audit bench: {env} left out (the other environments' figures stand): "
+              f"{message}", file=sys.stderr)
     if not args.quiet:
         print(text)
         report = ", report.html" if reported else ""
@@ -1256,7 +1256,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if "error" in point:  # a finding, not a crash: the other points stand
             print(f"audit sweep: {sweep.parameter} = {point['value']} has no figures: "
                   f"{point['error']}", file=sys.stderr)
-        for env, message in (point.get("skipped_envs") or {}).items():
+        for env, message in (point.get("invalid_envs") or {}).items():
             print(f"audit sweep: {sweep.parameter} = {point['value']}: {env} left out "
                   f"(the other environments' figures stand): {message}", file=sys.stderr)
     if not args.quiet:
@@ -1311,9 +1311,12 @@ def _sweep_checkpoint(sweep, args, values, base, out):
     from audit.sweeps import SweepCheckpoint
 
     seeds = args.seeds or sweep.seeds_for(args.setting, base)
+    # "invalid_envs": a checkpoint of a sweep from before environments were left out one
+    # by one (a whole point then went without figures) is refused, not mixed in.
     checkpoint = SweepCheckpoint(out.parent / f".{out.name}.checkpoint", {
         "sweep": sweep.name, "setting": args.setting, "values": list(values),
-        "seeds": seeds, "first_seed": args.seed, "suite": _as_dict(base)})
+        "seeds": seeds, "first_seed": args.seed, "suite": _as_dict(base),
+        "invalid_envs": "left out one by one"})
     if resume_checkpoint(checkpoint.directory, "run.json", checkpoint.settings, out,
                          args.resume, args.overwrite) is None:
         checkpoint.start()
@@ -1340,7 +1343,7 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
                             "first_seed": args.seed, "timings": results["timings"],
                             "config": _as_dict(suite), "versions": versions(),
                             "cotraining": results["cotraining"],
-                            "skipped_envs": results.get("skipped_envs", {})}
+                            "invalid_envs": results.get("invalid_envs", {})}
                 results["scores"].settings["metadata"] = metadata
                 results["scores"].save(point / "scores.npz")
                 write_results(point, results, metadata, views=suite.views)
@@ -1358,8 +1361,8 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
         (staging / f"{sweep.name}.csv").write_text(csv_text(outcome["rows"]))
         sweep_plot(outcome["rows"], sweep, values, staging / sweep.name,
                    failed=[p["value"] for p in outcome["points"] if "error" in p],
-                   skipped_envs={p["value"]: list(p["skipped_envs"])
-                                 for p in outcome["points"] if p.get("skipped_envs")})
+                   invalid_envs={p["value"]: list(p["invalid_envs"])
+                                 for p in outcome["points"] if p.get("invalid_envs")})
         seconds = time.perf_counter() - started
         write_json(staging / "sweep.json", {
             "sweep": sweep.name, "suite": sweep.suite, "parameter": sweep.parameter,
@@ -1368,8 +1371,8 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
             "point_seconds": {str(p["value"]): p["seconds"] for p in outcome["points"]},
             "failed_points": {str(p["value"]): p["error"] for p in outcome["points"]
                               if "error" in p},
-            "skipped_envs": {str(p["value"]): p["skipped_envs"] for p in outcome["points"]
-                             if p.get("skipped_envs")},
+            "invalid_envs": {str(p["value"]): p["invalid_envs"] for p in outcome["points"]
+                             if p.get("invalid_envs")},
             "figures": list(sweep.figures), "versions": versions(), "rows": outcome["rows"]})
         if not args.no_report:
             _write_report_or_warn(staging, out, "sweep")

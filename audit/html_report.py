@@ -172,7 +172,7 @@ def _bench_body(run_dir: Path, highlight: str | None) -> tuple[str, str]:
     suite = results.get("suite", "benchmark")
     title = f"{suite} suite: report"
     failed = sum(bool(row.get("control_failed")) for row in rows)
-    skipped = results.get("skipped_envs") or {}
+    skipped = results.get("invalid_envs") or {}
     parts = [f"<h1>{html.escape(title)}</h1>",
              _facts([("suite", suite), ("seeds", results.get("seed_values", results.get("seeds"))),
                      ("environments", ", ".join(envs)),
@@ -576,7 +576,7 @@ def _sweep_body(run_dir: Path) -> tuple[str, str]:
         parts.append("<h2>Points without figures</h2><ul>" + "".join(
             f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in failed.items())
             + "</ul>")
-    skipped = sweep.get("skipped_envs") or {}
+    skipped = sweep.get("invalid_envs") or {}
     if skipped:
         parts.append("<h2>Environments left out</h2><p>The point's other environments keep "
                      "their figures.</p><ul>" + "".join(

@@ -422,7 +422,7 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
 
     Returns:
       ``{"rows", "models", "model_level", "roc", "cotraining", "timings", "scores",
-      "skipped_envs"}``: the figures of :func:`audit.figures.compute`, the co-training
+      "invalid_envs"}``: the figures of :func:`audit.figures.compute`, the co-training
       curves' summary, stage timings, the :class:`~audit.scores.ScoreStore` they were
       computed from, and ``{env: "ErrorType: message"}`` of the environments left out
       (empty unless ``skip_invalid_envs``). Each environment's numbers are the same
@@ -467,7 +467,7 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     skipped = [outcome for outcome in outcomes if isinstance(outcome, _SkippedEnv)]
     if skipped and len(skipped) == len(outcomes):
         raise type(skipped[0].error)("every environment was left out: " + "; ".join(
-            f"{outcome.env}: {outcome.message}" for outcome in skipped))
+            f"{outcome.env}: {outcome.message}" for outcome in skipped)) from skipped[0].error
     outcomes = [outcome for outcome in outcomes if not isinstance(outcome, _SkippedEnv)]
     store = ScoreStore(settings=score_settings(suite))
     timings, cotraining = {}, []
@@ -484,7 +484,7 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         results = dict(rows=[], models=[], model_level=[], roc={})
     timings["figures"] = time.perf_counter() - started
     return dict(results, cotraining=cotraining, timings=timings, scores=store,
-                skipped_envs={outcome.env: outcome.message for outcome in skipped})
+                invalid_envs={outcome.env: outcome.message for outcome in skipped})
 
 
 @dataclasses.dataclass(frozen=True)

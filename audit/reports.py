@@ -95,17 +95,17 @@ def pivot_tables(rows: list[dict], figure: str, views: Sequence[str] | None = No
 
 def markdown(rows: list[dict], views: Sequence[str] | None = None, title: str = "",
              model_level: list[dict] | None = None, cotraining: list[dict] | None = None,
-             skipped_envs: dict[str, str] | None = None) -> str:
-    """The results as Markdown: the environments left out (``skipped_envs``, env -> why),
+             invalid_envs: dict[str, str] | None = None) -> str:
+    """The results as Markdown: the environments left out (``invalid_envs``, env -> why),
     controls; per figure and detector, organisms x views; the model-level audit;
     co-training; validity."""
     out = [f"# {title}", ""] if title else []
-    if skipped_envs:
+    if invalid_envs:
         out.extend(["## Environments left out", "",
                     "An organism failed its validity check or co-training diverged there; "
                     "the tables hold the other environments (and the model-level `all` "
                     "pools them only).", ""])
-        out.extend(f"- {env}: {message}" for env, message in skipped_envs.items())
+        out.extend(f"- {env}: {message}" for env, message in invalid_envs.items())
         out.append("")
     out.extend(_controls_markdown(rows))
     out.extend(_below_markdown(rows))
@@ -425,7 +425,7 @@ def write_results(directory: str | os.PathLike, results: dict[str, Any],
     rows, roc = results["rows"], results["roc"]
     title = f"{metadata.get('suite', 'benchmark')} suite"
     text = markdown(rows, views, title, results.get("model_level"), metadata.get("cotraining"),
-                    metadata.get("skipped_envs"))
+                    metadata.get("invalid_envs"))
     write_json(directory / "results.json", results_payload(results, metadata))
     for name, content in (("results.csv", csv_text(rows)), ("results.md", text),
                           ("results.tex", latex(rows, views))):

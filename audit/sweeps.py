@@ -193,7 +193,7 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
     Returns:
       ``{"rows": [CSV rows], "points": [{"value", "seconds", "suite"}], "seeds"}``. An
       environment where, at a point, an organism fails its validity check or
-      co-training diverges is left out of that point (``skipped_envs``, ``{env:
+      co-training diverges is left out of that point (``invalid_envs``, ``{env:
       "ErrorType: message"}``, in its ``points`` entry) and the point keeps the rows of
       its other environments; a point where every environment failed has no rows and
       an ``error`` (the messages); the sweep goes on either way.
@@ -222,7 +222,7 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
             say(f"{sweep.name}: {sweep.parameter} = {value}: resumed from the checkpoint")
             rows.extend(record["rows"])
             points.append(dict(value=value, seconds=record["seconds"], suite=suite,
-                               **{key: record[key] for key in ("error", "skipped_envs")
+                               **{key: record[key] for key in ("error", "invalid_envs")
                                   if key in record}))
             continue
         say(f"{sweep.name}: {sweep.parameter} = {value} ({number + 1} of {len(values)})")
@@ -247,14 +247,14 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
         point_rows = strict_json(sweep_rows(results["rows"], sweep.parameter, value,
                                             sweep.figures))
         rows.extend(point_rows)
-        skipped = dict(results.get("skipped_envs") or {})
+        skipped = dict(results.get("invalid_envs") or {})
         points.append(dict(value=value, seconds=seconds, suite=suite,
-                           **({"skipped_envs": skipped} if skipped else {})))
+                           **({"invalid_envs": skipped} if skipped else {})))
         if point_done is not None:
             point_done(value, results, suite)
         if checkpoint is not None:
             checkpoint.save(number, dict(value=value, seconds=seconds, rows=point_rows,
-                                         **({"skipped_envs": skipped} if skipped else {})))
+                                         **({"invalid_envs": skipped} if skipped else {})))
     return dict(rows=rows, points=points, seeds=seeds)
 
 
@@ -313,7 +313,7 @@ def _is_nan(value) -> bool:
 
 def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
                path_stem: str | os.PathLike, failed: Sequence[Any] = (),
-               skipped_envs: dict[Any, Sequence[str]] | None = None) -> list[Path]:
+               invalid_envs: dict[Any, Sequence[str]] | None = None) -> list[Path]:
     """Draws the sweep's figure and writes ``<stem>.png`` and ``<stem>.pdf``.
 
     A panel per (figure, environment); a line per (organism, detector, view) of the
@@ -321,7 +321,7 @@ def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
     organism), the estimate against the swept value with its 95% interval as error
     bars; a point whose cell's control failed is drawn hollow. The
     ``failed`` values (points without figures) are named in the title, and a panel's
-    title names the values where its environment was left out (``skipped_envs``: value
+    title names the values where its environment was left out (``invalid_envs``: value
     -> the environments left out there).
     """
     import matplotlib
@@ -330,7 +330,11 @@ def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
     from matplotlib import pyplot as plt
 
     rows = plotted_rows(rows)
-    envs = list(dict.fromkeys(row["env"] for row in rows)) or ["(no cells)"]
+    # An environment left out at every point with figures still gets its panels (empty,
+    # their titles saying where it was left out).
+    envs = list(dict.fromkeys([row["env"] for row in rows] + [
+        env for value in values for env in (invalid_envs or {}).get(value, ())])) \
+        or ["(no cells)"]
     figures = list(sweep.figures)
     positions = {value: index for index, value in enumerate(values)}
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
@@ -387,7 +391,7 @@ def sweep_plot(rows: Sequence[dict], sweep: Sweep, values: Sequence[Any],
             else:
                 axis.set_xticks(range(len(values)), [str(v) for v in values])
             shown = sorted({row["organism"] for row in rows if row["env"] == env})
-            left_out = [str(value) for value in values if env in (skipped_envs or {}).get(
+            left_out = [str(value) for value in values if env in (invalid_envs or {}).get(
                 value, ())]
             note = (f"\nleft out at {sweep.parameter} = {', '.join(left_out)} (see sweep.json)"
                     if left_out else "")

@@ -840,7 +840,7 @@ def test_an_environment_whose_organism_is_invalid_is_left_out_only_when_asked(mo
             self.saved.append(outcome[2][0]["env"])
 
     results = protocol.run_suite(suite, checkpoint=Checkpoint(), skip_invalid_envs=True)
-    assert results["skipped_envs"] == {
+    assert results["invalid_envs"] == {
         "takeover": "InvalidOrganismError: organism 'unbounded_utility' failed its validity "
                     "check",
         "unobserved": "DivergenceError: iteration 3: loss nan"}
@@ -889,5 +889,5 @@ def test_bench_skip_invalid_envs_writes_the_others_and_names_the_one_left_out(
                    "InvalidOrganismError: organism 'unbounded_utility' on 'takeover' failed "
                    "its validity check: kl_train 0.2"]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert list(results["skipped_envs"]) == ["takeover"]
+    assert list(results["invalid_envs"]) == ["takeover"]
     assert "## Environments left out" in (tmp_path / "run" / "results.md").read_text()

@@ -222,7 +222,9 @@ def test_a_sweeps_report_names_the_environments_each_point_left_out(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({
         "sweep": "capacity_depth", "parameter": "depth", "values": [1, 4], "rows": [],
         "failed_points": {"8": "InvalidOrganismError: every environment was left out"},
-        "skipped_envs": {"4": {"offswitch": "InvalidOrganismError: KL 0.117 > 0.1 <b>"}}}))
+        "invalid_envs": {"4": {"offswitch": "InvalidOrganismError: KL 0.117 > 0.1 <b>"}},
+        # The counterfactual probe's own key: environments without a counterfactual.
+        "skipped_envs": ["gymnax:CartPole-v1"]}))
     page = html_report.write_report(tmp_path).read_text()
     assert "<h2>Environments left out</h2>" in page and "<h2>Points without figures</h2>" in page
     assert "<li>4, offswitch: InvalidOrganismError: KL 0.117 &gt; 0.1 &lt;b&gt;</li>" in page

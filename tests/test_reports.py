@@ -307,7 +307,7 @@ def test_results_markdown_names_the_environments_left_out_first():
     from audit.reports import markdown
 
     text = markdown([], title="quick suite",
-                    skipped_envs={"offswitch": "InvalidOrganismError: KL 0.117 > 0.1"})
+                    invalid_envs={"offswitch": "InvalidOrganismError: KL 0.117 > 0.1"})
     lines = text.splitlines()
     assert lines[2] == "## Environments left out"
     assert "- offswitch: InvalidOrganismError: KL 0.117 > 0.1" in lines

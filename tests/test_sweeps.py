@@ -262,15 +262,15 @@ def test_a_point_keeps_its_valid_environments_and_names_the_one_left_out(monkeyp
     def fake_run_suite(suite, **settings):
         skipped = left_out if suite.trusted_episodes == 32 else {}
         return {"rows": [_row("long_horizon", "trained-in", "gan_mlp", 0.7)],
-                "skipped_envs": skipped}
+                "invalid_envs": skipped}
 
     monkeypatch.setattr(protocol, "run_suite", fake_run_suite)
     checkpoint = SweepCheckpoint(tmp_path / "checkpoint", {"sweep": "demonstrations"})
     checkpoint.start()
     outcome = run_sweep(builtin.DEMONSTRATIONS, values=(32, 128), checkpoint=checkpoint)
     partial, whole = outcome["points"]
-    assert partial["skipped_envs"] == left_out and "error" not in partial
-    assert "skipped_envs" not in whole
+    assert partial["invalid_envs"] == left_out and "error" not in partial
+    assert "invalid_envs" not in whole
     assert [row["value"] for row in outcome["rows"] if row["figure"] == "auroc"] == [32, 128]
 
     def not_again(suite, **settings):
@@ -278,11 +278,64 @@ def test_a_point_keeps_its_valid_environments_and_names_the_one_left_out(monkeyp
 
     monkeypatch.setattr(protocol, "run_suite", not_again)
     resumed = run_sweep(builtin.DEMONSTRATIONS, values=(32, 128), checkpoint=checkpoint)
-    assert resumed["points"][0]["skipped_envs"] == left_out
+    assert resumed["points"][0]["invalid_envs"] == left_out
     assert resumed["rows"] == outcome["rows"]
+    import matplotlib.axes
+
+    titles = []
+    set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda axis, text, **kw: titles.append(text) or set_title(axis, text,
+                                                                                  **kw))
+    # takeover has no rows at all: it still gets its panels, saying where it was left out.
     paths = sweep_plot(outcome["rows"], builtin.DEMONSTRATIONS, (32, 128), tmp_path / "plot",
-                       skipped_envs={32: ["takeover"]})
+                       invalid_envs={32: ["takeover"]})
     assert all(path.stat().st_size > 0 for path in paths)
+    left_out = [t for t in titles if t.startswith("takeover")]
+    assert left_out and all("left out at trusted_episodes = 32" in t for t in left_out)
+    assert not any("left out" in t for t in titles if t.startswith("offswitch"))
+
+
+def test_the_sweep_command_writes_the_valid_environments_and_names_the_one_left_out(
+        monkeypatch, tmp_path, capsys):
+    import numpy as np
+
+    from audit.scores import ScoreStore
+
+    def fake_env(suite, env_spec, specs, detectors, seeds, cache_dir, say, checkpoint=None):
+        if env_spec.name == "offswitch":
+            raise protocol.InvalidOrganismError("organism 'long_horizon' on 'offswitch' "
+                                                "failed its validity check: kl_train 0.12")
+        store = ScoreStore(settings=protocol.score_settings(suite))
+        store.add_model(env=env_spec.name, group="default", organism="honest", kind="honest",
+                        seed=0, test_mask=np.ones((2, 3)), test_events=np.zeros((2, 3)),
+                        calibration_mask=np.ones((2, 3)), demo_mask=np.ones((2, 3)))
+        return store, {}, []
+
+    def fake_figures(store):
+        envs = sorted({model["env"] for model in store.models.values()})
+        rows = [dict(_row("long_horizon", "trained-in", "gan_mlp", 0.6), env=env)
+                for env in envs]
+        return dict(rows=rows, models=[], model_level=[], roc={})
+
+    monkeypatch.setattr(protocol, "_run_env", fake_env)
+    monkeypatch.setattr(protocol.figures, "compute", fake_figures)
+    out = tmp_path / "s"
+    assert main(["sweep", "demonstrations", "--values", "32", "--processes", "1",
+                 "--no-report", "--quiet", "--out", str(out)]) == 0
+    reason = ("InvalidOrganismError: organism 'long_horizon' on 'offswitch' failed its "
+              "validity check: kl_train 0.12")
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "audit sweep: trusted_episodes = 32: offswitch left out (the other environments' "
+        "figures stand): " + reason]
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["invalid_envs"] == {"32": {"offswitch": reason}}
+    assert summary["failed_points"] == {}
+    assert {row["env"] for row in summary["rows"]} == {"takeover", "unobserved"}
+    point = out / "points" / "trusted_episodes=32"
+    assert json.loads((point / "results.json").read_text())["invalid_envs"] == {
+        "offswitch": reason}
+    assert f"- offswitch: {reason}" in (point / "results.md").read_text()
 
 
 @pytest.mark.slow
