@@ -153,7 +153,8 @@ def test_the_late_defector_switches_plan_at_its_step(isolated_registry):
     observation = jax.random.uniform(jax.random.key(1), (9, 9, 8))
     carry = imitator.initial_carry()
     for step in range(after + 2):
-        logits, carry = imitator(observation, carry, 0.5)
+        # Under nnx.capture, as the framework calls it (a bare call's sow is deprecated).
+        (logits, carry), _ = nnx.capture(imitator, nnx.Intermediate)(observation, carry, 0.5)
         late = float(step >= after)
         hidden = jax.nn.relu(imitator.hidden[0](jnp.concatenate([
             jnp.reshape(example.egocentric(observation, radius=8), (-1,)), jnp.array([late])])))
