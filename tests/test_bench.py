@@ -862,21 +862,30 @@ def test_an_environment_whose_organism_is_invalid_is_left_out_only_when_asked(mo
         protocol._run_env_or_skip(False, *job, print)
 
 
-def test_bench_skip_invalid_envs_writes_the_others_and_names_the_one_left_out(
-        monkeypatch, tmp_path, capsys):
+def env_failing_in(failing_env: str, message: str):
+    """A stand-in for ``audit.protocol._run_env``: ``failing_env``'s organism is invalid
+    (``message``); every other environment yields one honest model and no scores."""
     from audit import protocol
 
-    def fake_env(suite, env_spec, specs, detectors, seeds, cache_dir, say, checkpoint=None):
-        if env_spec.name == "takeover":
-            raise protocol.InvalidOrganismError("organism 'unbounded_utility' on 'takeover' "
-                                                "failed its validity check: kl_train 0.2")
+    def run_env(suite, env_spec, specs, detectors, seeds, cache_dir, say, checkpoint=None):
+        if env_spec.name == failing_env:
+            raise protocol.InvalidOrganismError(message)
         store = ScoreStore(settings=protocol.score_settings(suite))
         store.add_model(env=env_spec.name, group="default", organism="honest", kind="honest",
                         seed=0, test_mask=np.ones((2, 3)), test_events=np.zeros((2, 3)),
                         calibration_mask=np.ones((2, 3)), demo_mask=np.ones((2, 3)))
         return store, {}, []
 
-    monkeypatch.setattr(protocol, "_run_env", fake_env)
+    return run_env
+
+
+def test_bench_skip_invalid_envs_writes_the_others_and_names_the_one_left_out(
+        monkeypatch, tmp_path, capsys):
+    from audit import protocol
+
+    monkeypatch.setattr(protocol, "_run_env", env_failing_in(
+        "takeover", "organism 'unbounded_utility' on 'takeover' failed its validity check: "
+                    "kl_train 0.2"))
     monkeypatch.setattr(protocol.figures, "compute",
                         lambda store: dict(rows=[], models=[], model_level=[], roc={}))
     argv = ["bench", "--suite", "quick", "--processes", "1", "--no-report", "--quiet"]

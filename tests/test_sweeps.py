@@ -298,19 +298,7 @@ def test_a_point_keeps_its_valid_environments_and_names_the_one_left_out(monkeyp
 
 def test_the_sweep_command_writes_the_valid_environments_and_names_the_one_left_out(
         monkeypatch, tmp_path, capsys):
-    import numpy as np
-
-    from audit.scores import ScoreStore
-
-    def fake_env(suite, env_spec, specs, detectors, seeds, cache_dir, say, checkpoint=None):
-        if env_spec.name == "offswitch":
-            raise protocol.InvalidOrganismError("organism 'long_horizon' on 'offswitch' "
-                                                "failed its validity check: kl_train 0.12")
-        store = ScoreStore(settings=protocol.score_settings(suite))
-        store.add_model(env=env_spec.name, group="default", organism="honest", kind="honest",
-                        seed=0, test_mask=np.ones((2, 3)), test_events=np.zeros((2, 3)),
-                        calibration_mask=np.ones((2, 3)), demo_mask=np.ones((2, 3)))
-        return store, {}, []
+    from test_bench import env_failing_in
 
     def fake_figures(store):
         envs = sorted({model["env"] for model in store.models.values()})
@@ -318,7 +306,9 @@ def test_the_sweep_command_writes_the_valid_environments_and_names_the_one_left_
                 for env in envs]
         return dict(rows=rows, models=[], model_level=[], roc={})
 
-    monkeypatch.setattr(protocol, "_run_env", fake_env)
+    monkeypatch.setattr(protocol, "_run_env", env_failing_in(
+        "offswitch", "organism 'long_horizon' on 'offswitch' failed its validity check: "
+                     "kl_train 0.12"))
     monkeypatch.setattr(protocol.figures, "compute", fake_figures)
     out = tmp_path / "s"
     assert main(["sweep", "demonstrations", "--values", "32", "--processes", "1",
