@@ -1119,14 +1119,18 @@ def run_bench(args: argparse.Namespace) -> int:
         reported = not args.no_report and _write_report_or_warn(staging, out, "bench")
     checkpoint.remove()  # the run is written: nothing left to resume
     for env, message in metadata["invalid_envs"].items():  # once, by the writing process
-        print(f"audit bench: {env} left out (the other environments' figures stand): "
-              f"{message}", file=sys.stderr)
+        print(f"audit bench: {_left_out(env, message)}", file=sys.stderr)
     if not args.quiet:
         print(text)
         report = ", report.html" if reported else ""
         print(f"wrote results.json, results.csv, results.md, results.tex, scores.npz, ROC "
               f"plots{report} to {out} ({seconds:.0f} s)")
     return 0
+
+
+def _left_out(env: str, message: str) -> str:
+    """The line naming an environment a run left out (``skip_invalid_envs``) and why."""
+    return f"{env} left out (the other environments' figures stand): {message}"
 
 
 def _bench_seeds_and_out(args: argparse.Namespace, suite) -> tuple[int, Path]:
@@ -1257,8 +1261,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             print(f"audit sweep: {sweep.parameter} = {point['value']} has no figures: "
                   f"{point['error']}", file=sys.stderr)
         for env, message in (point.get("invalid_envs") or {}).items():
-            print(f"audit sweep: {sweep.parameter} = {point['value']}: {env} left out "
-                  f"(the other environments' figures stand): {message}", file=sys.stderr)
+            print(f"audit sweep: {sweep.parameter} = {point['value']}: "
+                  f"{_left_out(env, message)}", file=sys.stderr)
     if not args.quiet:
         done = sum("error" not in p for p in outcome.get("points", []))
         points = f" and {done} run directories under points/" if values else ""

@@ -172,13 +172,13 @@ def _bench_body(run_dir: Path, highlight: str | None) -> tuple[str, str]:
     suite = results.get("suite", "benchmark")
     title = f"{suite} suite: report"
     failed = sum(bool(row.get("control_failed")) for row in rows)
-    skipped = results.get("invalid_envs") or {}
+    invalid = results.get("invalid_envs") or {}
     parts = [f"<h1>{html.escape(title)}</h1>",
              _facts([("suite", suite), ("seeds", results.get("seed_values", results.get("seeds"))),
                      ("environments", ", ".join(envs)),
                      *([("environments left out", "; ".join(
-                         f"{env}: {message}" for env, message in skipped.items()))]
-                       if skipped else []),
+                         f"{env}: {message}" for env, message in invalid.items()))]
+                       if invalid else []),
                      ("cells", len(rows)), ("cells marked control_failed", failed),
                      ("flagging level alpha", alpha), ("aggregate", aggregate),
                      ("run time", _seconds(results.get("seconds"))),
@@ -576,13 +576,13 @@ def _sweep_body(run_dir: Path) -> tuple[str, str]:
         parts.append("<h2>Points without figures</h2><ul>" + "".join(
             f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in failed.items())
             + "</ul>")
-    skipped = sweep.get("invalid_envs") or {}
-    if skipped:
+    invalid = sweep.get("invalid_envs") or {}
+    if invalid:
         parts.append("<h2>Environments left out</h2><p>The point's other environments keep "
                      "their figures.</p><ul>" + "".join(
                          f"<li>{html.escape(str(value))}, {html.escape(env)}: "
                          f"{html.escape(str(message))}</li>"
-                         for value, envs in skipped.items() for env, message in envs.items())
+                         for value, envs in invalid.items() for env, message in envs.items())
                      + "</ul>")
     for key, heading in (("rows", "Figures per point"), ("model_level", "Model-level AUROC"),
                          ("models", "Models")):

@@ -247,14 +247,14 @@ def run_sweep(sweep: Sweep, values: Sequence[Any] | None = None, setting: str = 
         point_rows = strict_json(sweep_rows(results["rows"], sweep.parameter, value,
                                             sweep.figures))
         rows.extend(point_rows)
-        skipped = dict(results.get("invalid_envs") or {})
-        points.append(dict(value=value, seconds=seconds, suite=suite,
-                           **({"invalid_envs": skipped} if skipped else {})))
+        left_out = ({"invalid_envs": dict(results["invalid_envs"])}
+                    if results.get("invalid_envs") else {})
+        points.append(dict(value=value, seconds=seconds, suite=suite, **left_out))
         if point_done is not None:
             point_done(value, results, suite)
         if checkpoint is not None:
             checkpoint.save(number, dict(value=value, seconds=seconds, rows=point_rows,
-                                         **({"invalid_envs": skipped} if skipped else {})))
+                                         **left_out))
     return dict(rows=rows, points=points, seeds=seeds)
 
 
