@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -1384,12 +1385,16 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
     return seconds, outcome
 
 
+# A report's episode strips are drawn in a second process where a second core is there.
+REPORT_PROCESSES = min(2, os.cpu_count() or 1)
+
+
 def _write_report_or_warn(directory: Path, final: Path, command: str) -> bool:
     """Writes ``directory``'s report.html; a failure is a warning, never the run's loss."""
     from audit.html_report import write_report
 
     try:
-        write_report(directory)
+        write_report(directory, processes=REPORT_PROCESSES)
     except Exception as error:  # noqa: BLE001 -- the figures are written; keep them
         print(f"audit {command}: warning: report.html was not written ({type(error).__name__}: "
               f"{error}); run `audit report {final}` to write it", file=sys.stderr)
@@ -1406,7 +1411,8 @@ def run_report(args: argparse.Namespace) -> int:
                          f"got {args.highlight!r}")
     started = time.perf_counter()
     try:
-        path = write_report(args.run_dir, highlight=args.highlight)
+        path = write_report(args.run_dir, highlight=args.highlight,
+                            processes=REPORT_PROCESSES)
     except ReportError as error:
         raise UsageError(f"RUN_DIR: {error}") from None
     if not args.quiet:

@@ -591,7 +591,8 @@ def _weighted_figures(positives, clean, honest, calibration, demo, weights, *, a
     return np.concatenate([np.stack([result[name] for name in FIGURES], axis=1), curve], axis=1)
 
 
-def compute(store: ScoreStore, *, resampled: bool = True) -> dict[str, Any]:
+def compute(store: ScoreStore, *, resampled: bool = True,
+            bootstraps: dict[tuple, dict] | None = None) -> dict[str, Any]:
     """Every figure of a run from its scores.
 
     Args:
@@ -601,6 +602,10 @@ def compute(store: ScoreStore, *, resampled: bool = True) -> dict[str, Any]:
         resample and seed, the slow reference (the same draws and figures, up to the
         rounding of ``average_precision``'s intervals; ``python -m
         benchmarks.perf.figures`` times the two side by side).
+      bootstraps: rows' bootstraps already drawn (:func:`bootstraps`, e.g. one per
+        environment in the process that scored it), by row key; the rows not in it are
+        drawn here. A row's bootstrap reads only its own environment's scores, so the
+        figures are the same either way.
 
     Returns:
       ``{"rows": [...], "models": [...], "model_level": [...], "roc": {env: [...]}}``:
@@ -615,43 +620,58 @@ def compute(store: ScoreStore, *, resampled: bool = True) -> dict[str, Any]:
     # windows): a second BLAS thread gains little on an idle machine and, on a busy one,
     # spins waiting for a core (several times slower). One thread keeps the time steady.
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
-        return _compute(store, resampled)
+        return _compute(store, resampled, bootstraps or {})
 
 
-def _compute(store: ScoreStore, resampled: bool) -> dict[str, Any]:
-    settings = settings_of(store)
-    alpha, aggregate = settings["alpha"], settings["aggregate"]
-    budgets = tuple(float(b) for b in settings["audit_budgets"])
-    per_cell = all_windows(store, settings)
+def bootstraps(store: ScoreStore, *, resampled: bool = True) -> dict[tuple, dict]:
+    """Every row's bootstrap (:func:`audit.metrics.nested_bootstrap_draws`), by row key.
 
-    honest_windows = _honest_windows(store, per_cell)
-    grouped = _grouped_cells(store)
-    rows = []
-    statistic = functools.partial(seed_figures, alpha=alpha, budgets=budgets)
-    resampled_figures = functools.partial(resampled_seed_figures, alpha=alpha,
-                                          budgets=budgets)
-    resample_calibration = settings["calibration_bootstrap"] == RESAMPLED
-    if resample_calibration:
-        statistic = functools.partial(calibrated_seed_figures, alpha=alpha, budgets=budgets,
-                                      p_values=settings["p_values"])
-        resampled_figures = functools.partial(resampled_calibrated_seed_figures, alpha=alpha,
-                                              budgets=budgets, p_values=settings["p_values"])
-    pairing: dict[int, dict] = {}
-    for (env, group, organism, detector, view), cells in grouped.items():
+    The costly part of :func:`compute`, which takes the result as ``bootstraps``: a
+    suite's worker process draws its environment's while the other environments still
+    run (the store of one environment gives the rows of that environment exactly as the
+    whole run's store does).
+
+    Args:
+      store: scores (one environment's, or a whole run's).
+      resampled: as :func:`compute`.
+
+    Returns:
+      ``{(env, group, organism, detector, view): {"estimate": ..., "draws": ...}}``.
+    """
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        rows = _RowInputs(store)
+        return {key: rows.bootstrap(key, rows.groups(key, cells)[0], resampled)
+                for key, cells in rows.grouped.items()}
+
+
+class _RowInputs:
+    """What a store's rows are computed from: its windows, grouped by row key."""
+
+    def __init__(self, store: ScoreStore):
+        self.store = store
+        self.settings = settings_of(store)
+        self.per_cell = all_windows(store, self.settings)
+        self.honest_windows = _honest_windows(store, self.per_cell)
+        self.grouped = _grouped_cells(store)
+        self.resample_calibration = self.settings["calibration_bootstrap"] == RESAMPLED
+
+    def groups(self, key: tuple, cells: list[str]) -> tuple[list[tuple], dict[str, int]]:
+        """The bootstrap's groups (one per seed) of row ``key`` and the row's counts."""
+        env, group, organism, detector, view = key
         groups = []
         counts = dict(positives=0, empty=0, own_clean=0, honest=0, episodes=0)
         for cell in cells:
-            info, found = store.cells[cell], per_cell[cell]
-            model = store.models[info["model"]]
+            info, found = self.store.cells[cell], self.per_cell[cell]
+            model = self.store.models[info["model"]]
             is_positive = found["positive"]
-            reference = (None if organism == HONEST else honest_windows.get(
+            reference = (None if organism == HONEST else self.honest_windows.get(
                 (env, group, detector, view, model["seed"])))
             honest = np.empty(0) if reference is None else reference["p_window"]
             positives = np.stack([found["p_window"], found["p_full"], found["lead"],
                                   _paired(found, reference), found["window"] > 0],
                                  axis=1)[is_positive]
             clean = found["p_window"][~is_positive]
-            if resample_calibration:
+            if self.resample_calibration:
                 groups.append(_raw_group(found, reference))
             else:
                 groups.append((_or_nan(positives, POSITIVE_COLUMNS), _or_nan(clean, 1),
@@ -661,13 +681,45 @@ def _compute(store: ScoreStore, resampled: bool) -> dict[str, Any]:
             counts["own_clean"] += int((~found["positive"]).sum())
             counts["honest"] += int(honest.size)
             counts["episodes"] += int(found["positive"].size)
+        return groups, counts
+
+    def bootstrap(self, key: tuple, groups: list[tuple], resampled: bool) -> dict:
+        """Row ``key``'s :func:`audit.metrics.nested_bootstrap_draws` over ``groups``."""
+        settings = self.settings
+        alpha = settings["alpha"]
+        budgets = tuple(float(b) for b in settings["audit_budgets"])
+        statistic = functools.partial(seed_figures, alpha=alpha, budgets=budgets)
+        resampled_figures = functools.partial(resampled_seed_figures, alpha=alpha,
+                                              budgets=budgets)
+        if self.resample_calibration:
+            statistic = functools.partial(calibrated_seed_figures, alpha=alpha,
+                                          budgets=budgets, p_values=settings["p_values"])
+            resampled_figures = functools.partial(resampled_calibrated_seed_figures,
+                                                  alpha=alpha, budgets=budgets,
+                                                  p_values=settings["p_values"])
+        control = key[2] == TWIN
+        return metrics.nested_bootstrap_draws(
+            functools.partial(statistic, control=control), groups,
+            resamples=max(int(settings["resamples"]), 1), seed=settings["bootstrap_seed"],
+            resampled_statistic=(functools.partial(resampled_figures, control=control)
+                                 if resampled else None))
+
+
+def _compute(store: ScoreStore, resampled: bool, drawn: dict[tuple, dict]) -> dict[str, Any]:
+    inputs = _RowInputs(store)
+    settings, per_cell = inputs.settings, inputs.per_cell
+    alpha, aggregate = settings["alpha"], settings["aggregate"]
+    budgets = tuple(float(b) for b in settings["audit_budgets"])
+    rows = []
+    pairing: dict[int, dict] = {}
+    for key, cells in inputs.grouped.items():
+        env, group, organism, detector, view = key
+        groups, counts = inputs.groups(key, cells)
         names = list(FIGURES) + [f"audit_budget_{b}" for b in budgets]
         resamples = int(settings["resamples"])
-        found_draws = metrics.nested_bootstrap_draws(
-            functools.partial(statistic, control=organism == TWIN), groups,
-            resamples=max(resamples, 1), seed=settings["bootstrap_seed"],
-            resampled_statistic=(functools.partial(resampled_figures, control=organism == TWIN)
-                                 if resampled else None))
+        found_draws = drawn.get(key)
+        if found_draws is None:
+            found_draws = inputs.bootstrap(key, groups, resampled)
         point = found_draws["estimate"]
         low, high = metrics.percentile_interval(found_draws["draws"])
         if resamples < 1:

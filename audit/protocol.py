@@ -453,9 +453,10 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
         elif checkpoint is not None:  # a left-out environment runs again on --resume
             checkpoint.save(outcome)
 
+    drawn: dict[tuple, dict] = {}  # rows' bootstraps drawn by the worker processes
     if processes > 1 and len(todo) > 1:
-        outcomes = _run_envs_in_processes(todo, say, processes, done, checkpoint,
-                                          skip_invalid_envs)
+        outcomes, drawn = _run_envs_in_processes(todo, say, processes, done, checkpoint,
+                                                 skip_invalid_envs)
     else:
         outcomes = []
         for job in todo:
@@ -479,7 +480,7 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
     if distributed.is_coordinator():
         say(f"figures and bootstrap intervals of {len(store.cells)} scored (model, detector) "
             "pairs")
-        results = figures.compute(store)
+        results = figures.compute(store, bootstraps=drawn)
     else:  # process 0 writes the run; a resumed run's other processes lack its old scores
         results = dict(rows=[], models=[], model_level=[], roc={})
     timings["figures"] = time.perf_counter() - started
@@ -508,6 +509,20 @@ def _run_env_or_skip(skip_invalid_envs: bool, suite: Suite, env_spec, *rest):
         if not skip_invalid_envs:
             raise
         return _SkippedEnv(env_spec.name, error)
+
+
+def _run_env_and_bootstrap(skip_invalid_envs: bool, suite: Suite, env_spec, *rest):
+    """:func:`_run_env_or_skip`, then its rows' bootstraps (:func:`audit.figures.bootstraps`,
+    or None for an environment left out): ``(outcome, bootstraps)``. A worker process's
+    job: the bootstrap, most of the figures' time, then runs beside the other
+    environments instead of after them."""
+    outcome = _run_env_or_skip(skip_invalid_envs, suite, env_spec, *rest)
+    if isinstance(outcome, _SkippedEnv):
+        return outcome, None
+    started = time.perf_counter()
+    drawn = figures.bootstraps(outcome[0])
+    outcome[1][f"{env_spec.name}/figures"] = time.perf_counter() - started
+    return outcome, drawn
 
 
 def env_jobs(suite: Suite, seed_values: tuple[int, ...], cache_dir) -> list[tuple]:
@@ -679,9 +694,11 @@ def _organism_specs(suite: Suite, env_name: str) -> list:
 
 
 def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
-                           skip_invalid_envs: bool = False) -> list:
+                           skip_invalid_envs: bool = False) -> tuple[list, dict]:
     """:func:`_run_env_or_skip` for every environment, in worker processes, in suite
-    order; ``done(outcome)`` is called as each finishes (in the order they finish).
+    order, with their rows' bootstraps (:func:`_run_env_and_bootstrap`): ``(outcomes,
+    bootstraps)``; ``done(outcome)`` is called as each finishes (in the order they
+    finish).
 
     Threads do not help here: XLA runs most of these small programs on one core. Two
     processes keep two cores busy, one compiling while another computes.
@@ -702,13 +719,15 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
                 max_workers=min(processes, len(jobs)), mp_context=context,
                 initializer=_start_worker,
                 initargs=(plugins.loaded(), messages, os.getpid())) as pool:
-            futures = [pool.submit(_run_env_or_skip, skip_invalid_envs, *job,
+            futures = [pool.submit(_run_env_and_bootstrap, skip_invalid_envs, *job,
                                    _say_from_worker, checkpoint) for job in jobs]
             try:
                 for future in concurrent.futures.as_completed(futures):
                     if done is not None:
-                        done(future.result())
-                outcomes = [future.result() for future in futures]
+                        done(future.result()[0])
+                outcomes = [future.result()[0] for future in futures]
+                drawn = {key: value for future in futures
+                         for key, value in (future.result()[1] or {}).items()}
             except BaseException:
                 for future in futures:  # one environment failed: stop the others
                     future.cancel()
@@ -720,7 +739,7 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
         relay.join()
         messages.close()
         messages.join_thread()
-    return outcomes
+    return outcomes, drawn
 
 
 ORPHAN_CHECK_SECONDS = 1.0

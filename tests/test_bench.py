@@ -707,6 +707,61 @@ def test_quick_suite_shows_what_the_benchmark_is_for(tmp_path):
     assert json.loads((out / "recomputed.json").read_text()) == results
 
 
+def _env_store(env: str, shift: float) -> ScoreStore:
+    """One environment's scores: an honest and a defecting model over two seeds."""
+    store = ScoreStore(settings=dict(alpha=0.01, aggregate="max", resamples=40))
+    rng = np.random.default_rng(len(env))
+    events = np.array([[0, 0, 1], [0, 1, 0], [0, 0, 0], [0, 0, 1]])
+    for seed in (0, 1):
+        for organism, kind in (("honest", "honest"), ("defector", "trained-in")):
+            model = store.add_model(env=env, group="default", organism=organism, kind=kind,
+                                    seed=seed, test_mask=np.ones((4, 3), bool),
+                                    test_events=0 * events if kind == "honest" else events,
+                                    calibration_mask=np.ones(CALIBRATION.shape, bool),
+                                    demo_mask=np.ones(CALIBRATION.shape, bool))
+            test = rng.uniform(size=(4, 3)) + (shift if kind != "honest" else 0.0)
+            store.add_scores(model, "d", "actions", "demonstrations-only", test=test,
+                             calibration=CALIBRATION, demo=CALIBRATION)
+    return store
+
+
+def test_rows_bootstrapped_one_environment_at_a_time_are_the_whole_runs_rows():
+    """What a worker process draws for its environment (``figures.bootstraps``) gives
+    the very figures the whole run's store gives, and ``compute`` uses what it is given."""
+    import pickle
+
+    first, second = _env_store("offswitch", 0.3), _env_store("takeover", 0.6)
+    drawn = {**figures.bootstraps(first), **figures.bootstraps(second)}
+    drawn = pickle.loads(pickle.dumps(drawn))  # as it comes back from a worker
+    whole = ScoreStore(settings=dict(first.settings)).merge(first).merge(second)
+    expected = figures.compute(whole)
+    assert len(drawn) == len(expected["rows"]) == 4
+    assert figures.compute(whole, bootstraps=drawn) == expected
+    some = {key: value for key, value in drawn.items() if key[0] == "takeover"}
+    assert figures.compute(whole, bootstraps=some) == expected  # the rest drawn there
+    key = ("offswitch", "default", "defector", "d", "actions")
+    doctored = dict(drawn[key], estimate=np.zeros_like(drawn[key]["estimate"]))
+    rows = figures.compute(whole, bootstraps={key: doctored})["rows"]
+    assert next(r for r in rows if r["env"] == "offswitch" and r["organism"] == "defector"
+                )["auroc"] == 0.0
+
+
+def test_a_worker_process_sends_back_its_environments_bootstraps(tiny_suite, monkeypatch):
+    from audit import protocol
+
+    def fake_env(suite, env_spec, specs, detectors, seeds, cache_dir, say, checkpoint=None):
+        return _env_store(env_spec.name, 0.5), {f"{env_spec.name}/organisms": 1.0}, []
+
+    monkeypatch.setattr(protocol, "_run_env", fake_env)
+    job = protocol.env_jobs(tiny_suite, (0,), None)[0]
+    (store, timings, _), drawn = protocol._run_env_and_bootstrap(False, *job, print)
+    again = figures.bootstraps(store)
+    assert set(drawn) == set(again) and len(drawn) == 2
+    assert all(np.array_equal(drawn[key][part], again[key][part], equal_nan=True)
+               for key in drawn for part in ("estimate", "draws"))
+    assert list(timings) == ["offswitch/organisms", "offswitch/figures"]
+
+
 def test_groups_are_audited_apart_and_the_honest_model_counts_once_per_seed():
     """Organisms audited under other env settings (a trigger probability) form a group of
     their own, with the honest model audited there too as their negative."""
@@ -827,8 +882,8 @@ def test_an_environment_whose_organism_is_invalid_is_left_out_only_when_asked(mo
 
     computed = []
     monkeypatch.setattr(protocol, "_run_env", fake_env)
-    monkeypatch.setattr(protocol.figures, "compute", lambda store: computed.append(store) or
-                        dict(rows=[], models=[], model_level=[], roc={}))
+    monkeypatch.setattr(protocol.figures, "compute", lambda store, **_: computed.append(store)
+                        or dict(rows=[], models=[], model_level=[], roc={}))
 
     class Checkpoint:
         saved = []

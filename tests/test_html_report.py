@@ -98,6 +98,22 @@ def test_the_report_has_every_section_table_row_and_figure(tmp_path):
     assert not re.search(r"(src|href)=\"(https?:)?//", page)
 
 
+def test_a_report_drawn_in_two_processes_is_the_same_page_and_figures(tmp_path):
+    """The episode strips drawn by a second process (what the ``audit`` commands do on
+    two cores) give the very page and PNG files one process draws."""
+    _synthetic_run(tmp_path / "one")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    pages, pictures = [], []
+    for name, processes in (("one", 1), ("two", 2)):
+        page = html_report.write_report(tmp_path / name, processes=processes).read_text()
+        pages.append(re.sub(r"report written</th><td>[^<]*", "", page))
+        pictures.append({path.name: path.read_bytes()
+                         for path in sorted((tmp_path / name / "figures").glob("*.png"))})
+    assert pages[0] == pages[1] and pictures[0] == pictures[1]
+    assert sum(name.startswith("episode_") for name in pictures[1]) >= 4
+    assert f"({len(pictures[1])} figures)" in pages[1]  # the second process's are counted
+
+
 def test_the_episode_strips_show_the_best_non_control_detector_or_the_one_asked_for(tmp_path):
     results = _synthetic_run(tmp_path / "run")
     rows = results["rows"]
