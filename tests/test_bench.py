@@ -942,7 +942,7 @@ def test_bench_skip_invalid_envs_writes_the_others_and_names_the_one_left_out(
         "takeover", "organism 'unbounded_utility' on 'takeover' failed its validity check: "
                     "kl_train 0.2"))
     monkeypatch.setattr(protocol.figures, "compute",
-                        lambda store: dict(rows=[], models=[], model_level=[], roc={}))
+                        lambda store, **_: dict(rows=[], models=[], model_level=[], roc={}))
     argv = ["bench", "--suite", "quick", "--processes", "1", "--no-report", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "stopped")]) == 1
     assert "failed its validity check" in capsys.readouterr().err

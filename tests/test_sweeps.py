@@ -300,7 +300,7 @@ def test_the_sweep_command_writes_the_valid_environments_and_names_the_one_left_
         monkeypatch, tmp_path, capsys):
     from test_bench import env_failing_in
 
-    def fake_figures(store):
+    def fake_figures(store, **_):
         envs = sorted({model["env"] for model in store.models.values()})
         rows = [dict(_row("long_horizon", "trained-in", "gan_mlp", 0.6), env=env)
                 for env in envs]
