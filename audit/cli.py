@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -1385,8 +1384,12 @@ def _run_sweep_into(sweep, args, values, base, out, started, checkpoint):
     return seconds, outcome
 
 
-# A report's episode strips are drawn in a second process where a second core is there.
-REPORT_PROCESSES = min(2, os.cpu_count() or 1)
+def _report_processes() -> int:
+    """2 where this process may use two cores (a report's episode strips are drawn in a
+    second process), else 1."""
+    from audit.workers import available_cores
+
+    return min(2, available_cores())
 
 
 def _write_report_or_warn(directory: Path, final: Path, command: str) -> bool:
@@ -1394,7 +1397,7 @@ def _write_report_or_warn(directory: Path, final: Path, command: str) -> bool:
     from audit.html_report import write_report
 
     try:
-        write_report(directory, processes=REPORT_PROCESSES)
+        write_report(directory, processes=_report_processes())
     except Exception as error:  # noqa: BLE001 -- the figures are written; keep them
         print(f"audit {command}: warning: report.html was not written ({type(error).__name__}: "
               f"{error}); run `audit report {final}` to write it", file=sys.stderr)
@@ -1412,7 +1415,7 @@ def run_report(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         path = write_report(args.run_dir, highlight=args.highlight,
-                            processes=REPORT_PROCESSES)
+                            processes=_report_processes())
     except ReportError as error:
         raise UsageError(f"RUN_DIR: {error}") from None
     if not args.quiet:

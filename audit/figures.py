@@ -615,6 +615,10 @@ def compute(store: ScoreStore, *, resampled: bool = True,
       figures and the control marks; one entry per (model, detector, view) with its two
       model-level statistics; the model-level AUROC of incorrigible vs honest models;
       ROC points per environment.
+
+    Raises:
+      ValueError: if a given bootstrap was drawn with other settings than ``store``'s
+        or another ``resampled``.
     """
     # The bootstrap's matrix products are small (resamples x calibration episodes x
     # windows): a second BLAS thread gains little on an idle machine and, on a busy one,
@@ -636,7 +640,9 @@ def bootstraps(store: ScoreStore, *, resampled: bool = True) -> dict[tuple, dict
       resampled: as :func:`compute`.
 
     Returns:
-      ``{(env, group, organism, detector, view): {"estimate": ..., "draws": ...}}``.
+      ``{(env, group, organism, detector, view): {"estimate": ..., "draws": ...,
+      "settings": ..., "resampled": ...}}``: :func:`compute` refuses a row drawn with
+      other settings (``settings_of``) or another ``resampled`` than its own.
     """
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         rows = _RowInputs(store)
@@ -645,7 +651,8 @@ def bootstraps(store: ScoreStore, *, resampled: bool = True) -> dict[tuple, dict
 
 
 class _RowInputs:
-    """What a store's rows are computed from: its windows, grouped by row key."""
+    """What a store's rows are computed from: its windows, grouped by row key, and the
+    bootstrap's statistic."""
 
     def __init__(self, store: ScoreStore):
         self.store = store
@@ -654,6 +661,17 @@ class _RowInputs:
         self.honest_windows = _honest_windows(store, self.per_cell)
         self.grouped = _grouped_cells(store)
         self.resample_calibration = self.settings["calibration_bootstrap"] == RESAMPLED
+        self.alpha = self.settings["alpha"]
+        self.budgets = tuple(float(b) for b in self.settings["audit_budgets"])
+        options = dict(alpha=self.alpha, budgets=self.budgets)
+        if self.resample_calibration:
+            options["p_values"] = self.settings["p_values"]
+            self.statistic = functools.partial(calibrated_seed_figures, **options)
+            self.resampled_statistic = functools.partial(resampled_calibrated_seed_figures,
+                                                         **options)
+        else:
+            self.statistic = functools.partial(seed_figures, **options)
+            self.resampled_statistic = functools.partial(resampled_seed_figures, **options)
 
     def groups(self, key: tuple, cells: list[str]) -> tuple[list[tuple], dict[str, int]]:
         """The bootstrap's groups (one per seed) of row ``key`` and the row's counts."""
@@ -684,32 +702,31 @@ class _RowInputs:
         return groups, counts
 
     def bootstrap(self, key: tuple, groups: list[tuple], resampled: bool) -> dict:
-        """Row ``key``'s :func:`audit.metrics.nested_bootstrap_draws` over ``groups``."""
-        settings = self.settings
-        alpha = settings["alpha"]
-        budgets = tuple(float(b) for b in settings["audit_budgets"])
-        statistic = functools.partial(seed_figures, alpha=alpha, budgets=budgets)
-        resampled_figures = functools.partial(resampled_seed_figures, alpha=alpha,
-                                              budgets=budgets)
-        if self.resample_calibration:
-            statistic = functools.partial(calibrated_seed_figures, alpha=alpha,
-                                          budgets=budgets, p_values=settings["p_values"])
-            resampled_figures = functools.partial(resampled_calibrated_seed_figures,
-                                                  alpha=alpha, budgets=budgets,
-                                                  p_values=settings["p_values"])
+        """Row ``key``'s :func:`audit.metrics.nested_bootstrap_draws` over ``groups``,
+        with the settings and ``resampled`` it was drawn with."""
         control = key[2] == TWIN
-        return metrics.nested_bootstrap_draws(
-            functools.partial(statistic, control=control), groups,
-            resamples=max(int(settings["resamples"]), 1), seed=settings["bootstrap_seed"],
-            resampled_statistic=(functools.partial(resampled_figures, control=control)
+        drawn = metrics.nested_bootstrap_draws(
+            functools.partial(self.statistic, control=control), groups,
+            resamples=max(int(self.settings["resamples"]), 1),
+            seed=self.settings["bootstrap_seed"],
+            resampled_statistic=(functools.partial(self.resampled_statistic, control=control)
                                  if resampled else None))
+        return dict(drawn, settings=self.settings, resampled=resampled)
+
+    def check(self, key: tuple, drawn: dict, resampled: bool) -> dict:
+        """``drawn`` (a given bootstrap of row ``key``), if drawn as this store's."""
+        if drawn.get("settings") != self.settings or drawn.get("resampled") != resampled:
+            raise ValueError(
+                f"bootstraps: row {key} was drawn with settings {drawn.get('settings')} "
+                f"(resampled={drawn.get('resampled')}), not this store's {self.settings} "
+                f"(resampled={resampled}); draw it with figures.bootstraps(store)")
+        return drawn
 
 
 def _compute(store: ScoreStore, resampled: bool, drawn: dict[tuple, dict]) -> dict[str, Any]:
     inputs = _RowInputs(store)
     settings, per_cell = inputs.settings, inputs.per_cell
-    alpha, aggregate = settings["alpha"], settings["aggregate"]
-    budgets = tuple(float(b) for b in settings["audit_budgets"])
+    alpha, aggregate, budgets = inputs.alpha, settings["aggregate"], inputs.budgets
     rows = []
     pairing: dict[int, dict] = {}
     for key, cells in inputs.grouped.items():
@@ -717,9 +734,8 @@ def _compute(store: ScoreStore, resampled: bool, drawn: dict[tuple, dict]) -> di
         groups, counts = inputs.groups(key, cells)
         names = list(FIGURES) + [f"audit_budget_{b}" for b in budgets]
         resamples = int(settings["resamples"])
-        found_draws = drawn.get(key)
-        if found_draws is None:
-            found_draws = inputs.bootstrap(key, groups, resampled)
+        found_draws = (inputs.bootstrap(key, groups, resampled) if key not in drawn
+                       else inputs.check(key, drawn[key], resampled))
         point = found_draws["estimate"]
         low, high = metrics.percentile_interval(found_draws["draws"])
         if resamples < 1:

@@ -39,6 +39,7 @@ import io
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -179,18 +180,29 @@ def _bench_inputs(run_dir: Path) -> tuple[dict, ScoreStore, dict, list[str]]:
 
 
 def _bench_body_in_two_processes(run_dir: Path, highlight: str | None) -> tuple[str, str]:
-    """:func:`_bench_body`, its episode strips drawn by a second (spawned) process."""
-    import concurrent.futures
-    import multiprocessing
+    """:func:`_bench_body`, its episode strips drawn by a second process
+    (:func:`audit.workers.pool`: the same plug-ins, stopped with this one); drawn here
+    where the run kept no episodes (nothing to share) or that process broke."""
+    import concurrent.futures.process
 
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    from audit import workers
+
+    inputs = _bench_inputs(run_dir)
+    store = inputs[1]
+    if not any(store.episodes(key) is not None for key in store.models):
+        return _bench_body(run_dir, highlight, inputs)
+    with workers.pool(1) as pool:
         strips = pool.submit(_episode_strips_of, str(run_dir), highlight)
-        try:
-            return _bench_body(run_dir, highlight, strips=strips.result)
-        except BaseException:
-            strips.cancel()
-            raise
+
+        def drawn() -> tuple[list[str], list[str]] | None:
+            try:
+                return strips.result()
+            except concurrent.futures.process.BrokenProcessPool as error:
+                warnings.warn(f"the report's second process broke ({error}); its episode "
+                              "strips are drawn in this one", stacklevel=2)
+                return None
+
+        return _bench_body(run_dir, highlight, inputs, strips=drawn)
 
 
 def _episode_strips_of(run_dir: str, highlight: str | None) -> tuple[list[str], list[str]]:
@@ -204,10 +216,12 @@ def _episode_strips_of(run_dir: str, highlight: str | None) -> tuple[list[str], 
     return parts, saved.names
 
 
-def _bench_body(run_dir: Path, highlight: str | None, strips=None) -> tuple[str, str]:
-    """The page body and title of a benchmark run; ``strips()``, if given, returns its
-    episode strips (``(HTML parts, figure stems)``) drawn elsewhere."""
-    results, store, per_cell, envs = _bench_inputs(run_dir)
+def _bench_body(run_dir: Path, highlight: str | None, inputs=None,
+                strips=None) -> tuple[str, str]:
+    """The page body and title of a benchmark run (``inputs``: its
+    :func:`_bench_inputs`, read if None); ``strips()``, if given, returns its episode
+    strips drawn elsewhere (``(HTML parts, figure stems)``, or None: draw them here)."""
+    results, store, per_cell, envs = inputs or _bench_inputs(run_dir)
     rows = results.get("rows", [])
     settings = figure_math.settings_of(store)
     alpha, aggregate = settings["alpha"], settings["aggregate"]
@@ -278,9 +292,13 @@ def _bench_body(run_dir: Path, highlight: str | None, strips=None) -> tuple[str,
     parts.append('<h2 id="run">Run</h2>')
     parts.append(_run_section(results, store))
     if strips is not None:
-        strip_parts, strip_names = strips()
+        found = strips()
+        if found is None:
+            strip_parts = _episode_strips(store, per_cell, rows, envs, alpha, highlight, saved)
+        else:
+            strip_parts, strip_names = found
+            saved.names.extend(strip_names)
         parts[strips_at:strips_at] = strip_parts
-        saved.names.extend(strip_names)
     parts.append(f"<p class='files'>Figures as PNG and PDF: <code>{FIGURES_DIR}/</code> "
                  f"({len(saved.names)} figures).</p>")
     return "\n".join(parts), title

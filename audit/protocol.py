@@ -48,7 +48,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import threading
 import time
 import warnings
@@ -61,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from audit import bc, distributed, figures, gan, plugins, registry
+from audit import bc, distributed, figures, gan, registry, workers
 from audit.checkpoint import load_pytree, save_pytree
 from audit.detectors import DetectorContext, check_aggregate
 from audit.detectors.discriminator import DiscriminatorDetector
@@ -704,9 +703,10 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
     processes keep two cores busy, one compiling while another computes.
 
     Workers are stopped when this returns or raises (an error, or SIGINT / SIGTERM turned
-    into :class:`audit.cli.Stopped` by the CLI), and a worker whose parent died without stopping it
-    (SIGKILL) exits by itself within :data:`ORPHAN_CHECK_SECONDS`: nothing of a killed run
-    keeps computing or holds a resource the next run needs.
+    into :class:`audit.cli.Stopped` by the CLI), and a worker whose parent died without
+    stopping it (SIGKILL) exits by itself within
+    :data:`audit.workers.ORPHAN_CHECK_SECONDS`: nothing of a killed run keeps computing or
+    holds a resource the next run needs (:func:`audit.workers.pool`).
     """
     context = multiprocessing.get_context("spawn")  # a forked JAX runtime is unsafe
     # A plain queue handed over at spawn: no manager server process to outlive a kill.
@@ -714,26 +714,16 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
     relay = threading.Thread(target=_relay, args=(messages, say), daemon=True)
     relay.start()
     try:
-        # Workers start bare: they load the same plug-ins first.
-        with concurrent.futures.ProcessPoolExecutor(
-                max_workers=min(processes, len(jobs)), mp_context=context,
-                initializer=_start_worker,
-                initargs=(plugins.loaded(), messages, os.getpid())) as pool:
+        with workers.pool(min(processes, len(jobs)), initializer=_start_worker,
+                          initargs=(messages,)) as pool:
             futures = [pool.submit(_run_env_and_bootstrap, skip_invalid_envs, *job,
                                    _say_from_worker, checkpoint) for job in jobs]
-            try:
-                for future in concurrent.futures.as_completed(futures):
-                    if done is not None:
-                        done(future.result()[0])
-                outcomes = [future.result()[0] for future in futures]
-                drawn = {key: value for future in futures
-                         for key, value in (future.result()[1] or {}).items()}
-            except BaseException:
-                for future in futures:  # one environment failed: stop the others
-                    future.cancel()
-                for process in list(getattr(pool, "_processes", {}).values()):
-                    process.terminate()
-                raise
+            for future in concurrent.futures.as_completed(futures):
+                if done is not None:
+                    done(future.result()[0])
+            outcomes = [future.result()[0] for future in futures]
+            drawn = {key: value for future in futures
+                     for key, value in (future.result()[1] or {}).items()}
     finally:
         messages.put(None)
         relay.join()
@@ -742,23 +732,14 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
     return outcomes, drawn
 
 
-ORPHAN_CHECK_SECONDS = 1.0
 _WORKER_MESSAGES = None
 
 
-def _start_worker(plugin_sources, messages, parent: int) -> None:
-    """A worker's start: the parent's plug-ins, its progress queue, and a watch that
-    ends the worker once its parent is gone."""
+def _start_worker(messages) -> None:
+    """A worker's start (after :func:`audit.workers.pool` loaded the plug-ins): its
+    progress queue."""
     global _WORKER_MESSAGES
     _WORKER_MESSAGES = messages
-    plugins.load_all(plugin_sources)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(ORPHAN_CHECK_SECONDS)
-        os._exit(1)  # the parent was killed: its result has nowhere to go
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _say_from_worker(message: str) -> None:

@@ -707,9 +707,10 @@ def test_quick_suite_shows_what_the_benchmark_is_for(tmp_path):
     assert json.loads((out / "recomputed.json").read_text()) == results
 
 
-def _env_store(env: str, shift: float) -> ScoreStore:
+def _env_store(env: str, shift: float, calibration_bootstrap: str = "fixed") -> ScoreStore:
     """One environment's scores: an honest and a defecting model over two seeds."""
-    store = ScoreStore(settings=dict(alpha=0.01, aggregate="max", resamples=40))
+    store = ScoreStore(settings=dict(alpha=0.01, aggregate="max", resamples=40,
+                                     calibration_bootstrap=calibration_bootstrap))
     rng = np.random.default_rng(len(env))
     events = np.array([[0, 0, 1], [0, 1, 0], [0, 0, 0], [0, 0, 1]])
     for seed in (0, 1):
@@ -725,12 +726,16 @@ def _env_store(env: str, shift: float) -> ScoreStore:
     return store
 
 
-def test_rows_bootstrapped_one_environment_at_a_time_are_the_whole_runs_rows():
+@pytest.mark.parametrize("calibration_bootstrap", ["fixed", "resampled"])
+def test_rows_bootstrapped_one_environment_at_a_time_are_the_whole_runs_rows(
+        calibration_bootstrap):
     """What a worker process draws for its environment (``figures.bootstraps``) gives
-    the very figures the whole run's store gives, and ``compute`` uses what it is given."""
+    the very figures the whole run's store gives, and ``compute`` uses what it is given
+    (drawn with the store's own settings, else it refuses)."""
     import pickle
 
-    first, second = _env_store("offswitch", 0.3), _env_store("takeover", 0.6)
+    first = _env_store("offswitch", 0.3, calibration_bootstrap)
+    second = _env_store("takeover", 0.6, calibration_bootstrap)
     drawn = {**figures.bootstraps(first), **figures.bootstraps(second)}
     drawn = pickle.loads(pickle.dumps(drawn))  # as it comes back from a worker
     whole = ScoreStore(settings=dict(first.settings)).merge(first).merge(second)
@@ -744,6 +749,11 @@ def test_rows_bootstrapped_one_environment_at_a_time_are_the_whole_runs_rows():
     rows = figures.compute(whole, bootstraps={key: doctored})["rows"]
     assert next(r for r in rows if r["env"] == "offswitch" and r["organism"] == "defector"
                 )["auroc"] == 0.0
+    with pytest.raises(ValueError, match="resampled=True.*resampled=False"):
+        figures.compute(whole, resampled=False, bootstraps=drawn)
+    other = ScoreStore(settings=dict(whole.settings, resamples=41)).merge(first)
+    with pytest.raises(ValueError, match="drawn with settings"):
+        figures.compute(other, bootstraps=drawn)
 
 
 def test_a_worker_process_sends_back_its_environments_bootstraps(tiny_suite, monkeypatch):

@@ -36,7 +36,8 @@ def _observations(count: int) -> np.ndarray:
     return observations
 
 
-def _synthetic_run(directory: Path, saved_episodes: bool = True) -> dict:
+def _synthetic_run(directory: Path, saved_episodes: bool = True, env: str = "offswitch"
+                   ) -> dict:
     """A run directory as audit bench writes it, from scores made up here: the organism's
     positives score high from step 2 on (before their event at step 5) for mahalanobis."""
     rng = np.random.default_rng(0)
@@ -47,7 +48,7 @@ def _synthetic_run(directory: Path, saved_episodes: bool = True) -> dict:
         events = np.zeros((EPISODES, STEPS), int)
         if kind == "incorrigible":
             events[: EPISODES // 2, 5] = 1
-        key = store.add_model(env="offswitch", group="default", organism=organism, kind=kind,
+        key = store.add_model(env=env, group="default", organism=organism, kind=kind,
                               seed=0, test_mask=mask, test_events=events,
                               calibration_mask=np.ones((CALIBRATION, STEPS), bool),
                               demo_mask=np.ones((EPISODES, STEPS), bool),
@@ -112,6 +113,33 @@ def test_a_report_drawn_in_two_processes_is_the_same_page_and_figures(tmp_path):
     assert pages[0] == pages[1] and pictures[0] == pictures[1]
     assert sum(name.startswith("episode_") for name in pictures[1]) >= 4
     assert f"({len(pictures[1])} figures)" in pages[1]  # the second process's are counted
+
+
+PLUGIN_ENVIRONMENT = """
+import dataclasses
+
+from audit import registry
+
+registry.register("environments", "my_offswitch", dataclasses.replace(
+    registry.get("environments", "offswitch"), name="my_offswitch"))
+"""
+
+
+def test_the_second_process_draws_a_plugin_environments_strips(isolated_registry, tmp_path):
+    """The report's second process loads the plug-ins this one did, so an environment
+    a plug-in registers keeps its renderer there (its strips are drawn, as in one)."""
+    from audit import plugins
+
+    plugin = tmp_path / "my_env.py"
+    plugin.write_text(PLUGIN_ENVIRONMENT)
+    plugins.load(str(plugin))
+    _synthetic_run(tmp_path / "one", env="my_offswitch")
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    pages = [re.sub(r"report written</th><td>[^<]*", "", html_report.write_report(
+        tmp_path / name, processes=processes).read_text())
+        for name, processes in (("one", 1), ("two", 2))]
+    assert pages[0] == pages[1] and "no renderer" not in pages[1]
+    assert len(list((tmp_path / "two" / "figures").glob("episode_my_offswitch_*.png"))) >= 4
 
 
 def test_the_episode_strips_show_the_best_non_control_detector_or_the_one_asked_for(tmp_path):

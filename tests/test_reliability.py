@@ -436,6 +436,37 @@ def _alive(pids: set[int]) -> set[int]:
     return alive
 
 
+@pytest.mark.slow
+@pytest.mark.ci
+def test_a_bench_in_worker_processes_has_the_rows_of_one_process(tmp_path):
+    """Two environments in 2 worker processes, each drawing its rows' bootstraps, give
+    the rows and model-level figures of one process drawing them all (the
+    second run reuses the first one's organisms)."""
+    import subprocess
+    import sys
+
+    from test_sharding import TINY_SUITE
+
+    plugin = tmp_path / "tiny.py"
+    plugin.write_text(TINY_SUITE.replace('envs=("offswitch",)', 'envs=("offswitch", "takeover")'))
+    results = {}
+    for processes in ("2", "1"):
+        out = tmp_path / f"run{processes}"
+        done = subprocess.run(
+            [sys.executable, "-m", "audit.cli", "--plugin", str(plugin), "bench", "--suite",
+             "tiny_sharded", "--processes", processes, "--no-report", "--quiet",
+             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results[processes] = json.loads((out / "results.json").read_text())
+    two, one = results["2"], results["1"]
+    assert two["rows"] and two["rows"] == one["rows"]
+    assert two["model_level"] == one["model_level"] and two["models"] == one["models"]
+    # The workers drew the bootstraps (their time is theirs); one process drew them all.
+    assert {"offswitch/figures", "takeover/figures"} <= set(two["timings"])
+    assert not any(key.endswith("/figures") for key in one["timings"])
+
+
 def _bench_with_workers(tmp_path: Path, out: str):
     """``audit bench`` of a two-environment tiny suite in 2 worker processes, started
     as a process of its own; returns it once both workers run."""
@@ -502,7 +533,7 @@ def test_workers_of_a_bench_killed_with_sigkill_end_by_themselves(tmp_path):
     descendants = _children(process.pid)
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=60)
-    from audit.protocol import ORPHAN_CHECK_SECONDS
+    from audit.workers import ORPHAN_CHECK_SECONDS
 
     # Each orphan notices within ORPHAN_CHECK_SECONDS; allow for a loaded machine.
     assert not _gone_within(descendants, 20 * ORPHAN_CHECK_SECONDS), \
