@@ -732,6 +732,9 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
     return outcomes, drawn
 
 
+# Defined in audit.workers since the report's second process shares the pool; kept here
+# for code that imported it from this module.
+ORPHAN_CHECK_SECONDS = workers.ORPHAN_CHECK_SECONDS
 _WORKER_MESSAGES = None
 
 
