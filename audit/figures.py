@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -715,12 +716,18 @@ class _RowInputs:
 
     def check(self, key: tuple, drawn: dict, resampled: bool) -> dict:
         """``drawn`` (a given bootstrap of row ``key``), if drawn as this store's."""
-        if drawn.get("settings") != self.settings or drawn.get("resampled") != resampled:
+        # Compared as JSON reads them: a tuple of budgets saved and loaded is a list.
+        if (_as_json(drawn.get("settings")) != _as_json(self.settings)
+                or drawn.get("resampled") != resampled):
             raise ValueError(
                 f"bootstraps: row {key} was drawn with settings {drawn.get('settings')} "
                 f"(resampled={drawn.get('resampled')}), not this store's {self.settings} "
                 f"(resampled={resampled}); draw it with figures.bootstraps(store)")
         return drawn
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=float))
 
 
 def _compute(store: ScoreStore, resampled: bool, drawn: dict[tuple, dict]) -> dict[str, Any]:

@@ -726,8 +726,12 @@ def _run_envs_in_processes(jobs, say, processes, done=None, checkpoint=None,
                      for key, value in (future.result()[1] or {}).items()}
     finally:
         messages.put(None)
-        relay.join()
+        # A worker terminated while it held the queue's lock leaves the None undelivered:
+        # then the relay (a daemon thread) is given up on instead of waited for forever.
+        relay.join(timeout=workers.STOP_SECONDS)
         messages.close()
+        if relay.is_alive():
+            messages.cancel_join_thread()
         messages.join_thread()
     return outcomes, drawn
 

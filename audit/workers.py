@@ -23,6 +23,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
@@ -31,11 +32,19 @@ from typing import Any
 
 from audit import plugins
 
+# How often a worker checks that its parent is alive (it exits once the parent is gone).
 ORPHAN_CHECK_SECONDS = 1.0
+# How long a pool left by an exception waits for its terminated workers before killing them.
+STOP_SECONDS = 10.0
 
 
 def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity, else ``os.cpu_count()``)."""
+    """The CPU cores this process may run on.
+
+    Returns:
+      the size of its CPU affinity set where the platform has one, else
+      ``os.cpu_count()``; at least 1.
+    """
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # a platform without affinity (macOS)
@@ -54,7 +63,9 @@ def pool(max_workers: int, initializer: Callable[..., Any] | None = None,
 
     Yields:
       the ``concurrent.futures.ProcessPoolExecutor``. Leaving the block normally waits
-      for the submitted work; leaving it by an exception terminates the workers.
+      for the submitted work; leaving it by an exception cancels the work not started,
+      terminates the workers and waits for them to exit (killing any still there after
+      :data:`STOP_SECONDS`), then re-raises.
     """
     with concurrent.futures.ProcessPoolExecutor(
             max_workers=max_workers, mp_context=multiprocessing.get_context("spawn"),
@@ -67,6 +78,12 @@ def pool(max_workers: int, initializer: Callable[..., Any] | None = None,
             executor.shutdown(wait=False, cancel_futures=True)  # nothing more starts
             for process in processes:
                 process.terminate()
+            multiprocessing.connection.wait([p.sentinel for p in processes],
+                                            timeout=STOP_SECONDS)
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=STOP_SECONDS)
             raise
 
 

@@ -754,6 +754,12 @@ def test_rows_bootstrapped_one_environment_at_a_time_are_the_whole_runs_rows(
     other = ScoreStore(settings=dict(whole.settings, resamples=41)).merge(first)
     with pytest.raises(ValueError, match="drawn with settings"):
         figures.compute(other, bootstraps=drawn)
+    # Settings as JSON reads them back (a tuple of budgets becomes a list) still match.
+    budgets = dict(whole.settings, audit_budgets=(0.01, 0.05))
+    tupled = ScoreStore(settings=budgets).merge(first)
+    listed = ScoreStore(settings=dict(budgets, audit_budgets=[0.01, 0.05])).merge(first)
+    assert figures.compute(listed, bootstraps=figures.bootstraps(tupled)) == figures.compute(
+        listed)
 
 
 def test_a_worker_process_sends_back_its_environments_bootstraps(tiny_suite, monkeypatch):

@@ -43,9 +43,7 @@ def test_an_exception_in_the_block_stops_the_workers_at_once(tmp_path):
                 time.sleep(0.05)
             processes = list(pool._processes.values())
             raise KeyboardInterrupt
-    for process in processes:
-        process.join(timeout=10)
-        assert not process.is_alive()
+    assert not any(process.is_alive() for process in processes)  # gone when it raised
     assert time.monotonic() - started < 30  # not the minute of work it was given
 
 
