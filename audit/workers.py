@@ -78,12 +78,16 @@ def pool(max_workers: int, initializer: Callable[..., Any] | None = None,
             executor.shutdown(wait=False, cancel_futures=True)  # nothing more starts
             for process in processes:
                 process.terminate()
-            multiprocessing.connection.wait([p.sentinel for p in processes],
-                                            timeout=STOP_SECONDS)
-            for process in processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(timeout=STOP_SECONDS)
+            # Exits are read from the sentinels: the executor's own thread reaps the
+            # workers, so their is_alive() can lag behind (and a reaped pid can be reused).
+            running = {process.sentinel: process for process in processes}
+            deadline = time.monotonic() + STOP_SECONDS
+            while running and time.monotonic() < deadline:
+                for sentinel in multiprocessing.connection.wait(
+                        list(running), timeout=max(0.0, deadline - time.monotonic())):
+                    running.pop(sentinel)
+            for process in running.values():
+                process.kill()
             raise
 
 
