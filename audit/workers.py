@@ -6,9 +6,10 @@ three things, which :func:`pool` gives: the ``spawn`` start method (a forked JAX
 runtime is unsafe), the plug-ins this process loaded (``audit --plugin``: a worker
 starts bare, and a suite or environment registered by a plug-in must resolve there
 too), and no worker left computing once the parent stops: on an exception,
-``KeyboardInterrupt`` or the CLI's ``Stopped`` the workers are terminated rather than
-waited for, and a worker whose parent was killed outright (SIGKILL) exits by itself
-within :data:`ORPHAN_CHECK_SECONDS`.
+``KeyboardInterrupt`` or the CLI's ``Stopped`` the workers are terminated, not left to
+finish their work (and killed if they have not exited after :data:`STOP_SECONDS`), and
+a worker whose parent was killed outright (SIGKILL) exits by itself within
+:data:`ORPHAN_CHECK_SECONDS`.
 
 Spawning re-imports the caller's ``__main__`` module in each worker: a script of your
 own that reaches a pool needs the ``if __name__ == "__main__":`` guard.
