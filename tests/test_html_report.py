@@ -133,13 +133,10 @@ def test_the_second_process_draws_a_plugin_environments_strips(isolated_registry
     plugin = tmp_path / "my_env.py"
     plugin.write_text(PLUGIN_ENVIRONMENT)
     plugins.load(str(plugin))
-    _synthetic_run(tmp_path / "one", env="my_offswitch")
-    shutil.copytree(tmp_path / "one", tmp_path / "two")
-    pages = [re.sub(r"report written</th><td>[^<]*", "", html_report.write_report(
-        tmp_path / name, processes=processes).read_text())
-        for name, processes in (("one", 1), ("two", 2))]
-    assert pages[0] == pages[1] and "no renderer" not in pages[1]
-    assert len(list((tmp_path / "two" / "figures").glob("episode_my_offswitch_*.png"))) >= 4
+    _synthetic_run(tmp_path / "run", env="my_offswitch")
+    page = html_report.write_report(tmp_path / "run", processes=2).read_text()
+    assert "no renderer" not in page and "episode_my_offswitch_" in page
+    assert len(list((tmp_path / "run" / "figures").glob("episode_my_offswitch_*.png"))) >= 4
 
 
 def test_the_episode_strips_show_the_best_non_control_detector_or_the_one_asked_for(tmp_path):
