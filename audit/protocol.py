@@ -407,8 +407,10 @@ def run_suite(suite: Suite, seeds: int | None = None, cache_dir=None,
       progress: called with a short description before each stage.
       processes: run the environments in this many worker processes (1: in this
         process). Each environment's numbers are the same either way. Workers start
-        fresh (``spawn``) and are sent the suite and the registered components, which
-        must pickle by reference (module-level functions and classes).
+        fresh (``spawn``, :func:`audit.workers.pool`) and are sent the suite and the
+        registered components, which must pickle by reference (module-level functions
+        and classes); each also draws its environment's bootstrap intervals
+        (:func:`audit.figures.bootstraps`).
       first_seed: the seeds are ``first_seed, first_seed + 1, ...``.
       checkpoint: where each environment's scores are saved as soon as it finishes
         (:class:`SuiteCheckpoint`, or over several processes an :class:`AgreedCheckpoint`);
