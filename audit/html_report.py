@@ -53,6 +53,9 @@ from audit.scores import ScoreFileError, ScoreStore
 REPORT_NAME = "report.html"
 FIGURES_DIR = "figures"
 EPISODES_PER_CLASS = 2  # kept positives and clean episodes drawn per organism
+# Fewer strips than this are drawn here even when a second process is asked for: starting
+# one (imports and reading the run, 2-3 s on 2 cores) would cost more than drawing them.
+MIN_STRIPS_FOR_A_SECOND_PROCESS = 16
 MAX_STRIP_STEPS = 24  # frames per episode strip
 COLUMN_INCHES = 3.4  # a paper's column: panels are sized so that text stays readable
 
@@ -182,14 +185,14 @@ def _bench_inputs(run_dir: Path) -> tuple[dict, ScoreStore, dict, list[str]]:
 def _bench_body_in_two_processes(run_dir: Path, highlight: str | None) -> tuple[str, str]:
     """:func:`_bench_body`, its episode strips drawn by a second process
     (:func:`audit.workers.pool`: the same plug-ins, stopped with this one); drawn here
-    where the run kept no episodes (nothing to share) or that process broke."""
+    where there are fewer than :data:`MIN_STRIPS_FOR_A_SECOND_PROCESS` (starting the
+    process would cost more) or that process broke."""
     import concurrent.futures.process
 
     from audit import workers
 
     inputs = _bench_inputs(run_dir)
-    store = inputs[1]
-    if not any(store.episodes(key) is not None for key in store.models):
+    if _strip_count(inputs[1], inputs[3]) < MIN_STRIPS_FOR_A_SECOND_PROCESS:
         return _bench_body(run_dir, highlight, inputs)
     with workers.pool(1) as pool:
         strips = pool.submit(_episode_strips_of, str(run_dir), highlight)
@@ -203,6 +206,19 @@ def _bench_body_in_two_processes(run_dir: Path, highlight: str | None) -> tuple[
                 return None
 
         return _bench_body(run_dir, highlight, inputs, strips=drawn)
+
+
+def _strip_count(store: ScoreStore, envs: list[str]) -> int:
+    """How many episode strips :func:`_episode_strips` draws for a run (at most)."""
+    count = 0
+    for env in envs:
+        for model_key in _first_seed_models(store, env):
+            kept = store.episodes(model_key)
+            if kept is not None:
+                positive = ((kept["events"] > 0) & kept["mask"]).any(axis=1)
+                count += (min(int(positive.sum()), EPISODES_PER_CLASS)
+                          + min(int((~positive).sum()), EPISODES_PER_CLASS))
+    return count
 
 
 def _episode_strips_of(run_dir: str, highlight: str | None) -> tuple[list[str], list[str]]:

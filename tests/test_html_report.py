@@ -99,9 +99,15 @@ def test_the_report_has_every_section_table_row_and_figure(tmp_path):
     assert not re.search(r"(src|href)=\"(https?:)?//", page)
 
 
-def test_a_report_drawn_in_two_processes_is_the_same_page_and_figures(tmp_path):
+def test_a_report_drawn_in_two_processes_is_the_same_page_and_figures(tmp_path, monkeypatch):
     """The episode strips drawn by a second process (what the ``audit`` commands do on
     two cores) give the very page and PNG files one process draws."""
+    from audit import workers
+
+    pools = []
+    real_pool = workers.pool
+    monkeypatch.setattr(workers, "pool", lambda *a, **k: pools.append(a) or real_pool(*a, **k))
+    monkeypatch.setattr(html_report, "MIN_STRIPS_FOR_A_SECOND_PROCESS", 0)
     _synthetic_run(tmp_path / "one")
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     pages, pictures = [], []
@@ -111,8 +117,13 @@ def test_a_report_drawn_in_two_processes_is_the_same_page_and_figures(tmp_path):
         pictures.append({path.name: path.read_bytes()
                          for path in sorted((tmp_path / name / "figures").glob("*.png"))})
     assert pages[0] == pages[1] and pictures[0] == pictures[1]
-    assert sum(name.startswith("episode_") for name in pictures[1]) >= 4
-    assert f"({len(pictures[1])} figures)" in pages[1]  # the second process's are counted
+    assert pools == [(1,)]  # the second run drew its strips in a second process
+    strips = sum(name.startswith("episode_") for name in pictures[1])
+    assert strips >= 4 and f"({len(pictures[1])} figures)" in pages[1]  # theirs counted
+    # With fewer strips than the threshold, no process is started for them.
+    monkeypatch.setattr(html_report, "MIN_STRIPS_FOR_A_SECOND_PROCESS", strips + 1)
+    html_report.write_report(tmp_path / "two", processes=2)
+    assert pools == [(1,)]
 
 
 PLUGIN_ENVIRONMENT = """
@@ -125,7 +136,8 @@ registry.register("environments", "my_offswitch", dataclasses.replace(
 """
 
 
-def test_the_second_process_draws_a_plugin_environments_strips(isolated_registry, tmp_path):
+def test_the_second_process_draws_a_plugin_environments_strips(isolated_registry, tmp_path,
+                                                              monkeypatch):
     """The report's second process loads the plug-ins this one did, so an environment
     a plug-in registers keeps its renderer there (its strips are drawn, as in one)."""
     from audit import plugins
@@ -133,6 +145,7 @@ def test_the_second_process_draws_a_plugin_environments_strips(isolated_registry
     plugin = tmp_path / "my_env.py"
     plugin.write_text(PLUGIN_ENVIRONMENT)
     plugins.load(str(plugin))
+    monkeypatch.setattr(html_report, "MIN_STRIPS_FOR_A_SECOND_PROCESS", 0)
     _synthetic_run(tmp_path / "run", env="my_offswitch")
     page = html_report.write_report(tmp_path / "run", processes=2).read_text()
     assert "no renderer" not in page and "episode_my_offswitch_" in page
