@@ -312,7 +312,12 @@ class SuiteCheckpoint(RunCheckpoint):
 
     def finished_cotraining(self, unit: str, like):
         """The co-training run ``unit`` in the structure of ``like``, or None (also for an
-        unreadable or mismatched record, which is trained again)."""
+        unreadable or mismatched record, which is trained again).
+
+        ``like`` is the structure (e.g. from ``jax.eval_shape``) or a function of no
+        arguments that returns it, called only when there is a record to read: tracing a
+        co-training run for its shapes costs seconds, and a fresh run has nothing to load.
+        """
         path = self._cotraining_path(unit)
         if not path.is_file():
             return None
@@ -321,11 +326,16 @@ class SuiteCheckpoint(RunCheckpoint):
                 recorded = data["unit"].tobytes().decode()
             if recorded != unit:
                 raise ValueError(f"it records {recorded!r}")
-            return load_pytree(like, path)
+            return load_pytree(_structure(like), path)
         except (OSError, ValueError, KeyError) as error:
             warnings.warn(f"checkpoint {path} is unreadable ({error}); the co-training run "
                           "is trained again", stacklevel=2)
             return None
+
+
+def _structure(like):
+    """``like``, or what it returns when it is a function (a structure made on demand)."""
+    return like() if callable(like) else like
 
 
 class AgreedCheckpoint:
@@ -382,13 +392,15 @@ class AgreedCheckpoint:
 
     def finished_cotraining(self, unit: str, like):
         """Process 0's record of a co-training run (its states and histories, in the
-        structure of ``like``) in every process, or None in every process."""
+        structure of ``like``, or of what ``like()`` returns, as for
+        :meth:`SuiteCheckpoint.finished_cotraining`) in every process, or None in every
+        process."""
         found = (None if self.checkpoint is None
                  else self.checkpoint.finished_cotraining(unit, like))
         if not distributed.from_coordinator(np.array(found is not None)):
             return None
         mine = (found if found is not None else
-                jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), like))
+                jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), _structure(like)))
         return jax.tree.map(jnp.asarray, distributed.from_coordinator(
             jax.tree.map(np.asarray, mine)))
 
@@ -932,7 +944,8 @@ def _run_group(suite, env_spec, settings, label, models, detector_specs, seeds, 
             # The seed axis is sharded over the devices (one device: a plain vmap).
             one_seed = jax.vmap(train, in_axes=(0, 0, None))
             state_and_history = None if checkpoint is None else checkpoint.finished_cotraining(
-                unit, jax.eval_shape(jax.vmap(one_seed), run_keys, initial, trusted)[:2])
+                unit, lambda run=one_seed, inputs=(run_keys, initial, trusted):
+                jax.eval_shape(jax.vmap(run), *inputs)[:2])
             if state_and_history is not None:
                 say(f"{env_name} ({label}): co-training resumed from the checkpoint")
                 state, history = state_and_history

@@ -315,6 +315,38 @@ def test_a_killed_train_gan_resumes_to_the_numbers_of_an_uninterrupted_run(tmp_p
     assert "--resume: no checkpoint of --out" in err
 
 
+def test_a_co_training_record_is_read_in_the_structure_asked_for_only_when_there_is_one(
+        tmp_path):
+    """The structure may be made on demand (tracing a co-training run for its shapes
+    costs seconds): it is asked for only when a record exists, and the record comes back
+    in it."""
+    import jax
+    import jax.numpy as jnp
+
+    from audit.protocol import SuiteCheckpoint
+
+    checkpoint = SuiteCheckpoint(tmp_path / "record", {"suite": "tiny"})
+    checkpoint.start()
+    tree = ({"weights": jnp.arange(6.0).reshape(2, 3)}, {"loss": jnp.array([0.5, 0.25])})
+    asked = []
+
+    def like():
+        asked.append(True)
+        return jax.eval_shape(lambda: tree)
+
+    assert checkpoint.finished_cotraining("offswitch/default/mlp/honest", like) is None
+    assert not asked
+    checkpoint.save_cotraining("offswitch/default/mlp/honest", tree)
+    assert checkpoint.finished_cotraining("offswitch/default/mlp/other", like) is None
+    assert not asked
+    for structure in (like, jax.eval_shape(lambda: tree)):
+        found = checkpoint.finished_cotraining("offswitch/default/mlp/honest", structure)
+        assert jax.tree.structure(found) == jax.tree.structure(tree)
+        for got, want in zip(jax.tree.leaves(found), jax.tree.leaves(tree), strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert asked == [True]
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_a_bench_stopped_inside_an_environment_resumes_with_the_rows_of_an_uninterrupted_run(

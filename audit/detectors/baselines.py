@@ -125,7 +125,11 @@ class MahalanobisDetector:
         if self.mean is None:
             raise RuntimeError("MahalanobisDetector.score before fit")
         centred = np.asarray(self._features(trajectories), np.float64) - self.mean
-        return np.einsum("btf,fg,btg->bt", centred, self.precision, centred)
+        # One matrix product, then a row-wise dot: a three-operand einsum loops over
+        # features squared per step (0.3 s a call in the quick suite against 0.03 s).
+        weighted = (centred.reshape(-1, centred.shape[-1]) @ self.precision).reshape(
+            centred.shape)
+        return np.einsum("btf,btf->bt", weighted, centred)
 
     def traceable_score(self):
         """The fitted score as a pure JAX function of trajectories (float32), for use
