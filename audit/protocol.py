@@ -326,7 +326,13 @@ class SuiteCheckpoint(RunCheckpoint):
                 recorded = data["unit"].tobytes().decode()
             if recorded != unit:
                 raise ValueError(f"it records {recorded!r}")
-            return load_pytree(_structure(like), path)
+        except (OSError, ValueError, KeyError) as error:
+            warnings.warn(f"checkpoint {path} is unreadable ({error}); the co-training run "
+                          "is trained again", stacklevel=2)
+            return None
+        structure = _structure(like)  # outside the try: its errors are not the record's
+        try:
+            return load_pytree(structure, path)
         except (OSError, ValueError, KeyError) as error:
             warnings.warn(f"checkpoint {path} is unreadable ({error}); the co-training run "
                           "is trained again", stacklevel=2)

@@ -209,6 +209,22 @@ def test_mahalanobis_is_chi_square_on_the_fitted_distribution_and_catches_a_thin
     assert auroc(episode_scores(detector, wide), episode_scores(detector, negatives)) < 0.65
 
 
+def test_mahalanobis_score_is_the_quadratic_form_and_equal_steps_score_equally():
+    detector = MahalanobisDetector().fit(_gaussian_trajectories(0, 100, 10))
+    held_out = _gaussian_trajectories(1, 50, 10)
+    step = detector.score(held_out)
+    features = np.asarray(held_out.activations["h"], np.float64)
+    for episode, t in ((0, 0), (17, 4), (49, 9)):
+        centred = features[episode, t] - detector.mean
+        assert step[episode, t] == pytest.approx(centred @ detector.precision @ centred,
+                                                  rel=1e-12)
+    # A step repeated elsewhere in the batch gets the very same score (ties stay ties).
+    copied = np.array(held_out.activations["h"])
+    copied[33, 6] = copied[2, 1]
+    again = detector.score(held_out.replace(activations={"h": copied}))
+    assert again[33, 6] == again[2, 1] == step[2, 1]
+
+
 def test_mahalanobis_reads_only_activations_by_default():
     trusted = _gaussian_trajectories(0, 50, 6)
     detector = MahalanobisDetector().fit(trusted)
