@@ -215,10 +215,18 @@ def _strip_count(store: ScoreStore, envs: list[str]) -> int:
         for model_key in _first_seed_models(store, env):
             kept = store.episodes(model_key)
             if kept is not None:
-                positive = ((kept["events"] > 0) & kept["mask"]).any(axis=1)
-                count += (min(int(positive.sum()), EPISODES_PER_CLASS)
-                          + min(int((~positive).sum()), EPISODES_PER_CLASS))
+                count += len(_shown_episodes(kept))
     return count
+
+
+def _shown_episodes(kept: dict) -> list[tuple[int, bool]]:
+    """The kept episodes a model's strips show, as ``(index, positive)``: its first
+    :data:`EPISODES_PER_CLASS` positives (an event inside the episode), then its first
+    as many clean ones."""
+    positive = ((kept["events"] > 0) & kept["mask"]).any(axis=1)
+    return ([(int(index), True) for index in np.flatnonzero(positive)[:EPISODES_PER_CLASS]]
+            + [(int(index), False)
+               for index in np.flatnonzero(~positive)[:EPISODES_PER_CLASS]])
 
 
 def _episode_strips_of(run_dir: str, highlight: str | None) -> tuple[list[str], list[str]]:
@@ -435,13 +443,7 @@ def _episode_strips(store, per_cell, rows, envs, alpha, highlight, saved) -> lis
             cell = None if best is None else f"{model_key}/{best[0]}/{best[1]}"
             if cell is not None and cell not in store.cells:
                 cell = None
-            order = np.argsort(~((kept["events"] > 0) & kept["mask"]).any(axis=1), kind="stable")
-            shown = {True: 0, False: 0}
-            for index in order:
-                positive = bool(((kept["events"][index] > 0) & kept["mask"][index]).any())
-                if shown[positive] >= EPISODES_PER_CLASS:
-                    continue
-                shown[positive] += 1
+            for index, positive in _shown_episodes(kept):
                 mask, row = kept["mask"][index], int(kept["indices"][index])
                 hits = np.flatnonzero((kept["events"][index] > 0) & mask)
                 event_step = int(hits[0]) if hits.size else None

@@ -321,17 +321,12 @@ class SuiteCheckpoint(RunCheckpoint):
         path = self._cotraining_path(unit)
         if not path.is_file():
             return None
+        structure = _structure(like)  # outside the try: its errors are not the record's
         try:
             with np.load(path, allow_pickle=False) as data:
                 recorded = data["unit"].tobytes().decode()
             if recorded != unit:
                 raise ValueError(f"it records {recorded!r}")
-        except (OSError, ValueError, KeyError) as error:
-            warnings.warn(f"checkpoint {path} is unreadable ({error}); the co-training run "
-                          "is trained again", stacklevel=2)
-            return None
-        structure = _structure(like)  # outside the try: its errors are not the record's
-        try:
             return load_pytree(structure, path)
         except (OSError, ValueError, KeyError) as error:
             warnings.warn(f"checkpoint {path} is unreadable ({error}); the co-training run "
