@@ -571,6 +571,8 @@ def cache_key(spec: OrganismSpec, env_name: str, config: OrganismConfig, seed: i
     if not config.dagger_rounds:  # organisms cloned before DAgger keep their keys
         for name in ("dagger_rounds", "dagger_episodes", "dagger_updates"):
             config_described.pop(name)
+    if not config.bc.steps_at_once:  # organisms cloned before the option keep their keys
+        config_described["bc"].pop("steps_at_once")
     described = {"spec": built_from, "config": config_described, "env": env_name,
                  "seed": seed, "format": 5}
     if replica:

@@ -14,9 +14,10 @@ from audit import registry
 from audit.bc import BCConfig, make_train, masked_kl
 from audit.cli import main
 from audit.evaluate import imitation_figures
-from audit.rollout import rollout, rollout_expert
+from audit.rollout import imitator_step, rollout, rollout_expert, unroll, unroll_steps_at_once
+from benchmarks.organisms import OrganismImitator
 from benchmarks.planners import CONFIGS, Planner
-from models.imitators import MLPImitator
+from models.imitators import GRUImitator, MLPImitator
 
 
 def test_masked_kl_matches_a_hand_computed_case():
@@ -32,6 +33,67 @@ def test_bc_config_rejects_bad_values():
         BCConfig(updates=0)
     with pytest.raises(ValueError, match="BCConfig.learning_rate must be > 0"):
         BCConfig(learning_rate=0.0)
+    with pytest.raises(ValueError, match="BCConfig.steps_at_once must be a bool, got 'yes'"):
+        BCConfig(steps_at_once="yes")
+
+
+IMITATORS_WITH_A_CARRY = {
+    # feed-forward: its [1] carry is never read
+    "mlp": lambda key: MLPImitator((9, 9, 8), 6, hidden_sizes=(16,), rngs=nnx.Rngs(key)),
+    # recurrent: the carry is the network's own
+    "gru": lambda key: GRUImitator((9, 9, 8), 6, hidden_size=16, rngs=nnx.Rngs(key)),
+    # a plan bit and a history hash, set from the observations and read at every step
+    "organism": lambda key: OrganismImitator((9, 9, 8), 6, (16,), defect_share=0.5,
+                                             rngs=nnx.Rngs(key)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMITATORS_WITH_A_CARRY))
+def test_every_step_at_once_computes_the_scans_values_and_gradients(name):
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 6, 20)
+    graphdef, state = nnx.split(IMITATORS_WITH_A_CARRY[name](jax.random.key(1)))
+    carry = nnx.merge(graphdef, state).initial_carry()
+
+    def loss(unroll_fn, state):
+        logits, activations = unroll_fn(graphdef, state, carry, demos.observations,
+                                        demos.noise)
+        return masked_kl(demos.action_probs, logits, demos.mask), (logits, activations)
+
+    (value_scan, (logits_scan, acts_scan)), grads_scan = jax.jit(jax.value_and_grad(
+        lambda s: loss(unroll, s), has_aux=True))(state)
+    (value_once, (logits_once, acts_once)), grads_once = jax.jit(jax.value_and_grad(
+        lambda s: loss(unroll_steps_at_once, s), has_aux=True))(state)
+    np.testing.assert_allclose(logits_once, logits_scan, rtol=1e-5, atol=1e-5)
+    assert acts_once.keys() == acts_scan.keys()
+    for key in acts_scan:
+        np.testing.assert_allclose(acts_once[key], acts_scan[key], rtol=1e-5, atol=1e-5)
+    assert float(value_once) == pytest.approx(float(value_scan), rel=1e-5)
+    for once, scan in zip(jax.tree.leaves(grads_once), jax.tree.leaves(grads_scan),
+                          strict=True):
+        np.testing.assert_allclose(once, scan, rtol=1e-4, atol=1e-6)
+    if name == "organism":  # both plans occur: a wrong carry would pick the wrong head
+        first = jax.vmap(lambda o: imitator_step(graphdef, state, o, carry, 0.5)[1][0])
+        assert set(np.asarray(first(demos.observations[:, 0])).tolist()) == {0.0, 1.0}
+
+
+def test_cloning_every_step_at_once_trains_the_same_imitator_to_rounding():
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 16, 24)
+    trained = {}
+    for steps_at_once in (False, True):
+        train, _ = make_train(BCConfig(updates=10, batch_episodes=8,
+                                       steps_at_once=steps_at_once),
+                              IMITATORS_WITH_A_CARRY["organism"], demos)
+        trained[steps_at_once] = jax.jit(train)(jax.random.key(2))
+    (params_scan, losses_scan), (params_once, losses_once) = trained[False], trained[True]
+    np.testing.assert_allclose(losses_once, losses_scan, rtol=1e-4)
+    assert losses_scan[-1] < losses_scan[0]
+    for once, scan in zip(jax.tree.leaves(params_once), jax.tree.leaves(params_scan),
+                          strict=True):
+        np.testing.assert_allclose(once, scan, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -98,9 +160,11 @@ def test_mlp_bc_on_offswitch_matches_the_demonstrator_and_stays_corrigible():
 def test_train_bc_command_writes_params_and_summary(tmp_path, capsys):
     out = tmp_path / "bc"
     code = main(["train-bc", "--env", "takeover", "--imitator", "gru", "--episodes", "32",
-                 "--updates", "5", "--eval-episodes", "16", "--out", str(out), "--quiet"])
+                 "--updates", "5", "--eval-episodes", "16", "--out", str(out), "--quiet",
+                 "--steps-at-once"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["bc"]["steps_at_once"] is True
     for key in ("kl_train", "kl_test", "event_rate_train", "event_rate_test", "return_train",
                 "return_test", "kl_on_policy_train", "first_reward_step_test",
                 "no_reward_share_train", "config", "versions"):

@@ -237,6 +237,14 @@ def test_an_organism_is_the_same_whatever_it_is_built_with_and_a_replica_differs
         organisms.build_organisms(env_spec, [LOOSE, LOOSE], TINY, seed=0)
 
 
+def test_cloning_steps_at_once_is_another_organism_and_the_default_keeps_its_key():
+    # The key of an organism cloned one step at a time, as computed before the option
+    # existed: caches built then are still found.
+    assert organisms.cache_key(LOOSE, "offswitch", TINY, 0) == "bba1b93ce03bf6bb"
+    at_once = dataclasses.replace(TINY, bc=dataclasses.replace(TINY.bc, steps_at_once=True))
+    assert organisms.cache_key(LOOSE, "offswitch", at_once, 0) != "bba1b93ce03bf6bb"
+
+
 def test_organisms_are_cached_by_what_they_are_built_from(tmp_path, monkeypatch):
     env_spec = registry.get("environments", "offswitch")
     cloned = []

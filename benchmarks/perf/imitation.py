@@ -8,7 +8,9 @@ environment steps per second (``--episodes`` vmapped episodes of the
 environment's length, activations recorded). Compilation is excluded; each figure
 is the median of ``--repeats`` timed runs. The row ``planner (plain)`` times the
 planner imitator's plain definition (:class:`PlainPlannerImitator`) beside its
-implementation, in the same run.
+implementation, in the same run. The rows ``... (steps at once)`` clone the same
+imitator with ``BCConfig(steps_at_once=True)`` (a scan for the carries, then every step
+of a minibatch in one batch); their rollouts are the rows above theirs.
 """
 
 from __future__ import annotations
@@ -90,24 +92,31 @@ def main(argv=None) -> None:
 
     print(f"jax {jax.__version__} on {jax.default_backend()}; env {args.env}, "
           f"{args.episodes} episodes x {max_steps} steps")
-    print(f"{'imitator':<16} {'BC samples/s':>14} {'rollout steps/s':>16}")
-    for name in ("mlp", "gru", "planner", "planner (plain)"):
+    print(f"{'imitator':<26} {'BC samples/s':>14} {'rollout steps/s':>16}")
+    for name, steps_at_once in (("mlp", False), ("mlp", True), ("gru", False),
+                                ("planner", False), ("planner", True),
+                                ("planner (plain)", False)):
         imitator_class = (PlainPlannerImitator if name == "planner (plain)"
                           else registry.get("imitators", name))
 
         def make(key, imitator_class=imitator_class):
             return imitator_class(shape, env.num_actions, rngs=nnx.Rngs(key))
 
-        config = BCConfig(updates=args.updates, batch_episodes=args.batch_episodes)
+        config = BCConfig(updates=args.updates, batch_episodes=args.batch_episodes,
+                          steps_at_once=steps_at_once)
         train = jax.jit(make_train(config, make, demos)[0])
         bc_seconds = median_seconds(lambda train=train: train(jax.random.key(1)), args.repeats)
         samples = args.updates * args.batch_episodes * steps_per_episode
+        if steps_at_once:  # rollouts take one step at a time either way
+            print(f"{name + ' (steps at once)':<26} {samples / bc_seconds:>14,.0f} "
+                  f"{'-':>16}", flush=True)
+            continue
 
         imitator = make(jax.random.key(2))
         roll_seconds = median_seconds(
             lambda imitator=imitator: rollout(imitator, env, params, jax.random.key(3),
                                               args.episodes, max_steps), args.repeats)
-        print(f"{name:<16} {samples / bc_seconds:>14,.0f} "
+        print(f"{name:<26} {samples / bc_seconds:>14,.0f} "
               f"{args.episodes * max_steps / roll_seconds:>16,.0f}", flush=True)
 
 
