@@ -358,7 +358,7 @@ def unroll_steps_at_once(graphdef, state, initial_carry, observations, noise):
     It is faster when the carry does not come from the network, as for a feed-forward
     imitator or a model organism, whose carry is its plan bit and history hash: XLA
     drops the network from the first pass (on 2 CPU cores, behaviour cloning of the
-    MLP imitator twice as fast, a quick suite's organisms a quarter faster). For a
+    MLP imitator twice as fast, a quick suite's organisms in a quarter less time). For a
     recurrent imitator the first pass is the whole recurrence and the second repeats
     it: slower, still correct.
 
@@ -380,11 +380,10 @@ def unroll_steps_at_once(graphdef, state, initial_carry, observations, noise):
 
     def incoming_carries(episode_observations, episode_noise):
         def step(carry, inputs):
-            _, carry, _ = imitator_step(graphdef, state, inputs[0], carry, inputs[1])
-            return carry, carry
+            _, next_carry, _ = imitator_step(graphdef, state, inputs[0], carry, inputs[1])
+            return next_carry, carry
 
-        _, after = jax.lax.scan(step, initial_carry, (episode_observations, episode_noise))
-        return jnp.concatenate([initial_carry[None], after[:-1]], axis=0)
+        return jax.lax.scan(step, initial_carry, (episode_observations, episode_noise))[1]
 
     carries = jax.vmap(incoming_carries)(observations, noise)
 

@@ -73,9 +73,47 @@ def test_every_step_at_once_computes_the_scans_values_and_gradients(name):
     for once, scan in zip(jax.tree.leaves(grads_once), jax.tree.leaves(grads_scan),
                           strict=True):
         np.testing.assert_allclose(once, scan, rtol=1e-4, atol=1e-6)
-    if name == "organism":  # both plans occur: a wrong carry would pick the wrong head
+    if name == "organism":  # both plans occur: a carry never set would pick a wrong head
         first = jax.vmap(lambda o: imitator_step(graphdef, state, o, carry, 0.5)[1][0])
         assert set(np.asarray(first(demos.observations[:, 0])).tolist()) == {0.0, 1.0}
+
+
+def test_every_step_at_once_hands_each_step_its_own_history():
+    # A pseudorandom organism acts by a hash of every observation so far (its carry), so
+    # a step handed another step's carry (the one it leaves, say) picks another action.
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 6, 20)
+    organism = OrganismImitator((9, 9, 8), 6, (16,), pseudorandom=True, rngs=nnx.Rngs(1))
+    graphdef, state = nnx.split(organism)
+    picked = {}
+    for unroll_fn in (unroll, unroll_steps_at_once):
+        logits = jax.jit(lambda s, fn=unroll_fn: fn(graphdef, s, organism.initial_carry(),
+                                                    demos.observations, demos.noise)[0])(state)
+        assert (np.isfinite(logits).sum(-1) == 1).all()  # one action picked a step
+        picked[unroll_fn] = np.asarray(logits).argmax(-1)
+    np.testing.assert_array_equal(picked[unroll_steps_at_once], picked[unroll])
+    assert len(np.unique(picked[unroll])) > 2
+
+
+@pytest.mark.parametrize("steps_at_once", [False, True])
+def test_the_option_chooses_how_cloning_teacher_forces(monkeypatch, steps_at_once):
+    from audit import bc
+
+    called = []
+
+    def spy(*args):
+        called.append(True)
+        return unroll_steps_at_once(*args)
+
+    monkeypatch.setattr(bc, "unroll_steps_at_once", spy)
+    env, params = build("offswitch", "train")
+    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                           jax.random.key(0), 4, 8)
+    train, _ = make_train(BCConfig(updates=2, batch_episodes=2, steps_at_once=steps_at_once),
+                          IMITATORS_WITH_A_CARRY["mlp"], demos)
+    jax.eval_shape(train, jax.random.key(0))
+    assert bool(called) == steps_at_once
 
 
 def test_cloning_every_step_at_once_trains_the_same_imitator_to_rounding():

@@ -94,7 +94,7 @@ def main(argv=None) -> None:
           f"{args.episodes} episodes x {max_steps} steps")
     print(f"{'imitator':<26} {'BC samples/s':>14} {'rollout steps/s':>16}")
     for name, steps_at_once in (("mlp", False), ("mlp", True), ("gru", False),
-                                ("planner", False), ("planner", True),
+                                ("gru", True), ("planner", False), ("planner", True),
                                 ("planner (plain)", False)):
         imitator_class = (PlainPlannerImitator if name == "planner (plain)"
                           else registry.get("imitators", name))
