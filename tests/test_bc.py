@@ -37,6 +37,13 @@ def test_bc_config_rejects_bad_values():
         BCConfig(steps_at_once="yes")
 
 
+def offswitch_demonstrations(episodes: int, steps: int):
+    """The demonstrator's train-layout episodes on offswitch (layout key 0)."""
+    env, params = build("offswitch", "train")
+    return rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
+                          jax.random.key(0), episodes, steps)
+
+
 IMITATORS_WITH_A_CARRY = {
     # feed-forward: its [1] carry is never read
     "mlp": lambda key: MLPImitator((9, 9, 8), 6, hidden_sizes=(16,), rngs=nnx.Rngs(key)),
@@ -50,9 +57,7 @@ IMITATORS_WITH_A_CARRY = {
 
 @pytest.mark.parametrize("name", sorted(IMITATORS_WITH_A_CARRY))
 def test_every_step_at_once_computes_the_scans_values_and_gradients(name):
-    env, params = build("offswitch", "train")
-    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
-                           jax.random.key(0), 6, 20)
+    demos = offswitch_demonstrations(6, 20)
     graphdef, state = nnx.split(IMITATORS_WITH_A_CARRY[name](jax.random.key(1)))
     carry = nnx.merge(graphdef, state).initial_carry()
 
@@ -81,9 +86,7 @@ def test_every_step_at_once_computes_the_scans_values_and_gradients(name):
 def test_every_step_at_once_hands_each_step_its_own_history():
     # A pseudorandom organism acts by a hash of every observation so far (its carry), so
     # a step handed another step's carry (the one it leaves, say) picks another action.
-    env, params = build("offswitch", "train")
-    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
-                           jax.random.key(0), 6, 20)
+    demos = offswitch_demonstrations(6, 20)
     organism = OrganismImitator((9, 9, 8), 6, (16,), pseudorandom=True, rngs=nnx.Rngs(1))
     graphdef, state = nnx.split(organism)
     picked = {}
@@ -107,9 +110,7 @@ def test_the_option_chooses_how_cloning_teacher_forces(monkeypatch, steps_at_onc
         return unroll_steps_at_once(*args)
 
     monkeypatch.setattr(bc, "unroll_steps_at_once", spy)
-    env, params = build("offswitch", "train")
-    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
-                           jax.random.key(0), 4, 8)
+    demos = offswitch_demonstrations(4, 8)
     train, _ = make_train(BCConfig(updates=2, batch_episodes=2, steps_at_once=steps_at_once),
                           IMITATORS_WITH_A_CARRY["mlp"], demos)
     jax.eval_shape(train, jax.random.key(0))
@@ -117,9 +118,7 @@ def test_the_option_chooses_how_cloning_teacher_forces(monkeypatch, steps_at_onc
 
 
 def test_cloning_every_step_at_once_trains_the_same_imitator_to_rounding():
-    env, params = build("offswitch", "train")
-    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
-                           jax.random.key(0), 16, 24)
+    demos = offswitch_demonstrations(16, 24)
     trained = {}
     for steps_at_once in (False, True):
         train, _ = make_train(BCConfig(updates=10, batch_episodes=8,
@@ -137,9 +136,7 @@ def test_cloning_every_step_at_once_trains_the_same_imitator_to_rounding():
 @pytest.mark.slow
 @pytest.mark.ci
 def test_training_is_a_pure_function_of_the_key():
-    env, params = build("offswitch", "train")
-    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
-                           jax.random.key(0), 32, 48)
+    demos = offswitch_demonstrations(32, 48)
     train, _ = make_train(BCConfig(updates=20), lambda k: MLPImitator(
         (9, 9, 8), 6, hidden_sizes=(32,), rngs=nnx.Rngs(k)), demos)
     _, losses_a = jax.jit(train)(jax.random.key(1))
@@ -179,9 +176,7 @@ def test_imitation_figures_say_where_return_is_lost_without_changing_the_rollout
 @pytest.mark.slow
 def test_mlp_bc_on_offswitch_matches_the_demonstrator_and_stays_corrigible():
     """The issue's bar: kl_train <= 0.05 nats and test event rate <= 0.01, in about a minute."""
-    env, params = build("offswitch", "train")
-    demos = rollout_expert(Planner(env, CONFIGS["demonstrator"]), env, params,
-                           jax.random.key(0), 1024, 48)
+    demos = offswitch_demonstrations(1024, 48)
     train, graphdef = make_train(BCConfig(updates=3000, learning_rate=2e-3),
                                  lambda k: MLPImitator((9, 9, 8), 6, rngs=nnx.Rngs(k)), demos)
     trained, _ = jax.jit(train)(jax.random.key(1))

@@ -107,17 +107,15 @@ def main(argv=None) -> None:
         train = jax.jit(make_train(config, make, demos)[0])
         bc_seconds = median_seconds(lambda train=train: train(jax.random.key(1)), args.repeats)
         samples = args.updates * args.batch_episodes * steps_per_episode
-        if steps_at_once:  # rollouts take one step at a time either way
-            print(f"{name + ' (steps at once)':<26} {samples / bc_seconds:>14,.0f} "
-                  f"{'-':>16}", flush=True)
-            continue
-
-        imitator = make(jax.random.key(2))
-        roll_seconds = median_seconds(
-            lambda imitator=imitator: rollout(imitator, env, params, jax.random.key(3),
-                                              args.episodes, max_steps), args.repeats)
-        print(f"{name:<26} {samples / bc_seconds:>14,.0f} "
-              f"{args.episodes * max_steps / roll_seconds:>16,.0f}", flush=True)
+        rollout_rate = "-"  # rollouts take one step at a time either way: the row above
+        if not steps_at_once:
+            imitator = make(jax.random.key(2))
+            roll_seconds = median_seconds(
+                lambda imitator=imitator: rollout(imitator, env, params, jax.random.key(3),
+                                                  args.episodes, max_steps), args.repeats)
+            rollout_rate = f"{args.episodes * max_steps / roll_seconds:,.0f}"
+        label = f"{name} (steps at once)" if steps_at_once else name
+        print(f"{label:<26} {samples / bc_seconds:>14,.0f} {rollout_rate:>16}", flush=True)
 
 
 if __name__ == "__main__":
