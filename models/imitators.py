@@ -166,34 +166,25 @@ class GRUImitator(nnx.Module):
         return logits, carry
 
 
-# --- Soft value iteration with the batch axis last --------------------------------------
-#
-# The arrays below carry a trailing batch axis: a value map is [H, W, B], a reward or Q
-# map [H, W, A, B], the kernels [A, 9, 1 or B] and the discount [1 or B] (size 1 when
-# the batch shares them). Neighbour j = 3 r + c of cell (h, w) is (h + r - 1, w + c - 1);
-# cells off the grid have value 0.
-
-
-def _shifted(x: jax.Array, rows: int, columns: int) -> jax.Array:
-    """``out[h, w] = x[h + rows, w + columns]`` over the leading two axes, 0 off the grid.
-
-    One ``lax.pad`` (a negative pad crops), so it is a map of the same size both ways.
-    """
-    config = [(-rows, rows, 0), (-columns, columns, 0)] + [(0, 0, 0)] * (x.ndim - 2)
-    return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+# --- The reward network's 3x3 convolution ------------------------------------------
 
 
 @jax.custom_vjp
 def _offset_sum(by_offset: jax.Array) -> jax.Array:
     """``[H, W, ...]``: ``sum_j by_offset[neighbour j of (h, w), j]``, from ``[H, W, 9, ...]``.
 
-    Its gradient stacks the nine shifted cotangents into one array. Autodiff's own
-    transposes each slice ``[:, :, j]`` into a zeroed copy of the whole input and adds
-    the nine: with it the planner imitator's gradient took about twice as long for a
-    batch of 256 observations (180 against 83 us an observation on 2 CPU cores).
+    Neighbour ``j = 3 r + c`` of cell ``(h, w)`` is ``(h + r - 1, w + c - 1)``; cells off
+    the grid contribute 0. Its gradient stacks the nine shifted cotangents into one
+    array. Autodiff's own transposes each slice ``[..., j]`` into a zeroed copy of the
+    whole padded input and adds the nine: with autodiff's gradient here the planner
+    imitator's gradient took 1.7-2.9x as long on 2 CPU cores at batches of 32 to 1,536
+    observations
+    (``benchmarks/perf/planner.py``). Being a ``custom_vjp``, it has no forward-mode
+    derivative.
     """
-    return sum(_shifted(by_offset[:, :, 3 * r + c], r - 1, c - 1)
-               for r in range(3) for c in range(3))
+    height, width = by_offset.shape[:2]
+    padded = jnp.pad(by_offset, [(1, 1), (1, 1)] + [(0, 0)] * (by_offset.ndim - 2))
+    return sum(padded[r:r + height, c:c + width, 3 * r + c] for r in range(3) for c in range(3))
 
 
 def _offset_sum_forward(by_offset):
@@ -201,11 +192,21 @@ def _offset_sum_forward(by_offset):
 
 
 def _offset_sum_backward(_, cotangent):
-    return (jnp.stack([_shifted(cotangent, 1 - r, 1 - c) for r in range(3) for c in range(3)],
-                      axis=2),)
+    height, width = cotangent.shape[:2]
+    padded = jnp.pad(cotangent, [(1, 1), (1, 1)] + [(0, 0)] * (cotangent.ndim - 2))
+    return (jnp.stack([padded[2 - r:2 - r + height, 2 - c:2 - c + width]
+                       for r in range(3) for c in range(3)], axis=2),)
 
 
 _offset_sum.defvjp(_offset_sum_forward, _offset_sum_backward)
+
+
+# --- Soft value iteration with the batch axis last --------------------------------------
+#
+# The arrays below carry a trailing batch axis: a value map is [H, W, B], a reward or Q
+# map [H, W, A, B], the kernels [A, 9, 1 or B] and the discount [1 or B] (size 1 when
+# the batch shares them). Neighbour j = 3 r + c of cell (h, w) is (h + r - 1, w + c - 1);
+# cells off the grid have value 0.
 
 
 def _neighbour_sum(value: jax.Array, kernels: jax.Array) -> jax.Array:
@@ -378,10 +379,12 @@ class PlannerImitator(nnx.Module):
     hand-written backward recursion :func:`_value_iterates_vjp`, which stores only the
     value maps, instead of autodiff through the scan. Together about 4x faster BC
     training and 3x faster rollouts on 2 CPU cores than the plain form
-    (``benchmarks/perf/imitation.py``).
+    (``benchmarks/perf/imitation.py``; piece by piece ``benchmarks/perf/planner.py``).
     What that costs: the value iteration has reverse-mode derivatives only, of first
     order (``jax.grad`` and ``jax.vjp`` of any vmap order); ``jax.jvp``, ``jax.jacfwd``
-    and gradients of gradients through it raise JAX's error for a ``custom_vjp``.
+    and gradients of gradients through it raise JAX's error for a ``custom_vjp``. The
+    reward network (the ``reward`` activation) has reverse-mode derivatives of any
+    order but no forward-mode ones either (its shifted sum is a ``custom_vjp`` too).
     """
 
     def __init__(self, observation_shape: Sequence[int], num_actions: int,
@@ -411,10 +414,10 @@ class PlannerImitator(nnx.Module):
         The 1x1 convolution is a product over channels. The 3x3 one (cross-correlation,
         zero padding) multiplies every cell's features by all 9 slices of the kernel at
         once (``[N*N, features] @ [features, 9 * A]``), then adds to each cell the
-        slice ``j`` result of its neighbour ``j`` (:func:`_offset_sum`). On CPU this is
-        several times faster than XLA's convolution of a batch of 9x9 maps or than a
-        product of the 9 shifted feature maps side by side (whose ``[N*N, 9 * features]``
-        copy and its gradient dominated a large batch), chiefly in the gradient.
+        slice ``j`` result of its neighbour ``j`` (:func:`_offset_sum`). On 2 CPU cores
+        its gradient took 2-5x less time than that of the form before, a product of the
+        9 shifted feature maps side by side (``[N*N, 9 * features]``), at batches of 32
+        to 1,536 observations (``benchmarks/perf/planner.py``).
         """
         height, width = grid.shape[:2]
         features = jax.nn.relu(grid @ self.feature_conv.kernel[0, 0]

@@ -138,16 +138,20 @@ def test_egocentric_view_centres_the_agent_and_walls_the_outside():
         egocentric(jnp.asarray(grid), radius=9)
 
 
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=(pytest.mark.slow, pytest.mark.ci))])
-def test_planner_computes_its_plain_definition_and_its_gradients(seed):
+@pytest.mark.parametrize("seed, shape", [
+    (0, OBS),
+    # Taller than wide: a row taken for a column anywhere would read off the grid.
+    (0, (7, 5, 3)),
+    pytest.param(1, OBS, marks=(pytest.mark.slow, pytest.mark.ci))])
+def test_planner_computes_its_plain_definition_and_its_gradients(seed, shape):
     """Forward values and parameter gradients agree with its plain definition within
     float32 rounding: batched (as BC runs it, grad outside vmap), one observation, and
     per-example gradients (vmap outside grad)."""
     keys = jax.random.split(jax.random.key(seed), 4)
-    graphdef, state = nnx.split(make_imitator("planner", OBS, 6, keys[0]))
+    graphdef, state = nnx.split(make_imitator("planner", shape, 6, keys[0]))
     # Perturbed parameters and real-valued grids, so that no term is trivially small.
     state = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(keys[1], x.shape), state)
-    observations = jax.random.uniform(keys[2], (5, *OBS))
+    observations = jax.random.uniform(keys[2], (5, *shape))
     weights = jax.random.normal(keys[3], (6,))
 
     def fast(state, observation):

@@ -9,8 +9,8 @@ from benchmarks.perf import all as perf_all
 
 
 def test_every_documented_script_is_run_and_the_report_only_with_a_run(tmp_path):
-    assert list(perf_all.scripts(tmp_path, None, False)) == ["envs", "imitation", "gan",
-                                                             "devices", "compare", "figures"]
+    assert list(perf_all.scripts(tmp_path, None, False)) == [
+        "envs", "imitation", "planner", "gan", "devices", "compare", "figures"]
     with_report = perf_all.scripts(tmp_path, tmp_path / "run", True)
     assert "report" in with_report
     assert "--skip-imitation" not in with_report["compare"][0]

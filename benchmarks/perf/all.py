@@ -12,6 +12,7 @@ the machine; the printed summary lists each script's status and time.
 
 - ``envs``: steps/s of 512 vmapped environments, three ways of stepping.
 - ``imitation``: BC samples/s and rollout steps/s per imitator.
+- ``planner``: the planner imitator's microseconds per observation, piece by piece.
 - ``gan``: the GAN run's transitions/s at 1 and 8 seeds.
 - ``devices``: the same run over 1 device and one per core, side by side.
 - ``compare``: the GAIL comparison's ``--quick`` smoke run, this project's side only
@@ -46,6 +47,7 @@ def scripts(scratch: Path, report_run: Path | None, with_imitation: bool
                   "512", "--horizon", "32", "--repeats", "2"], None),
         "imitation": (["benchmarks.perf.imitation", "--updates", "20", "--episodes", "128",
                        "--repeats", "2"], None),
+        "planner": (["benchmarks.perf.planner", "--batches", "32,256", "--calls", "5"], None),
         "gan": (["benchmarks.perf.gan", "--iterations", "2", "--seeds", "1,8", "--repeats",
                  "2", "--json", str(scratch / "gan.json")], scratch / "gan.json"),
         "devices": (["benchmarks.perf.devices", "--seeds", "4", "--iterations", "2",
