@@ -175,10 +175,9 @@ def _offset_sum(by_offset: jax.Array) -> jax.Array:
 
     Neighbour ``j = 3 r + c`` of cell ``(h, w)`` is ``(h + r - 1, w + c - 1)``; cells off
     the grid contribute 0. Its gradient stacks the nine shifted cotangents into one
-    array. Autodiff's own transposes each slice ``[..., j]`` into a zeroed copy of the
-    whole padded input and adds the nine: with autodiff's gradient here the planner
-    imitator's gradient took 1.7-2.9x as long on 2 CPU cores at batches of 32 to 1,536
-    observations
+    array. Autodiff's own transposes each slice ``[:, :, j]`` into a zeroed copy of the
+    whole padded input and adds the nine: with it the planner imitator's gradient took
+    1.7-2.9x as long on 2 CPU cores at batches of 32 to 1,536 observations
     (``benchmarks/perf/planner.py``). Being a ``custom_vjp``, it has no forward-mode
     derivative.
     """
@@ -380,11 +379,13 @@ class PlannerImitator(nnx.Module):
     value maps, instead of autodiff through the scan. Together about 4x faster BC
     training and 3x faster rollouts on 2 CPU cores than the plain form
     (``benchmarks/perf/imitation.py``; piece by piece ``benchmarks/perf/planner.py``).
-    What that costs: the value iteration has reverse-mode derivatives only, of first
-    order (``jax.grad`` and ``jax.vjp`` of any vmap order); ``jax.jvp``, ``jax.jacfwd``
-    and gradients of gradients through it raise JAX's error for a ``custom_vjp``. The
-    reward network (the ``reward`` activation) has reverse-mode derivatives of any
-    order but no forward-mode ones either (its shifted sum is a ``custom_vjp`` too).
+    What that costs: the value iteration has reverse-mode derivatives only (``jax.grad``
+    and ``jax.vjp`` of any vmap order); ``jax.jvp`` and ``jax.jacfwd`` through it raise
+    JAX's error for a ``custom_vjp``, and a gradient of a gradient works under ``vmap``
+    (as cloning and the monitors run it) but not for one unbatched observation (JAX
+    cannot linearise its ``custom_vmap``). The reward network (the ``reward``
+    activation) has reverse-mode derivatives of any order but no forward-mode ones
+    either (its shifted sum is a ``custom_vjp`` too).
     """
 
     def __init__(self, observation_shape: Sequence[int], num_actions: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.perf import all as perf_all
+from benchmarks.perf import planner as perf_planner
 
 
 def test_every_documented_script_is_run_and_the_report_only_with_a_run(tmp_path):
@@ -50,3 +51,26 @@ def test_the_figures_benchmark_times_both_ways_and_checks_they_agree(capsys):
     assert perf_figures.main(["--resamples", "20", "--seeds", "2", "--cells", "2",
                               "--episodes", "16", "--calibration-bootstrap", "fixed"]) == 0
     assert "calibration fixed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batches", ["0", "32,", "a", "32,32"])
+def test_planner_script_refuses_bad_batch_sizes_on_one_line(batches, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        perf_planner.main(["--batches", batches])
+    assert stopped.value.code == 2
+    assert f"expected distinct comma-separated batch sizes >= 1, e.g. 32,256; got {batches!r}" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_planner_script_prints_every_piece_for_every_batch_size(capsys):
+    perf_planner.main(["--batches", "2,3", "--calls", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["piece", "batch", "2", "batch", "3"]
+    rows = {line[:26].strip(): line[26:].split() for line in lines[2:]}
+    assert list(rows) == ["imitator forward", "imitator gradient", "reward network forward",
+                          "reward network gradient", "value iteration forward",
+                          "value iteration gradient"]
+    assert all(len(costs) == 2 and all(float(cost) > 0 for cost in costs)
+               for costs in rows.values())

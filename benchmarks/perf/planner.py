@@ -10,8 +10,9 @@ value iteration (forward, and the gradient with respect to reward map, kernels a
 discount). The observations are the demonstrator's own, on train layouts. Compilation
 is excluded; each figure is the median of ``--calls`` timed calls. A batch of 32 is
 what behaviour cloning hands the imitator in one step of its scan over time (32
-episodes a minibatch), 1,536 a whole minibatch of 48-step episodes with every step at
-once (``BCConfig(steps_at_once=True)``).
+episodes a minibatch), 1,536 as many observations as a minibatch of 48-step episodes
+with every step at once (``BCConfig(steps_at_once=True)``, which runs them under two
+nested ``jax.vmap`` calls, over episodes and steps, where this script has one flat batch).
 """
 
 from __future__ import annotations
@@ -30,23 +31,38 @@ from models.imitators import PlannerImitator, _soft_value_iteration
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
+    """``--batches``: distinct comma-separated sizes >= 1, or argparse's one-line error."""
     try:
         sizes = tuple(int(part) for part in text.split(","))
     except ValueError:
         sizes = ()
-    if not sizes or min(sizes) < 1:
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated batch sizes >= 1, e.g. 32,256; got {text!r}")
+            f"expected distinct comma-separated batch sizes >= 1, e.g. 32,256; got {text!r}")
     return sizes
 
 
 def piece_costs(imitator: PlannerImitator, observations: jax.Array, calls: int
                 ) -> dict[str, float]:
-    """Microseconds per observation of each piece over ``observations [B, H, W, C]``."""
+    """Microseconds per observation of each piece of ``imitator``, timed alone.
+
+    Args:
+      imitator: the planner imitator whose parameters are used.
+      observations: ``[B, H, W, C]``, one batch of ``B`` observations.
+      calls: timed calls per piece (after one untimed, compiling call); the median counts.
+
+    Returns:
+      ``{piece: microseconds per observation}`` for ``imitator forward`` and ``imitator
+      gradient`` (with respect to all its parameters, of a weighted sum of its logits),
+      ``reward network forward`` and ``reward network gradient`` (all parameters, so
+      zero for the kernels' and discount's), ``value iteration forward`` and ``value
+      iteration gradient`` (with respect to reward map, kernels and discount, the
+      kernels and discount shared by the batch as in cloning).
+    """
     graphdef, state = nnx.split(imitator)
     batch = observations.shape[0]
-    key = jax.random.key(0)
-    weights = jax.random.normal(key, (imitator.reward_conv.kernel.shape[-1],))
+    logit_key, reward_key, value_key = jax.random.split(jax.random.key(0), 3)
+    weights = jax.random.normal(logit_key, (imitator.reward_conv.kernel.shape[-1],))
 
     def logits(state, observations):
         return jax.vmap(lambda observation: imitator_step(
@@ -60,15 +76,15 @@ def piece_costs(imitator: PlannerImitator, observations: jax.Array, calls: int
     reward = jax.jit(rewards)(state, observations)
     kernels = jax.nn.softmax(imitator.kernel_logits[...], axis=-1)
     discount = jax.nn.sigmoid(imitator.discount_logit[...])
-    reward_weights = jax.random.normal(key, reward.shape[1:])
-    value_weights = jax.random.normal(key, reward.shape[1:3])
+    reward_weights = jax.random.normal(reward_key, reward.shape[1:])
+    value_weights = jax.random.normal(value_key, reward.shape[1:3])
 
     programs = {
         "imitator forward": (jax.jit(logits), (state, observations)),
         "imitator gradient": (jax.jit(jax.grad(
             lambda s, o: jnp.sum(logits(s, o) @ weights))), (state, observations)),
-        "reward forward": (jax.jit(rewards), (state, observations)),
-        "reward gradient": (jax.jit(jax.grad(
+        "reward network forward": (jax.jit(rewards), (state, observations)),
+        "reward network gradient": (jax.jit(jax.grad(
             lambda s, o: jnp.sum(rewards(s, o) * reward_weights))), (state, observations)),
         "value iteration forward": (jax.jit(value_iteration), (reward, kernels, discount)),
         "value iteration gradient": (jax.jit(jax.grad(
