@@ -166,6 +166,26 @@ class GRUImitator(nnx.Module):
         return logits, carry
 
 
+# --- Neighbourhoods on a grid ------------------------------------------------------
+#
+# Neighbour j = 3 r + c of cell (h, w) is (h + r - 1, w + c - 1); cells off the grid have
+# value 0. The maps below have the grid's two axes first; any axes after them ride along.
+
+
+def _neighbour_maps(x: jax.Array, transposed: bool = False) -> list[jax.Array]:
+    """The nine maps ``x[neighbour j of (h, w)]``, ``j = 0..8``, from one zero padding.
+
+    With ``transposed``, the opposite shifts (``x[(h, w) - offset j]``): what the
+    transpose of a neighbour sum sends back to each cell.
+    """
+    height, width = x.shape[:2]
+    padded = jnp.pad(x, [(1, 1), (1, 1)] + [(0, 0)] * (x.ndim - 2))
+    if transposed:
+        return [padded[2 - r:2 - r + height, 2 - c:2 - c + width]
+                for r in range(3) for c in range(3)]
+    return [padded[r:r + height, c:c + width] for r in range(3) for c in range(3)]
+
+
 # --- The reward network's 3x3 convolution ------------------------------------------
 
 
@@ -173,17 +193,14 @@ class GRUImitator(nnx.Module):
 def _offset_sum(by_offset: jax.Array) -> jax.Array:
     """``[H, W, ...]``: ``sum_j by_offset[neighbour j of (h, w), j]``, from ``[H, W, 9, ...]``.
 
-    Neighbour ``j = 3 r + c`` of cell ``(h, w)`` is ``(h + r - 1, w + c - 1)``; cells off
-    the grid contribute 0. Its gradient stacks the nine shifted cotangents into one
+    Cells off the grid contribute 0. Its gradient stacks the nine shifted cotangents into one
     array. Autodiff's own transposes each slice ``[:, :, j]`` into a zeroed copy of the
     whole padded input and adds the nine: with it the planner imitator's gradient took
     1.7-2.9x as long on 2 CPU cores at batches of 32 to 1,536 observations
     (``benchmarks/perf/planner.py``). Being a ``custom_vjp``, it has no forward-mode
     derivative.
     """
-    height, width = by_offset.shape[:2]
-    padded = jnp.pad(by_offset, [(1, 1), (1, 1)] + [(0, 0)] * (by_offset.ndim - 2))
-    return sum(padded[r:r + height, c:c + width, 3 * r + c] for r in range(3) for c in range(3))
+    return sum(neighbour[:, :, j] for j, neighbour in enumerate(_neighbour_maps(by_offset)))
 
 
 def _offset_sum_forward(by_offset):
@@ -191,10 +208,7 @@ def _offset_sum_forward(by_offset):
 
 
 def _offset_sum_backward(_, cotangent):
-    height, width = cotangent.shape[:2]
-    padded = jnp.pad(cotangent, [(1, 1), (1, 1)] + [(0, 0)] * (cotangent.ndim - 2))
-    return (jnp.stack([padded[2 - r:2 - r + height, 2 - c:2 - c + width]
-                       for r in range(3) for c in range(3)], axis=2),)
+    return (jnp.stack(_neighbour_maps(cotangent, transposed=True), axis=2),)
 
 
 _offset_sum.defvjp(_offset_sum_forward, _offset_sum_backward)
@@ -204,8 +218,7 @@ _offset_sum.defvjp(_offset_sum_forward, _offset_sum_backward)
 #
 # The arrays below carry a trailing batch axis: a value map is [H, W, B], a reward or Q
 # map [H, W, A, B], the kernels [A, 9, 1 or B] and the discount [1 or B] (size 1 when
-# the batch shares them). Neighbour j = 3 r + c of cell (h, w) is (h + r - 1, w + c - 1);
-# cells off the grid have value 0.
+# the batch shares them). Neighbours as in _neighbour_maps.
 
 
 def _neighbour_sum(value: jax.Array, kernels: jax.Array) -> jax.Array:
@@ -214,10 +227,8 @@ def _neighbour_sum(value: jax.Array, kernels: jax.Array) -> jax.Array:
     ``value`` is ``[H, W, ...]`` and ``kernels`` ``[A, 9, ...]``, their trailing axes
     broadcasting (none for one unbatched map).
     """
-    height, width = value.shape[:2]
-    padded = jnp.pad(value, [(1, 1), (1, 1)] + [(0, 0)] * (value.ndim - 2))
-    return sum(padded[r:r + height, c:c + width, None] * kernels[:, 3 * r + c]
-               for r in range(3) for c in range(3))
+    return sum(neighbour[:, :, None] * kernels[:, j]
+               for j, neighbour in enumerate(_neighbour_maps(value)))
 
 
 def _neighbour_sum_transpose(x: jax.Array, kernels: jax.Array) -> jax.Array:
@@ -271,16 +282,14 @@ def _value_iterates_vjp(reward, kernels, discount, values, cotangent, softness: 
     gradients are per example (``[A, 9, B]``, ``[B]``), as vmap's semantics require; it
     sums them where the parameters are shared.
     """
-    height, width = values.shape[1:3]
+    height = values.shape[1]
 
     def back(carry, pair):
         d_value, d_reward, products = carry
         before, after = pair
         q = reward + discount * _neighbour_sum(before, kernels)
         d_q = jnp.exp((q - after[:, :, None]) / softness) * d_value[:, :, None]
-        padded = jnp.pad(before, [(1, 1), (1, 1), (0, 0)])
-        neighbours = jnp.stack([padded[r:r + height, c:c + width]
-                                for r in range(3) for c in range(3)], axis=2)
+        neighbours = jnp.stack(_neighbour_maps(before), axis=2)
         # Accumulated per column [W, A, 9, B] (the rows summed as written-out adds, which
         # XLA fuses into the loop's elementwise pass) and over columns after the loop.
         # Per cell [H, W, A, 9, B] it was 15% slower in BC (a larger array read and
