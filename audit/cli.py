@@ -1116,11 +1116,14 @@ def run_bench(args: argparse.Namespace) -> int:
                 "invalid_envs": results.get("invalid_envs", {})}
     if not writes:
         return 0  # process 0 writes the run; this one computed its share
-    with run_dir(out, args.overwrite) as staging:
+    with run_dir(out, args.overwrite) as staging, contextlib.ExitStack() as stack:
+        # The report's second process starts now: its imports overlap the writing below.
+        helper = (_start_report_helper(stack, results["scores"])
+                  if not args.no_report and _report_processes() > 1 else None)
         results["scores"].settings["metadata"] = metadata
         results["scores"].save(staging / "scores.npz")
         text = write_results(staging, results, metadata, views=suite.views)
-        reported = not args.no_report and _write_report_or_warn(staging, out, "bench")
+        reported = not args.no_report and _write_report_or_warn(staging, out, "bench", helper)
     checkpoint.remove()  # the run is written: nothing left to resume
     for env, message in metadata["invalid_envs"].items():  # once, by the writing process
         print(f"audit bench: {_left_out(env, message)}", file=sys.stderr)
@@ -1396,12 +1399,23 @@ def _report_processes() -> int:
     return min(2, available_cores())
 
 
-def _write_report_or_warn(directory: Path, final: Path, command: str) -> bool:
+def _start_report_helper(stack: contextlib.ExitStack, store):
+    """The report's second process, started early (:func:`audit.html_report.start_helper`);
+    None (the report starts its own, or draws alone) if it cannot be started."""
+    from audit.html_report import start_helper
+
+    try:
+        return start_helper(stack, store)
+    except Exception:  # noqa: BLE001 -- the report starts its own process, as before
+        return None
+
+
+def _write_report_or_warn(directory: Path, final: Path, command: str, helper=None) -> bool:
     """Writes ``directory``'s report.html; a failure is a warning, never the run's loss."""
     from audit.html_report import write_report
 
     try:
-        write_report(directory, processes=_report_processes())
+        write_report(directory, processes=_report_processes(), helper=helper)
     except Exception as error:  # noqa: BLE001 -- the figures are written; keep them
         print(f"audit {command}: warning: report.html was not written ({type(error).__name__}: "
               f"{error}); run `audit report {final}` to write it", file=sys.stderr)

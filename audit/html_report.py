@@ -33,6 +33,8 @@ Example:
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import contextlib
 import datetime
 import html
 import io
@@ -75,7 +77,8 @@ class ReportError(ValueError):
 
 
 def write_report(run_dir: str | os.PathLike, highlight: str | None = None,
-                 processes: int = 1) -> Path:
+                 processes: int = 1,
+                 helper: concurrent.futures.Executor | None = None) -> Path:
     """Writes ``RUN_DIR/report.html`` and ``RUN_DIR/figures/*.{png,pdf}``; returns the page.
 
     Args:
@@ -88,6 +91,10 @@ def write_report(run_dir: str | os.PathLike, highlight: str | None = None,
         in less time (most of it is matplotlib drawing, on one core). The ``audit``
         commands use 2 where the machine has 2 cores; a script of your own that asks
         for it needs the ``if __name__ == "__main__":`` guard that spawning requires.
+      helper: with ``processes`` >= 2, an executor already started that draws the
+        strips instead of a process started here (:func:`start_helper`: ``audit bench``
+        starts it before writing the run's results, so that its imports overlap that
+        work).
 
     Returns:
       the path of ``report.html``.
@@ -103,7 +110,7 @@ def write_report(run_dir: str | os.PathLike, highlight: str | None = None,
         body, title = _sweep_body(run_dir)
     elif (run_dir / "results.json").is_file():
         if processes > 1:
-            body, title = _bench_body_in_two_processes(run_dir, highlight)
+            body, title = _bench_body_in_two_processes(run_dir, highlight, helper)
         else:
             body, title = _bench_body(run_dir, highlight)
     else:
@@ -182,9 +189,31 @@ def _bench_inputs(run_dir: Path) -> tuple[dict, ScoreStore, dict, list[str]]:
     return results, store, per_cell, envs
 
 
-def _bench_body_in_two_processes(run_dir: Path, highlight: str | None) -> tuple[str, str]:
-    """:func:`_bench_body`, its episode strips drawn by a second process
-    (:func:`audit.workers.pool`: the same plug-ins, stopped with this one); drawn here
+def start_helper(stack: contextlib.ExitStack, store: ScoreStore
+                 ) -> concurrent.futures.Executor | None:
+    """Starts the process that draws the episode strips of a report on ``store``
+    (``write_report``'s ``helper``), stopped when ``stack`` closes; it imports what
+    drawing needs at once, while this process goes on. None where the report would
+    draw its strips itself (fewer than :data:`MIN_STRIPS_FOR_A_SECOND_PROCESS`)."""
+    from audit import workers
+
+    envs = list(dict.fromkeys(model["env"] for model in store.models.values()))
+    if _strip_count(store, envs) < MIN_STRIPS_FOR_A_SECOND_PROCESS:
+        return None
+    helper = stack.enter_context(workers.pool(1))
+    helper.submit(_warm_up)
+    return helper
+
+
+def _warm_up() -> None:
+    _pyplot()
+
+
+def _bench_body_in_two_processes(run_dir: Path, highlight: str | None,
+                                 helper: concurrent.futures.Executor | None = None
+                                 ) -> tuple[str, str]:
+    """:func:`_bench_body`, its episode strips drawn by a second process (``helper``, or
+    :func:`audit.workers.pool`: the same plug-ins, stopped with this one); drawn here
     where there are fewer than :data:`MIN_STRIPS_FOR_A_SECOND_PROCESS` (starting the
     process would cost more) or that process broke."""
     import concurrent.futures.process
@@ -194,7 +223,8 @@ def _bench_body_in_two_processes(run_dir: Path, highlight: str | None) -> tuple[
     inputs = _bench_inputs(run_dir)
     if _strip_count(inputs[1], inputs[3]) < MIN_STRIPS_FOR_A_SECOND_PROCESS:
         return _bench_body(run_dir, highlight, inputs)
-    with workers.pool(1) as pool:
+    with contextlib.ExitStack() as stack:
+        pool = helper if helper is not None else stack.enter_context(workers.pool(1))
         strips = pool.submit(_episode_strips_of, str(run_dir), highlight)
 
         def drawn() -> tuple[list[str], list[str]] | None:

@@ -4,6 +4,7 @@ console errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -120,10 +121,24 @@ def test_a_report_drawn_in_two_processes_is_the_same_page_and_figures(tmp_path, 
     assert pools == [(1,)]  # the second run drew its strips in a second process
     strips = sum(name.startswith("episode_") for name in pictures[1])
     assert strips >= 4 and f"({len(pictures[1])} figures)" in pages[1]  # theirs counted
+    # A helper started beforehand (as audit bench does) draws them instead, the same.
+    shutil.copytree(tmp_path / "one", tmp_path / "three")
+    with contextlib.ExitStack() as stack:
+        helper = html_report.start_helper(
+            stack, ScoreStore.load(tmp_path / "three" / "scores.npz"))
+        page = html_report.write_report(tmp_path / "three", processes=2,
+                                        helper=helper).read_text()
+    assert pools == [(1,), (1,)]  # that helper, and no other process
+    assert re.sub(r"report written</th><td>[^<]*", "", page) == pages[0]
+    assert {path.name: path.read_bytes()
+            for path in sorted((tmp_path / "three" / "figures").glob("*.png"))} == pictures[0]
     # With fewer strips than the threshold, no process is started for them.
     monkeypatch.setattr(html_report, "MIN_STRIPS_FOR_A_SECOND_PROCESS", strips + 1)
     html_report.write_report(tmp_path / "two", processes=2)
-    assert pools == [(1,)]
+    with contextlib.ExitStack() as stack:
+        assert html_report.start_helper(
+            stack, ScoreStore.load(tmp_path / "two" / "scores.npz")) is None
+    assert pools == [(1,), (1,)]
 
 
 PLUGIN_ENVIRONMENT = """
