@@ -191,10 +191,19 @@ def _bench_inputs(run_dir: Path) -> tuple[dict, ScoreStore, dict, list[str]]:
 
 def start_helper(stack: contextlib.ExitStack, store: ScoreStore
                  ) -> concurrent.futures.Executor | None:
-    """Starts the process that draws the episode strips of a report on ``store``
-    (``write_report``'s ``helper``), stopped when ``stack`` closes; it imports what
-    drawing needs at once, while this process goes on. None where the report would
-    draw its strips itself (fewer than :data:`MIN_STRIPS_FOR_A_SECOND_PROCESS`)."""
+    """Starts the process that draws the episode strips of a report on ``store``.
+
+    It imports what drawing needs at once, while this process goes on (``audit bench``
+    starts it before writing the run's results).
+
+    Args:
+      stack: the process is stopped when it closes (after the work handed to it).
+      store: the run's scores, as ``scores.npz`` will hold them.
+
+    Returns:
+      the executor to pass as ``write_report``'s ``helper``, or None where the report
+      would draw its strips itself (fewer than :data:`MIN_STRIPS_FOR_A_SECOND_PROCESS`).
+    """
     from audit import workers
 
     envs = list(dict.fromkeys(model["env"] for model in store.models.values()))
