@@ -122,7 +122,8 @@ def test_a_report_drawn_in_two_processes_is_the_same_page_and_figures(tmp_path, 
     strips = sum(name.startswith("episode_") for name in pictures[1])
     assert strips >= 4 and f"({len(pictures[1])} figures)" in pages[1]  # theirs counted
     # A helper started beforehand (as audit bench does) draws them instead, the same.
-    shutil.copytree(tmp_path / "one", tmp_path / "three")
+    shutil.copytree(tmp_path / "one", tmp_path / "three",
+                    ignore=shutil.ignore_patterns("figures", "report.html"))
     with contextlib.ExitStack() as stack:
         helper = html_report.start_helper(
             stack, ScoreStore.load(tmp_path / "three" / "scores.npz"))
