@@ -185,8 +185,12 @@ def _bench_inputs(run_dir: Path) -> tuple[dict, ScoreStore, dict, list[str]]:
     except ScoreFileError as error:
         raise ReportError(str(error)) from None
     per_cell = figure_math.all_windows(store, figure_math.settings_of(store))
-    envs = list(dict.fromkeys(model["env"] for model in store.models.values()))
-    return results, store, per_cell, envs
+    return results, store, per_cell, _envs_of(store)
+
+
+def _envs_of(store: ScoreStore) -> list[str]:
+    """The environments of a run's models, in the run's order."""
+    return list(dict.fromkeys(model["env"] for model in store.models.values()))
 
 
 def start_helper(stack: contextlib.ExitStack, store: ScoreStore
@@ -206,8 +210,7 @@ def start_helper(stack: contextlib.ExitStack, store: ScoreStore
     """
     from audit import workers
 
-    envs = list(dict.fromkeys(model["env"] for model in store.models.values()))
-    if _strip_count(store, envs) < MIN_STRIPS_FOR_A_SECOND_PROCESS:
+    if _strip_count(store, _envs_of(store)) < MIN_STRIPS_FOR_A_SECOND_PROCESS:
         return None
     helper = stack.enter_context(workers.pool(1))
     helper.submit(_warm_up)
@@ -215,7 +218,7 @@ def start_helper(stack: contextlib.ExitStack, store: ScoreStore
 
 
 def _warm_up() -> None:
-    _pyplot()
+    _pyplot()  # its return value, the pyplot module, could not be sent back
 
 
 def _bench_body_in_two_processes(run_dir: Path, highlight: str | None,

@@ -59,7 +59,7 @@ from audit.ppo import Critic, PPOSettings
 from audit.rollout import rollout_split
 from audit.sharding import seed_parallel, use_all_cores
 from audit.vector import step_no_reset
-from benchmarks.perf.timing import median_seconds
+from benchmarks.perf.timing import median_seconds, positive_ints
 from models.discriminators import StepDiscriminator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -810,14 +810,10 @@ def _positive_int(text: str) -> int:
 def _seed_counts(text: str) -> tuple[int, ...]:
     """argparse type: comma-separated positive integers."""
     try:
-        counts = tuple(int(part) for part in text.split(","))
+        return positive_ints(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"must be comma-separated positive integers, got {text!r}") from None
-    if any(count < 1 for count in counts):
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated positive integers, got {text!r}")
-    return counts
 
 
 def _thread_count(text: str) -> int | str:

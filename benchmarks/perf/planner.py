@@ -26,17 +26,17 @@ from flax import nnx
 
 from audit import registry
 from audit.rollout import imitator_step, rollout_expert
-from benchmarks.perf.timing import median_seconds
+from benchmarks.perf.timing import median_seconds, positive_ints
 from models.imitators import PlannerImitator, _soft_value_iteration
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
     """``--batches``: distinct comma-separated sizes >= 1, or argparse's one-line error."""
     try:
-        sizes = tuple(int(part) for part in text.split(","))
+        sizes = positive_ints(text)
     except ValueError:
         sizes = ()
-    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+    if not sizes or len(set(sizes)) != len(sizes):
         raise argparse.ArgumentTypeError(
             f"expected distinct comma-separated batch sizes >= 1, e.g. 32,256; got {text!r}")
     return sizes
